@@ -1,0 +1,1 @@
+"""The torch model code of sfact (imported lazily by the AnnData-facing functions)."""

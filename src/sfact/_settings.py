@@ -1,0 +1,72 @@
+"""Global settings (``sfact.settings``)."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+Device = Literal["auto", "cpu", "cuda"] | str
+Dtype = Literal["float32", "float64"]
+
+
+class SfactSettings:
+    """Package-wide defaults.
+
+    Attributes
+    ----------
+    device
+        Default device for training and analysis: ``"auto"`` (CUDA when available, else CPU),
+        ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    dtype
+        Floating-point type of the model parameters: ``"float32"`` (default) or ``"float64"``.
+    verbosity
+        0 errors, 1 warnings, 2 info, 3 hints, 4 debug; used for sfact's own messages.
+    progress_bar
+        Show progress bars during training and long analyses.
+    deterministic
+        Ask torch for deterministic algorithms (slower on GPU).
+    """
+
+    def __init__(self) -> None:
+        self._device: str = "auto"
+        self._dtype: str = "float32"
+        self.verbosity: int = 1
+        self.progress_bar: bool = True
+        self.deterministic: bool = False
+
+    @property
+    def device(self) -> str:
+        """Default device (``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``)."""
+        return self._device
+
+    @device.setter
+    def device(self, value: str) -> None:
+        _check_device(value)
+        self._device = value
+
+    @property
+    def dtype(self) -> str:
+        """Floating-point type of the model parameters."""
+        return self._dtype
+
+    @dtype.setter
+    def dtype(self, value: str) -> None:
+        if value not in get_args(Dtype):
+            raise ValueError(f"`dtype` must be one of {get_args(Dtype)}, received {value!r}.")
+        self._dtype = value
+
+    def __repr__(self) -> str:
+        return (
+            f"SfactSettings(device={self.device!r}, dtype={self.dtype!r}, verbosity={self.verbosity}, "
+            f"progress_bar={self.progress_bar}, deterministic={self.deterministic})"
+        )
+
+
+def _check_device(value: str) -> None:
+    ok = value in ("auto", "cpu", "cuda") or (
+        isinstance(value, str) and value.startswith("cuda:") and value[5:].isdigit()
+    )
+    if not ok:
+        raise ValueError(f"`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N', received {value!r}.")
+
+
+settings = SfactSettings()

@@ -1,0 +1,3 @@
+"""Plots of fitted factors, loadings, ELBO curves, Moran's I and gene enrichment."""
+
+from __future__ import annotations

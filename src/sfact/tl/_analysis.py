@@ -1,0 +1,127 @@
+"""Analysis of a fitted model: Moran's I ordering, deviance, reconstruction error."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+
+def morans_i(
+    values: np.ndarray,
+    coords: np.ndarray,
+    *,
+    names: list[str] | None = None,
+    n_neighs: int = 6,
+) -> pd.DataFrame:
+    """Moran's I of each column of ``values`` on a k-nearest-neighbour graph of ``coords``.
+
+    Uses :func:`squidpy.gr.spatial_neighbors` and :func:`squidpy.gr.spatial_autocorr` (analytic
+    p-values, no permutations).
+
+    Parameters
+    ----------
+    values
+        (N, L) array, one column per factor.
+    coords
+        (N, p) coordinates.
+    names
+        Column names; ``factor_0``, ... when ``None``.
+    n_neighs
+        Neighbours per cell in the spatial graph.
+
+    Returns
+    -------
+    DataFrame indexed by name, with squidpy's columns ``I``, ``pval_norm``, ``var_norm``,
+    ``pval_norm_fdr_bh``, in the order of ``values``' columns.
+    """
+    import warnings
+
+    import anndata as ad
+    import squidpy as sq
+
+    values = np.asarray(values, dtype=np.float64)
+    names = [f"factor_{i}" for i in range(values.shape[1])] if names is None else list(names)
+    tmp = ad.AnnData(
+        X=values, obsm={"spatial": np.asarray(coords, dtype=np.float64)}, var=pd.DataFrame(index=names)
+    )
+    tmp.obs_names = [str(i) for i in range(tmp.n_obs)]
+    n_neighs = int(min(n_neighs, max(tmp.n_obs - 1, 1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sq.gr.spatial_neighbors(tmp, coord_type="generic", n_neighs=n_neighs)
+        df = sq.gr.spatial_autocorr(tmp, mode="moran", genes=names, n_perms=None, copy=True, show_progress_bar=False)
+    df = df.loc[names, ["I", "pval_norm", "var_norm", "pval_norm_fdr_bh"]].copy()
+    df.index.name = None
+    return df
+
+
+def poisson_deviance_sparse(Y, factors_expected: np.ndarray, W: np.ndarray, s: np.ndarray, *, batch_size: int = 10000):
+    """Poisson deviance of counts ``Y`` against rates ``s_n Σ_l W_dl E_nl`` without a dense rate matrix.
+
+    ``dev = 2 Σ_nd [y log(y/λ) − (y − λ)]`` = 2 (Σ_nz y log(y/λ) − Σ y + Σ λ), where
+    ``Σ_d λ_nd = s_n Σ_l E_nl Σ_d W_dl`` factorizes.
+
+    Returns
+    -------
+    ``(per_cell, per_gene)`` deviance arrays; their sums are the total.
+    """
+    Y = sp.csr_matrix(Y)
+    N, D = Y.shape
+    per_cell = np.zeros(N)
+    per_gene = np.zeros(D)
+    Wsum = W.sum(0)
+    for start in range(0, N, batch_size):
+        stop = min(start + batch_size, N)
+        blk = Y[start:stop]
+        E = factors_expected[start:stop] * s[start:stop, None]  # (b, L)
+        rows = np.repeat(np.arange(stop - start), np.diff(blk.indptr))
+        cols = blk.indices
+        y = blk.data.astype(np.float64)
+        lam_nz = np.maximum(np.einsum("nl,nl->n", E[rows], W[cols]), 1e-300)
+        term = y * np.log(y / lam_nz) - y
+        per_cell[start:stop] += np.bincount(rows, weights=term, minlength=stop - start)
+        per_gene += np.bincount(cols, weights=term, minlength=D)
+        per_cell[start:stop] += E @ Wsum
+        per_gene += W @ E.sum(0)
+    return 2 * per_cell, 2 * per_gene
+
+
+def reconstruction_error(Y, factors_expected: np.ndarray, W: np.ndarray, s: np.ndarray, *, batch_size: int = 10000) -> float:
+    """Relative Frobenius error ``‖Y − Ŷ‖_F / ‖Y‖_F`` with ``Ŷ = diag(s) E Wᵀ``, in cell batches."""
+    Y = sp.csr_matrix(Y)
+    num = 0.0
+    for start in range(0, Y.shape[0], batch_size):
+        stop = min(start + batch_size, Y.shape[0])
+        Yhat = (factors_expected[start:stop] * s[start:stop, None]) @ W.T
+        diff = Yhat - Y[start:stop].toarray()
+        num += float((diff**2).sum())
+    den = float(Y.multiply(Y).sum())
+    return float(np.sqrt(num / max(den, 1e-300)))
+
+
+def baseline_deviance(Y_train, Y_test) -> float:
+    """Mean Poisson deviance per entry of the "cell total × gene share" baseline on ``Y_test``.
+
+    The gene shares come from ``Y_train``; each test cell's own total scales them.
+    """
+    Y_train = sp.csr_matrix(Y_train)
+    Y_test = sp.csr_matrix(Y_test)
+    share = np.asarray(Y_train.sum(0)).ravel().astype(np.float64)
+    share = share / share.sum()
+    totals = np.asarray(Y_test.sum(1)).ravel().astype(np.float64)
+    W = np.maximum(share, 1e-12)[:, None]
+    per_cell, _ = poisson_deviance_sparse(Y_test, np.ones((Y_test.shape[0], 1)), W, totals)
+    return float(per_cell.sum() / (Y_test.shape[0] * Y_test.shape[1]))
+
+
+def _adata_counts(adata: AnnData, layer: str | None):
+    from .._utils import get_counts
+
+    X = get_counts(adata, layer)
+    return X if sp.issparse(X) else sp.csr_matrix(np.asarray(X))

@@ -1,0 +1,273 @@
+"""``sfact.tl.fit``: build a :class:`~sfact.models.SpatialFactorization`, train it, write the results."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .. import _logging as logg
+from .._keys import Keys
+from .._utils import view_to_actual
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from ..models import SpatialFactorization
+    from ..models._model import ElboMode, LoadingsMode, PriorName
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    """Drop ``None`` values and turn containers into h5ad-friendly plain values."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if v is None:
+            continue
+        if isinstance(v, dict):
+            out[k] = _plain(v)
+        elif isinstance(v, list | tuple):
+            if len(v) == 0:
+                continue
+            out[k] = np.asarray(v)
+        elif isinstance(v, np.generic):
+            out[k] = v.item()
+        else:
+            out[k] = v
+    return out
+
+
+def fit(
+    adata: AnnData,
+    *,
+    prior: PriorName = "mggp_svgp",
+    n_factors: int = 10,
+    layer: str | None = None,
+    spatial_key: str = "spatial",
+    group_key: str | None = None,
+    size_factors: str | None = None,
+    key_added: str = "sfact",
+    max_iter: int = 1000,
+    tol: float = 1e-5,
+    learning_rate: float = 0.05,
+    batch_size: int | None = None,
+    y_batch_size: int | None = None,
+    elbo_mode: ElboMode = "lower-bound",
+    loadings_mode: LoadingsMode = "multiplicative",
+    prior_kwargs: dict[str, Any] | None = None,
+    analyze_batch_size: int = 10000,
+    n_neighs: int = 6,
+    save_model: str | os.PathLike | None = None,
+    device: str | None = None,
+    random_state: int | np.random.Generator | None = 0,
+    progress_bar: bool | None = None,
+    copy: bool = False,
+) -> AnnData | None:
+    """Fit a spatial factorization and write factors, loadings and diagnostics to ``adata``.
+
+    A thin wrapper: builds :class:`sfact.models.SpatialFactorization`, trains it, computes the
+    factors of every cell in batches, orders the factors by descending Moran's I and writes the
+    results. Nothing is written if training fails.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes with raw counts and coordinates (ideally after :func:`sfact.pp.prepare`).
+    prior
+        ``"pnmf"``, ``"svgp"``, ``"mggp_svgp"``, ``"lcgp"`` or ``"mggp_lcgp"``.
+    n_factors
+        Number of factors L.
+    layer
+        Layer with raw counts; ``adata.X`` when ``None``.
+    spatial_key
+        Key of the coordinates in ``adata.obsm``.
+    group_key
+        Column of ``adata.obs`` with the groups (multi-group priors); defaults to the one
+        recorded by :func:`sfact.pp.prepare`.
+    size_factors
+        ``None``, ``"total"`` or a column of ``adata.obs``; see
+        :class:`~sfact.models.SpatialFactorization`.
+    key_added
+        Base key of every slot written.
+    max_iter
+        Maximum iterations (passes over the cells).
+    tol
+        Convergence tolerance on the smoothed relative ELBO change per iteration.
+    learning_rate
+        Adam learning rate.
+    batch_size
+        Cells per step (all when ``None``).
+    y_batch_size
+        Genes per step (all when ``None``).
+    elbo_mode
+        ``"lower-bound"``, ``"expanded"`` or ``"simple"``.
+    loadings_mode
+        ``"multiplicative"`` or ``"projected"``.
+    prior_kwargs
+        Extra arguments of the prior.
+    analyze_batch_size
+        Cells per batch when computing the factors of all cells.
+    n_neighs
+        Neighbours per cell of the spatial graph used for Moran's I.
+    save_model
+        Directory to save the trained model to (see :meth:`~sfact.models.SpatialFactorization.save`).
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    random_state
+        Seed or :class:`numpy.random.Generator`.
+    progress_bar
+        Show training progress; defaults to :attr:`sfact.settings.progress_bar`.
+    copy
+        Return a modified copy instead of writing to ``adata``.
+
+    Returns
+    -------
+    ``None``, or a copy when ``copy=True``. Sets (with ``key = key_added``):
+
+    ``adata.obsm['X_{key}']``
+        Factors ``exp(μ)`` (n_obs, n_factors), ordered by descending Moran's I.
+    ``adata.obsm['X_{key}_scales']``
+        Posterior standard deviations of the log-factors (n_obs, n_factors).
+    ``adata.varm['{key}_loadings']``
+        Non-negative loadings (n_vars, n_factors).
+    ``adata.obs['{key}_deviance']`` and ``adata.var['{key}_deviance']``
+        Poisson deviance per cell and per gene.
+    ``adata.uns['{key}']``
+        ``params`` (plain values), ``history`` (ELBO per entry, log-likelihood, KL, time per
+        iteration), ``moranI`` (DataFrame with squidpy's columns, indexed by factor name),
+        ``metrics`` (deviance, deviance per entry, reconstruction error, iterations,
+        convergence, training time), ``factor_names``, ``keys``.
+
+    Examples
+    --------
+    >>> import sfact
+    >>> adata = sfact.datasets.osmfish()
+    >>> sfact.pp.prepare(adata, group_key="ClusterName")
+    >>> sfact.tl.fit(adata, prior="pnmf", n_factors=5, max_iter=100)  # doctest: +SKIP
+    >>> adata.obsm["X_sfact"].shape  # doctest: +SKIP
+    (4839, 5)
+    """
+    from ..models import SpatialFactorization
+
+    if copy:
+        adata = adata.copy()
+    model = SpatialFactorization(
+        adata,
+        prior=prior,
+        n_factors=n_factors,
+        layer=layer,
+        spatial_key=spatial_key,
+        group_key=group_key,
+        size_factors=size_factors,
+        elbo_mode=elbo_mode,
+        loadings_mode=loadings_mode,
+        prior_kwargs=prior_kwargs,
+        device=device,
+        random_state=random_state,
+    )
+    start = logg.info(f"fitting sfact ({prior}, {n_factors} factors)")
+    model.train(
+        max_iter=max_iter,
+        tol=tol,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        y_batch_size=y_batch_size,
+        device=device,
+        progress_bar=progress_bar,
+    )
+    if not copy:
+        view_to_actual(adata)
+        model.adata = adata
+    write_results(adata, model, key_added=key_added, analyze_batch_size=analyze_batch_size, n_neighs=n_neighs)
+    if save_model is not None:
+        model.save(save_model, overwrite=True)
+    keys = Keys(key_added)
+    logg.info(
+        "    finished",
+        time=start,
+        deep=(
+            f"added\n    '{keys.factors}', '{keys.scales}' (adata.obsm)\n    '{keys.loadings}' (adata.varm)\n"
+            f"    '{keys.uns}' (adata.uns)"
+        ),
+    )
+    return adata if copy else None
+
+
+def write_results(
+    adata: AnnData,
+    model: SpatialFactorization,
+    *,
+    key_added: str = "sfact",
+    analyze_batch_size: int = 10000,
+    n_neighs: int = 6,
+    order_by_moran: bool = True,
+) -> None:
+    """Order the model's factors by Moran's I and write factors, loadings and diagnostics to ``adata``.
+
+    The reorder is applied to the model too, so every factor-indexed output stays aligned.
+    """
+    from .. import __version__
+    from .._keys import factor_names
+    from .._utils import get_coordinates
+    from ._analysis import _adata_counts, morans_i, poisson_deviance_sparse, reconstruction_error
+
+    keys = Keys(key_added)
+    mu, var = model.get_log_factors(None, batch_size=analyze_batch_size)
+    factors = np.exp(mu)
+    coords = get_coordinates(adata, model._setup["spatial_key"])
+    names = factor_names(model.n_factors)
+    moran = morans_i(factors, coords, names=names, n_neighs=n_neighs)
+    if order_by_moran:
+        order = np.argsort(-moran["I"].to_numpy(), kind="stable")
+        model.reorder_factors(order)
+        mu, var, factors = mu[:, order], var[:, order], factors[:, order]
+        moran = moran.iloc[order].copy()
+        moran.index = names
+    W = model.get_loadings()
+    Y = _adata_counts(adata, model._setup["layer"])
+    s = model._size_factors(adata, Y)
+    expected = np.exp(mu + 0.5 * var)
+    dev_cell, dev_gene = poisson_deviance_sparse(Y, expected, W, s, batch_size=analyze_batch_size)
+    recon = reconstruction_error(Y, expected, W, s, batch_size=analyze_batch_size)
+
+    adata.obsm[keys.factors] = factors.astype(np.float32)
+    adata.obsm[keys.scales] = np.sqrt(var).astype(np.float32)
+    adata.varm[keys.loadings] = W.astype(np.float32)
+    adata.obs[keys.obs_deviance()] = dev_cell
+    adata.var[keys.var_deviance()] = dev_gene
+    setup = model._setup
+    params = {
+        "prior": setup["prior"],
+        "n_factors": setup["n_factors"],
+        "layer": setup["layer"],
+        "spatial_key": setup["spatial_key"],
+        "group_key": setup["group_key"],
+        "size_factors": setup["size_factors"],
+        "elbo_mode": setup["elbo_mode"],
+        "loadings_mode": setup["loadings_mode"],
+        "random_state": setup["seed"],
+        "device": model.device,
+        "dtype": setup["dtype"],
+        "version": __version__,
+        **{k: v for k, v in model.train_info.items() if k not in ("n_iter", "converged", "train_time_s")},
+    }
+    n_entries = adata.n_obs * adata.n_vars
+    metrics = {
+        "deviance": float(dev_cell.sum()),
+        "deviance_per_entry": float(dev_cell.sum() / n_entries),
+        "reconstruction_error": recon,
+        "elbo_per_entry": float(model.history_.elbo[-1]) if model.history_.elbo else np.nan,
+        "n_iter": int(len(model.history_)),
+        "converged": bool(model.converged),
+        "train_time_s": float(model.train_info.get("train_time_s", 0.0)),
+    }
+    adata.uns[keys.uns] = _plain(
+        {
+            "params": params,
+            "history": {k: v for k, v in model.history_.as_dict().items()},
+            "moranI": moran,
+            "metrics": metrics,
+            "factor_names": np.asarray(names),
+            "keys": keys.as_dict(),
+        }
+    )
