@@ -12,8 +12,6 @@ from sfact._core.module import FactorModule
 from sfact._core.priors import PNMFPrior, PriorInput
 
 
-
-
 def _data(N=40, D=12, L=3, seed=0, density_scale=1.0):
     rng = np.random.default_rng(seed)
     F = rng.normal(0, 0.7, (N, L))
@@ -128,7 +126,10 @@ def test_monte_carlo_modes_are_unbiased_for_their_terms(mode):
     with torch.no_grad():
         mu, var = module.prior.marginals(inp)
         est = torch.stack(
-            [module.expected_loglik(mu, var, s, batch, mode=mode, n_samples=200, generator=g) for _ in range(20)]
+            [
+                module.expected_loglik(mu, var, s, batch, mode=mode, n_samples=200, generator=g)
+                for _ in range(20)
+            ]
         )
         Yt = torch.as_tensor(Y)
         F = mu + var.sqrt() * torch.randn((20000, N, 2), generator=g, dtype=torch.float64)
@@ -192,7 +193,9 @@ def test_pnmf_kl_matches_torch_distributions():
     idx = torch.arange(10, 20)
     kl = prior.kl(PriorInput(idx=idx, n_total=N))
     q = torch.distributions.Normal(prior.mu[idx], prior.log_sigma[idx].exp())
-    p = torch.distributions.Normal(torch.zeros(10, L, dtype=torch.float64), torch.ones(10, L, dtype=torch.float64))
+    p = torch.distributions.Normal(
+        torch.zeros(10, L, dtype=torch.float64), torch.ones(10, L, dtype=torch.float64)
+    )
     ref = torch.distributions.kl_divergence(q, p).sum() * N / 10
     assert torch.allclose(kl, ref)
 

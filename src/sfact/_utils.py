@@ -50,9 +50,7 @@ def get_counts(adata: AnnData, layer: str | None = None) -> Any:
             raise ValueError("`adata.X` is empty: pass `layer=` naming the layer with raw counts.")
         return adata.X
     if layer not in adata.layers:
-        raise KeyError(
-            f"`adata.layers[{layer!r}]` not found; available layers: {list(adata.layers.keys())}."
-        )
+        raise KeyError(f"`adata.layers[{layer!r}]` not found; available layers: {list(adata.layers.keys())}.")
     return adata.layers[layer]
 
 
@@ -119,7 +117,9 @@ def check_random_state(random_state: Any) -> np.random.Generator:
         return random_state
     if random_state is None or isinstance(random_state, int | np.integer):
         return np.random.default_rng(random_state)
-    raise TypeError(f"`random_state` must be None, an int or a numpy Generator, received {type(random_state)}.")
+    raise TypeError(
+        f"`random_state` must be None, an int or a numpy Generator, received {type(random_state)}."
+    )
 
 
 def seed_of(random_state: Any) -> int:

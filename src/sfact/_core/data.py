@@ -51,13 +51,17 @@ class SparseCounts:
 
         # constant of the Poisson log-likelihood, per cell (float64 on the host)
         self.lgamma_rows = np.bincount(
-            np.repeat(np.arange(self.n_obs), np.diff(X.indptr)), weights=gammaln(data64 + 1), minlength=self.n_obs
+            np.repeat(np.arange(self.n_obs), np.diff(X.indptr)),
+            weights=gammaln(data64 + 1),
+            minlength=self.n_obs,
         )
         self.row_totals = np.asarray(X.sum(axis=1)).ravel().astype(np.float64)
         self.col_totals = np.asarray(X.sum(axis=0)).ravel().astype(np.float64)
         self.nnz = int(X.nnz)
 
-    def batch(self, idx: Tensor | None, genes: Tensor | None = None, gene_mask: Tensor | None = None) -> CountBatch:
+    def batch(
+        self, idx: Tensor | None, genes: Tensor | None = None, gene_mask: Tensor | None = None
+    ) -> CountBatch:
         """Non-zeros of rows ``idx`` (all rows when ``None``), restricted to ``genes`` if given."""
         if idx is None:
             idx_t = torch.arange(self.n_obs, device=self.device)

@@ -26,6 +26,8 @@ class PriorInput:
     n_total: int  # N, the number of training cells
     X: Tensor | None = None  # (B, p) scaled coordinates
     groups: Tensor | None = None  # (B,) group codes
+    X_all: Tensor | None = None  # (N, p) coordinates of all training cells (for caches)
+    groups_all: Tensor | None = None  # (N,) groups of all training cells
 
 
 class Prior(nn.Module):

@@ -52,6 +52,8 @@ class TrainData:
             n_total=self.n_obs,
             X=None if self.X is None else self.X[idx],
             groups=None if self.groups is None else self.groups[idx],
+            X_all=self.X,
+            groups_all=self.groups,
         )
 
 

@@ -142,7 +142,11 @@ class SpatialFactorization:
                 "`sfact.pp.prepare(adata)` first."
             )
         prep = adata.uns.get(_PREPARE_KEY, {})
-        if group_key is None and prep.get("group_key") is not None and prep.get("spatial_key", spatial_key) == spatial_key:
+        if (
+            group_key is None
+            and prep.get("group_key") is not None
+            and prep.get("spatial_key", spatial_key) == spatial_key
+        ):
             group_key = str(prep["group_key"])
         group_categories: list[str] | None = None
         if group_key is not None:
@@ -160,9 +164,13 @@ class SpatialFactorization:
             cat = g.astype("category").cat.remove_unused_categories()
             group_categories = [str(c) for c in cat.cat.categories]
         if prep.get("spatial_key", None) == spatial_key and "factor" in prep:
-            scaling = {k: prep[k] for k in ("method", "offset", "factor", "box_size") if k in prep}
-            scaling["offset"] = [float(v) for v in np.atleast_1d(scaling["offset"])]
-            scaling["factor"] = float(scaling["factor"])
+            # the scaling recorded by sfact.pp.prepare, so new data is scaled the same way
+            scaling = {
+                "scale": str(prep.get("scale", "box")),
+                "offset": [float(v) for v in np.atleast_1d(prep["offset"])],
+                "factor": float(prep["factor"]),
+                "box_size": float(prep.get("box_size", 100.0)),
+            }
         else:
             from ..pp._prepare import _fit_scaling
 
@@ -266,9 +274,7 @@ class SpatialFactorization:
 
         coords = get_coordinates(adata, self._setup["spatial_key"])
         if not np.isfinite(coords).all():
-            raise ValueError(
-                f"`adata.obsm[{self._setup['spatial_key']!r}]` has NaN or infinite coordinates."
-            )
+            raise ValueError(f"`adata.obsm[{self._setup['spatial_key']!r}]` has NaN or infinite coordinates.")
         return _apply_scaling(coords, self._setup["scaling"])
 
     def _group_codes(self, adata: AnnData) -> np.ndarray | None:
@@ -338,12 +344,16 @@ class SpatialFactorization:
         prior = self._make_prior(data.n_obs)
         module = FactorModule(prior, data.n_vars, loadings_mode=self._setup["loadings_mode"])
         module.to(device=self.device, dtype=_torch_dtype(self._setup["dtype"]))
-        H, W = kl_nmf(data.counts, self.n_factors, n_iter=init_iter, size_factors=data.s, generator=self._generator)
+        H, W = kl_nmf(
+            data.counts, self.n_factors, n_iter=init_iter, size_factors=data.s, generator=self._generator
+        )
         logH = torch.log(H.clamp_min(1e-3))
         center = logH.mean(0)
         with torch.no_grad():
             module.W.copy_((W * torch.exp(center)[None, :]).clamp_min(module.w_floor))
-        prior.init_from_log_factors(logH - center, data.prior_input(torch.arange(data.n_obs, device=self.device)))
+        prior.init_from_log_factors(
+            logH - center, data.prior_input(torch.arange(data.n_obs, device=self.device))
+        )
         self.module = module
 
     # ------------------------------------------------------------------ training
@@ -432,7 +442,9 @@ class SpatialFactorization:
             if self.adata.n_obs != N:
                 raise ValueError(f"Expected {N} cells (the training data), received {self.adata.n_obs}.")
             self._data = self._build_data(self.adata, self.device)
-        start = logg.info(f"training {self.prior} with {self.n_factors} factors on {N} cells x {D} genes ({self.device})")
+        start = logg.info(
+            f"training {self.prior} with {self.n_factors} factors on {N} cells x {D} genes ({self.device})"
+        )
         if self.module is None:
             self._initialize(self._data, init_iter)
         if self._optimizer is None:
@@ -479,7 +491,9 @@ class SpatialFactorization:
             "train_time_s": float(self.history_.time[-1]) if self.history_.time else 0.0,
         }
         if not self.converged and max_iter > 0:
-            logg.info(f"    not converged after {result['n_iter']} iterations (tol={tol}); call `train` again to continue.")
+            logg.info(
+                f"    not converged after {result['n_iter']} iterations (tol={tol}); call `train` again to continue."
+            )
         logg.info("    finished", time=start)
         return self
 
@@ -507,7 +521,7 @@ class SpatialFactorization:
     def _marginals(self, adata: AnnData | None, batch_size: int = 10000):
         self._require_trained()
         if adata is None or adata is self.adata:
-            if not self.module.prior.spatial and self._data is None and self.adata is None:
+            if not self.module.prior.per_cell and self._data is None and self.adata is None:
                 raise RuntimeError("No training data attached: pass `adata`.")
             if self.module.prior.per_cell:
                 import torch
@@ -539,12 +553,19 @@ class SpatialFactorization:
             with torch.no_grad():
                 module.W.copy_(self.module.loadings())
             H = self._nonneg_project(data, module.W, n_iter=50)
-            prior.init_from_log_factors(torch.log(H.clamp_min(1e-3)), data.prior_input(torch.arange(data.n_obs, device=self.device)))
+            prior.init_from_log_factors(
+                torch.log(H.clamp_min(1e-3)), data.prior_input(torch.arange(data.n_obs, device=self.device))
+            )
             opt = make_optimizer(module, 0.05)
             gen = torch.Generator().manual_seed(self._setup["seed"])
             train_loop(
-                module, data, TrainConfig(max_iter=max_iter, tol=1e-6, learning_rate=0.05, min_iter=20),
-                optimizer=opt, history=History(), generator=gen, progress_bar=False,
+                module,
+                data,
+                TrainConfig(max_iter=max_iter, tol=1e-6, learning_rate=0.05, min_iter=20),
+                optimizer=opt,
+                history=History(),
+                generator=gen,
+                progress_bar=False,
             )
             with torch.no_grad():
                 idx = torch.arange(data.n_obs, device=self.device)
@@ -555,7 +576,9 @@ class SpatialFactorization:
     def _predict_marginals(self, adata: AnnData, *, batch_size: int = 10000):
         import torch
 
-        X = torch.as_tensor(self._scaled_coords(adata), dtype=_torch_dtype(self._setup["dtype"]), device=self.device)
+        X = torch.as_tensor(
+            self._scaled_coords(adata), dtype=_torch_dtype(self._setup["dtype"]), device=self.device
+        )
         codes = self._group_codes(adata)
         groups = None if codes is None else torch.as_tensor(codes, device=self.device)
         mus, vars_ = [], []
@@ -575,7 +598,9 @@ class SpatialFactorization:
         counts = data.counts
         rows, cols, y = counts.row_of, counts.indices, counts.values
         H = torch.ones(data.n_obs, W.shape[1], dtype=W.dtype, device=W.device)
-        H = H * (data.s.new_tensor(counts.row_totals) / (data.s * W.sum()).clamp_min(1e-12))[:, None].clamp_min(1e-3)
+        H = H * (data.s.new_tensor(counts.row_totals) / (data.s * W.sum()).clamp_min(1e-12))[
+            :, None
+        ].clamp_min(1e-3)
         den = (data.s[:, None] * W.sum(0)[None, :]).clamp_min(1e-12)
         for _ in range(n_iter):
             r = (H[rows] * W[cols]).sum(1).clamp_min(1e-12)
@@ -610,7 +635,9 @@ class SpatialFactorization:
         _, var = self._marginals(adata, batch_size)
         return np.sqrt(var)
 
-    def get_log_factors(self, adata: AnnData | None = None, *, batch_size: int = 10000) -> tuple[np.ndarray, np.ndarray]:
+    def get_log_factors(
+        self, adata: AnnData | None = None, *, batch_size: int = 10000
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Posterior means ``μ`` and variances ``σ²`` (each N x L) of the log-factors."""
         return self._marginals(adata, batch_size)
 
@@ -658,7 +685,9 @@ class SpatialFactorization:
         self._optimizer = None  # Adam moments belong to the old order
 
     # ------------------------------------------------------------------ save / load
-    def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False, save_optimizer: bool = True) -> None:
+    def save(
+        self, dir_path: str | os.PathLike, *, overwrite: bool = False, save_optimizer: bool = True
+    ) -> None:
         """Save the model: tensors to ``model.pt`` (loadable with ``weights_only=True``), metadata to JSON.
 
         Parameters
@@ -676,7 +705,9 @@ class SpatialFactorization:
         dir_path = os.fspath(dir_path)
         meta_path = os.path.join(dir_path, "metadata.json")
         if os.path.exists(meta_path) and not overwrite:
-            raise FileExistsError(f"A model is already saved in {dir_path!r}; pass `overwrite=True` to replace it.")
+            raise FileExistsError(
+                f"A model is already saved in {dir_path!r}; pass `overwrite=True` to replace it."
+            )
         os.makedirs(dir_path, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
         tmp = os.path.join(dir_path, "model.pt.tmp")
@@ -773,7 +804,9 @@ class SpatialFactorization:
         obj.module = module
         opt_path = os.path.join(dir_path, "optimizer.pt")
         obj._optimizer_state = (
-            torch.load(opt_path, map_location=obj.device, weights_only=True) if os.path.exists(opt_path) else None
+            torch.load(opt_path, map_location=obj.device, weights_only=True)
+            if os.path.exists(opt_path)
+            else None
         )
         return obj
 

@@ -40,10 +40,14 @@ def morans_i(
     DataFrame indexed by name, with squidpy's columns ``I``, ``pval_norm``, ``var_norm``,
     ``pval_norm_fdr_bh``, in the order of ``values``' columns.
     """
+    import logging
     import warnings
 
     import anndata as ad
-    import squidpy as sq
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # squidpy's dependencies warn at import time
+        import squidpy as sq
 
     values = np.asarray(values, dtype=np.float64)
     names = [f"factor_{i}" for i in range(values.shape[1])] if names is None else list(names)
@@ -52,16 +56,28 @@ def morans_i(
     )
     tmp.obs_names = [str(i) for i in range(tmp.n_obs)]
     n_neighs = int(min(n_neighs, max(tmp.n_obs - 1, 1)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sq.gr.spatial_neighbors(tmp, coord_type="generic", n_neighs=n_neighs)
-        df = sq.gr.spatial_autocorr(tmp, mode="moran", genes=names, n_perms=None, copy=True, show_progress_bar=False)
+    quiet = [logging.getLogger(name) for name in ("squidpy", "spatialdata", "spatialdata._logging")]
+    levels = [lg.level for lg in quiet]
+    try:
+        for lg in quiet:
+            lg.setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sq.gr.spatial_neighbors(tmp, coord_type="generic", n_neighs=n_neighs)
+            df = sq.gr.spatial_autocorr(
+                tmp, mode="moran", genes=names, n_perms=None, copy=True, show_progress_bar=False
+            )
+    finally:
+        for lg, level in zip(quiet, levels, strict=True):
+            lg.setLevel(level)
     df = df.loc[names, ["I", "pval_norm", "var_norm", "pval_norm_fdr_bh"]].copy()
     df.index.name = None
     return df
 
 
-def poisson_deviance_sparse(Y, factors_expected: np.ndarray, W: np.ndarray, s: np.ndarray, *, batch_size: int = 10000):
+def poisson_deviance_sparse(
+    Y, factors_expected: np.ndarray, W: np.ndarray, s: np.ndarray, *, batch_size: int = 10000
+):
     """Poisson deviance of counts ``Y`` against rates ``s_n Σ_l W_dl E_nl`` without a dense rate matrix.
 
     ``dev = 2 Σ_nd [y log(y/λ) − (y − λ)]`` = 2 (Σ_nz y log(y/λ) − Σ y + Σ λ), where
@@ -92,7 +108,9 @@ def poisson_deviance_sparse(Y, factors_expected: np.ndarray, W: np.ndarray, s: n
     return 2 * per_cell, 2 * per_gene
 
 
-def reconstruction_error(Y, factors_expected: np.ndarray, W: np.ndarray, s: np.ndarray, *, batch_size: int = 10000) -> float:
+def reconstruction_error(
+    Y, factors_expected: np.ndarray, W: np.ndarray, s: np.ndarray, *, batch_size: int = 10000
+) -> float:
     """Relative Frobenius error ``‖Y − Ŷ‖_F / ‖Y‖_F`` with ``Ŷ = diag(s) E Wᵀ``, in cell batches."""
     Y = sp.csr_matrix(Y)
     num = 0.0

@@ -257,7 +257,7 @@ def write_results(
         "deviance_per_entry": float(dev_cell.sum() / n_entries),
         "reconstruction_error": recon,
         "elbo_per_entry": float(model.history_.elbo[-1]) if model.history_.elbo else np.nan,
-        "n_iter": int(len(model.history_)),
+        "n_iter": len(model.history_),
         "converged": bool(model.converged),
         "train_time_s": float(model.train_info.get("train_time_s", 0.0)),
     }

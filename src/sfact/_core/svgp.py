@@ -1,0 +1,309 @@
+"""Sparse variational GP priors ``svgp`` and ``mggp_svgp`` (whitened).
+
+For each factor l, ``F_l(x) = β_l + f_l(x)`` with ``f_l ~ GP(0, k)``, inducing values
+``u = L_zz v`` at fixed inducing points Z (``K_zz = L_zz L_zzᵀ``), and ``q(v) = N(m, S)``,
+``S = L_u L_uᵀ``. With ``A = L_zz⁻¹ K_zx``:
+
+- mean ``μ(x) = β + Aᵀ m``;
+- variance ``σ²(x) = k_xx − Σ_M A² + Σ_M (Aᵀ L_u)²``;
+- ``KL(q(v) || N(0, I)) = ½ (tr S + mᵀm − M − log|S|)`` per factor (not scaled by the batch).
+
+With fixed hyperparameters ``L_zz`` is computed once, and ``A`` — shared by every factor when
+they share the kernel — is cached for the training cells when it fits the memory budget.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .kernels import Kernel
+from .priors import MIN_VAR, Prior, PriorInput
+
+JITTER = 1e-4
+
+
+def cholesky_jitter(K: Tensor, jitter: float = JITTER, max_tries: int = 6) -> Tensor:
+    """Cholesky of ``K + ε·mean(diag)·I``, growing ε tenfold until it succeeds."""
+    scale = K.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[..., None, None]
+    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
+    eps = jitter
+    for _ in range(max_tries):
+        L, info = torch.linalg.cholesky_ex(K + eps * scale * eye)
+        if not bool((info > 0).any()):
+            return L
+        eps *= 10
+    raise FloatingPointError(f"K_zz is not positive definite even with jitter {eps / 10:g}.")
+
+
+class SVGPPrior(Prior):
+    """Whitened sparse variational GP prior on each log-factor (``svgp``; ``mggp_svgp`` with groups).
+
+    Parameters
+    ----------
+    n_factors
+        Number of factors L.
+    Z
+        (M, p) inducing points (scaled coordinates).
+    Z_groups
+        (M,) group codes of the inducing points (multi-group kernel), or ``None``.
+    kernel
+        ``"matern32"`` or ``"rbf"``.
+    lengthscale, sigma
+        Kernel hyperparameters (scalar, or one per factor with ``per_factor_kernel``).
+    group_embedding
+        (G, q) group coordinates for the multi-group kernel (``None`` for ``svgp``).
+    group_diff_param
+        α of the multi-group kernel.
+    per_factor_kernel
+        One set of hyperparameters per factor.
+    train_lengthscale, train_sigma, train_group_diff_param
+        Train these hyperparameters (then ``K_zz`` is refactorized every step).
+    diagonal_only
+        Diagonal ``S`` (O(B·M·L) variance instead of O(B·M²·L)).
+    cache_budget
+        Cache ``A`` for the training cells when M·N is at most this many numbers.
+    """
+
+    name = "svgp"
+    spatial = True
+
+    def __init__(
+        self,
+        n_factors: int,
+        Z: np.ndarray,
+        Z_groups: np.ndarray | None = None,
+        *,
+        kernel: str = "matern32",
+        lengthscale: float | list[float] = 10.0,
+        sigma: float | list[float] = 1.0,
+        group_embedding: np.ndarray | None = None,
+        group_diff_param: float = 1.0,
+        per_factor_kernel: bool = False,
+        train_lengthscale: bool = False,
+        train_sigma: bool = False,
+        train_group_diff_param: bool = False,
+        diagonal_only: bool = False,
+        cache_budget: int = 50_000_000,
+    ):
+        super().__init__(n_factors)
+        Z = np.asarray(Z, dtype=np.float64)
+        self.register_buffer("Z", torch.as_tensor(Z).float())
+        self.multigroup = group_embedding is not None
+        if self.multigroup:
+            if Z_groups is None:
+                raise ValueError("A multi-group prior needs the group of each inducing point.")
+            self.register_buffer("Z_groups", torch.as_tensor(np.asarray(Z_groups, dtype=np.int64)))
+            self.name = "mggp_svgp"
+        else:
+            self.register_buffer("Z_groups", torch.zeros(len(Z), dtype=torch.int64))
+        self.kernel = Kernel(
+            kernel,  # type: ignore[arg-type]
+            n_dims=Z.shape[1],
+            lengthscale=np.asarray(lengthscale),
+            sigma=np.asarray(sigma),
+            n_factors=n_factors,
+            per_factor=per_factor_kernel,
+            group_embedding=group_embedding,
+            group_diff_param=group_diff_param,
+            train_lengthscale=train_lengthscale,
+            train_sigma=train_sigma,
+            train_group_diff_param=train_group_diff_param,
+        )
+        M = Z.shape[0]
+        self.n_inducing = M
+        self.diagonal_only = bool(diagonal_only)
+        self.cache_budget = int(cache_budget)
+        self.beta = nn.Parameter(torch.zeros(n_factors))
+        self.m = nn.Parameter(torch.zeros(n_factors, M))
+        if self.diagonal_only:
+            self.raw_Lu_diag = nn.Parameter(torch.full((n_factors, M), math.log(0.1)))
+        else:
+            self.raw_Lu_diag = nn.Parameter(torch.full((n_factors, M), math.log(0.1)))
+            self.Lu_offdiag = nn.Parameter(torch.zeros(n_factors, M, M))
+        self._config = {
+            "n_factors": int(n_factors),
+            "Z": Z.tolist(),
+            "Z_groups": None if Z_groups is None else np.asarray(Z_groups).astype(int).tolist(),
+            "kernel": kernel,
+            "lengthscale": np.asarray(lengthscale, dtype=float).tolist(),
+            "sigma": np.asarray(sigma, dtype=float).tolist(),
+            "group_embedding": None if group_embedding is None else np.asarray(group_embedding).tolist(),
+            "group_diff_param": float(group_diff_param),
+            "per_factor_kernel": bool(per_factor_kernel),
+            "train_lengthscale": bool(train_lengthscale),
+            "train_sigma": bool(train_sigma),
+            "train_group_diff_param": bool(train_group_diff_param),
+            "diagonal_only": bool(diagonal_only),
+            "cache_budget": int(cache_budget),
+        }
+        self._Lzz: Tensor | None = None
+        self._A_cache: Tensor | None = None
+        self._A_cache_key: tuple | None = None
+
+    # ------------------------------------------------------------------ variational factors
+    def Lu(self) -> Tensor:
+        """Lower-triangular ``L_u`` (L, M, M) with a positive diagonal."""
+        diag = torch.exp(self.raw_Lu_diag)
+        if self.diagonal_only:
+            return torch.diag_embed(diag)
+        return torch.tril(self.Lu_offdiag, -1) + torch.diag_embed(diag)
+
+    def _groups(self, g: Tensor | None) -> Tensor | None:
+        return g if self.multigroup else None
+
+    def Lzz(self) -> Tensor:
+        """Cholesky factor of ``K_zz`` (n_sets, M, M); computed once when hyperparameters are fixed."""
+        if self.kernel.trainable:
+            return cholesky_jitter(
+                self.kernel(self.Z, self.Z, self._groups(self.Z_groups), self._groups(self.Z_groups))
+            )
+        if self._Lzz is None or self._Lzz.device != self.Z.device or self._Lzz.dtype != self.Z.dtype:
+            with torch.no_grad():
+                K = self.kernel(self.Z, self.Z, self._groups(self.Z_groups), self._groups(self.Z_groups))
+                self._Lzz = cholesky_jitter(K.double()).to(self.Z.dtype)
+        return self._Lzz
+
+    def _A(self, X: Tensor, g: Tensor | None) -> Tensor:
+        """``A = L_zz⁻¹ K_zx`` (n_sets, M, B)."""
+        Kzx = self.kernel(self.Z, X, self._groups(self.Z_groups), self._groups(g))
+        return torch.linalg.solve_triangular(self.Lzz(), Kzx, upper=False)
+
+    def _A_train(self, inp: PriorInput) -> Tensor:
+        """``A`` for training cells, from the cache when it is valid and fits the budget."""
+        if self.kernel.trainable or inp.X_all is None:
+            return self._A(inp.X, inp.groups)
+        N = inp.X_all.shape[0]
+        if self.n_inducing * N * self.kernel.n_sets > self.cache_budget:
+            return self._A(inp.X, inp.groups)
+        key = (inp.X_all.data_ptr(), N, self.Z.device, self.Z.dtype)
+        if self._A_cache is None or self._A_cache_key != key:
+            with torch.no_grad():
+                parts = []
+                for start in range(0, N, 8192):
+                    sl = slice(start, min(start + 8192, N))
+                    g = None if inp.groups_all is None else inp.groups_all[sl]
+                    parts.append(self._A(inp.X_all[sl], g))
+                self._A_cache = torch.cat(parts, dim=-1)
+                self._A_cache_key = key
+        return self._A_cache[..., inp.idx]
+
+    def invalidate_cache(self) -> None:
+        """Forget ``L_zz`` and cached ``A`` (after changing hyperparameters or inducing points)."""
+        self._Lzz = None
+        self._A_cache = None
+        self._A_cache_key = None
+
+    def _apply(self, fn, recurse: bool = True):  # moving devices/dtypes invalidates the caches
+        self.invalidate_cache()
+        return super()._apply(fn, recurse)
+
+    # ------------------------------------------------------------------ prior interface
+    def _marginals_from_A(self, A: Tensor, X: Tensor, g: Tensor | None) -> tuple[Tensor, Tensor]:
+        # A: (n_sets, M, B), n_sets in {1, L}
+        mean = (
+            torch.einsum("smb,lm->lb", A, self.m)
+            if A.shape[0] == 1
+            else torch.einsum("lmb,lm->lb", A, self.m)
+        )
+        kxx = self.kernel.diag(X, g)  # (n_sets, B)
+        resid = (kxx - A.pow(2).sum(1)).clamp_min(0.0)  # (n_sets, B)
+        if self.diagonal_only:
+            d2 = torch.exp(2 * self.raw_Lu_diag)  # (L, M)
+            explained = (
+                torch.einsum("smb,lm->lb", A.pow(2), d2)
+                if A.shape[0] == 1
+                else torch.einsum("lmb,lm->lb", A.pow(2), d2)
+            )
+        else:
+            AtLu = torch.matmul(A.transpose(-1, -2), self.Lu())  # (L, B, M)
+            explained = AtLu.pow(2).sum(-1)
+        var = (resid + explained).clamp_min(MIN_VAR)
+        mu = mean + self.beta[:, None]
+        return mu.T, var.T
+
+    def marginals(self, inp: PriorInput) -> tuple[Tensor, Tensor]:
+        """Mean and variance of ``q(F)`` at the batch's cells, each (B, L)."""
+        A = self._A_train(inp)
+        return self._marginals_from_A(A, inp.X, inp.groups)
+
+    def predict(self, X: Tensor, groups: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Predictive mean and variance of ``F`` at new coordinates (and groups), each (n, L)."""
+        if self.multigroup and groups is None:
+            raise ValueError("The multi-group prior needs the groups of the new cells.")
+        A = self._A(X, groups)
+        return self._marginals_from_A(A, X, groups)
+
+    def kl(self, inp: PriorInput | None = None) -> Tensor:
+        """Σ_l KL(N(m_l, S_l) || N(0, I)) — a global term, not scaled by the batch size."""
+        M = self.n_inducing
+        if self.diagonal_only:
+            tr = torch.exp(2 * self.raw_Lu_diag).sum(-1)
+        else:
+            tr = self.Lu().pow(2).sum((-1, -2))
+        logdet = 2 * self.raw_Lu_diag.sum(-1)
+        return 0.5 * (tr + self.m.pow(2).sum(-1) - M - logdet).sum()
+
+    @torch.no_grad()
+    def reorder(self, perm: Tensor) -> None:
+        """Permute the factors (variational parameters and per-factor kernels)."""
+        self.beta.copy_(self.beta[perm])
+        self.m.copy_(self.m[perm])
+        self.raw_Lu_diag.copy_(self.raw_Lu_diag[perm])
+        if not self.diagonal_only:
+            self.Lu_offdiag.copy_(self.Lu_offdiag[perm])
+        if self.kernel.n_sets > 1:
+            for p in (self.kernel.raw_lengthscale, self.kernel.raw_sigma, self.kernel.raw_alpha):
+                p.copy_(p[perm])
+            self.invalidate_cache()
+        self._config["lengthscale"] = self.kernel.lengthscale.cpu().double().numpy().tolist()
+        self._config["sigma"] = self.kernel.sigma.cpu().double().numpy().tolist()
+
+    @torch.no_grad()
+    def init_from_log_factors(self, log_factors: Tensor, inp: PriorInput, ridge: float = 1e-2) -> None:
+        """Project log-factors onto the inducing points: ``β`` = mean, ``m`` by ridge regression.
+
+        Solves ``min_m ‖Aᵀ m − (F − β)‖² + ridge·N/M ‖m‖²`` (``A`` of all training cells, in
+        batches), so the initial posterior mean approximates a non-negative factorization.
+        """
+        F = log_factors.to(self.m)
+        beta = F.mean(0)
+        self.beta.copy_(beta)
+        Fc = F - beta
+        N = F.shape[0]
+        M = self.n_inducing
+        n_sets = self.kernel.n_sets
+        AAt = torch.zeros(n_sets, M, M, dtype=torch.float64, device=self.m.device)
+        AF = torch.zeros(n_sets, M, self.n_factors, dtype=torch.float64, device=self.m.device)
+        for start in range(0, N, 8192):
+            sl = slice(start, min(start + 8192, N))
+            g = None if inp.groups is None else inp.groups[sl]
+            A = self._A(inp.X[sl], g).double()  # (n_sets, M, b)
+            AAt += A @ A.transpose(-1, -2)
+            AF += A @ Fc[sl].double()
+        reg = ridge * N / M * torch.eye(M, dtype=torch.float64, device=self.m.device)
+        sol = torch.linalg.solve(AAt + reg, AF)  # (n_sets, M, L)
+        if n_sets == 1:
+            m = sol[0].T
+        else:
+            m = torch.stack([sol[k, :, k] for k in range(self.n_factors)])
+        self.m.copy_(m.to(self.m))
+
+    def gp_info(self) -> dict[str, Any]:
+        """Kernel hyperparameters and inducing-point count as plain values."""
+        return {**self.kernel.info(), "num_inducing": int(self.n_inducing), "prior": self.name}
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments as plain values."""
+        cfg = dict(self._config)
+        cfg["lengthscale"] = self.kernel.lengthscale.detach().cpu().double().numpy().tolist()
+        cfg["sigma"] = self.kernel.sigma.detach().cpu().double().numpy().tolist()
+        if self.multigroup:
+            cfg["group_diff_param"] = float(self.kernel.alpha.detach().cpu().double().mean())
+        if not cfg["per_factor_kernel"]:
+            cfg["lengthscale"], cfg["sigma"] = cfg["lengthscale"][0], cfg["sigma"][0]
+        return cfg
