@@ -284,8 +284,6 @@ def _without_spatial(a):
         pytest.param(None, {"group_key": "no_such_column"}, KeyError, "no_such_column", id="group-key"),
         pytest.param(None, {"n_factors": N_VARS + 1}, ValueError, "n_factors", id="too-many-factors"),
         pytest.param(None, {"prior": "magic"}, ValueError, "magic", id="unknown-prior"),
-        pytest.param(None, {"prior": "svgp"}, NotImplementedError, "svgp", id="svgp"),
-        pytest.param(None, {"prior": "mggp_svgp"}, NotImplementedError, "mggp_svgp", id="mggp_svgp"),
         pytest.param(None, {"prior": "lcgp"}, NotImplementedError, "lcgp", id="lcgp"),
         pytest.param(None, {"prior": "mggp_lcgp"}, NotImplementedError, "mggp_lcgp", id="mggp_lcgp"),
         pytest.param(None, {"elbo_mode": "exact"}, ValueError, "elbo_mode", id="elbo-mode"),

@@ -304,7 +304,7 @@ def test_unknown_prior_raises(adata):
         SpatialFactorization(adata, prior="gaussian", n_factors=2)
 
 
-@pytest.mark.parametrize("prior", ["svgp", "mggp_svgp", "lcgp", "mggp_lcgp"])
+@pytest.mark.parametrize("prior", ["lcgp", "mggp_lcgp"])
 def test_unimplemented_priors_raise(adata, prior):
     with pytest.raises(NotImplementedError, match=prior):
         SpatialFactorization(adata, prior=prior, n_factors=2)

@@ -22,6 +22,31 @@ class CountBatch:
     cols: Tensor  # (nnz_B,) gene of each non-zero
     values: Tensor  # (nnz_B,) counts
     genes: Tensor | None = None  # (B_y,) gene subset, or None for all genes
+    row_totals: Tensor | None = None  # (B,) Σ_d y_nd of each cell (all genes)
+    lgamma_sum: Tensor | None = None  # Σ log y! over the batch (all genes)
+    crow: Tensor | None = None  # (B+1,) CSR row pointer of the batch (all genes only)
+    t_perm: Tensor | None = None  # (nnz_B,) order of the non-zeros by gene (CSR of the transpose)
+    t_crow: Tensor | None = None  # (D+1,) row pointer of the transpose
+
+    @property
+    def n_rows(self) -> int:
+        """Number of cells B in the batch."""
+        return int(self.idx.numel())
+
+    def with_csr(self, n_vars: int) -> CountBatch:
+        """Add the CSR structure of the batch and of its transpose (computed once per batch)."""
+        if self.genes is not None:
+            return self
+        B = self.n_rows
+        counts = torch.bincount(self.rows, minlength=B)
+        crow = torch.zeros(B + 1, dtype=torch.int64, device=self.rows.device)
+        crow[1:] = torch.cumsum(counts, 0)
+        t_perm = torch.argsort(self.cols, stable=True)
+        t_counts = torch.bincount(self.cols, minlength=n_vars)
+        t_crow = torch.zeros(n_vars + 1, dtype=torch.int64, device=self.rows.device)
+        t_crow[1:] = torch.cumsum(t_counts, 0)
+        self.crow, self.t_perm, self.t_crow = crow, t_perm, t_crow
+        return self
 
 
 class SparseCounts:
@@ -56,6 +81,8 @@ class SparseCounts:
             minlength=self.n_obs,
         )
         self.row_totals = np.asarray(X.sum(axis=1)).ravel().astype(np.float64)
+        self.row_totals_t = torch.as_tensor(self.row_totals, dtype=dtype, device=self.device)
+        self.lgamma_rows_t = torch.as_tensor(self.lgamma_rows, dtype=torch.float64, device=self.device)
         self.col_totals = np.asarray(X.sum(axis=0)).ravel().astype(np.float64)
         self.nnz = int(X.nnz)
 
@@ -80,7 +107,37 @@ class SparseCounts:
                 gene_mask[genes] = True
             keep = gene_mask[cols]
             rows, cols, vals = rows[keep], cols[keep], vals[keep]
-        return CountBatch(idx=idx_t, rows=rows, cols=cols, values=vals, genes=genes)
+        return CountBatch(
+            idx=idx_t,
+            rows=rows,
+            cols=cols,
+            values=vals,
+            genes=genes,
+            row_totals=self.row_totals_t[idx_t],
+            lgamma_sum=self.lgamma_rows_t[idx_t].sum().to(self.values.dtype),
+        )
+
+    def full_batch(self) -> CountBatch:
+        """All cells as one batch with its CSR structures (built once, then cached)."""
+        if getattr(self, "_full", None) is None:
+            self._full = self.batch(None).with_csr(self.n_vars)
+        return self._full
+
+    def blocks(self, batch_size: int, generator: torch.Generator | None = None) -> list[CountBatch]:
+        """Split the cells into fixed random blocks of ``batch_size`` with their CSR structures.
+
+        Built once per training call, so a step needs no gathering or sorting of non-zeros;
+        an epoch visits the blocks in a new random order.
+        """
+        N = self.n_obs
+        if batch_size >= N:
+            return [self.full_batch()]
+        perm = torch.randperm(N, generator=generator).to(self.device)
+        out = []
+        for start in range(0, N, batch_size):
+            idx = torch.sort(perm[start : start + batch_size]).values  # CSR order within the block
+            out.append(self.batch(idx).with_csr(self.n_vars))
+        return out
 
 
 def kl_nmf(
@@ -109,19 +166,31 @@ def kl_nmf(
     scale = (mean_rate / n_factors) ** 0.5
     H = scale * (0.5 + torch.rand(N, n_factors, generator=generator, dtype=dtype, device="cpu").to(dev))
     W = scale * (0.5 + torch.rand(D, n_factors, generator=generator, dtype=dtype, device="cpu").to(dev))
-    rows, cols, y = counts.row_of, counts.indices, counts.values
+    full = counts.full_batch()
     for _ in range(n_iter):
-        # update H
-        r = (H[rows] * W[cols]).sum(1).clamp_min(eps)  # (nnz,) H W^T without s (cancels)
-        q = (y / r)[:, None]
-        num = torch.zeros_like(H).index_add_(0, rows, q * W[cols])
-        H = H * num / (s[:, None] * W.sum(0)[None, :]).clamp_min(eps)
-        H = H.clamp_min(eps)
-        # update W
-        r = (H[rows] * W[cols]).sum(1).clamp_min(eps)
-        q = (y / r)[:, None]
-        num = torch.zeros_like(W).index_add_(0, cols, q * H[rows])
-        W = W * num / (s[:, None] * H).sum(0)[None, :].clamp_min(eps)
-        W = W.clamp_min(eps)
+        # update H: H <- H * (Q W) / (s Σ_d W), Q = Y / (H Wᵀ) on the non-zeros (s cancels in Q)
+        QW, _ = _ratio_products(H, W, full, need_t=False)
+        H = (H * QW / (s[:, None] * W.sum(0)[None, :]).clamp_min(eps)).clamp_min(eps)
+        # update W: W <- W * (Qᵀ H) / Σ_n s_n H_n
+        _, QtH = _ratio_products(H, W, full, need_t=True)
+        W = (W * QtH / (s[:, None] * H).sum(0)[None, :].clamp_min(eps)).clamp_min(eps)
     m = H.mean(0).clamp_min(eps)
     return H / m, W * m
+
+
+def _ratio_products(
+    H: Tensor, W: Tensor, batch: CountBatch, *, need_t: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """``Q W`` (or ``Qᵀ H`` when ``need_t``) with ``Q = y / (H Wᵀ)`` on the non-zeros of ``batch``."""
+    import warnings
+
+    B, D = H.shape[0], W.shape[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: "sparse CSR support is in beta"
+        pattern = torch.sparse_csr_tensor(batch.crow, batch.cols, batch.values, (B, D))
+        r = torch.sparse.sampled_addmm(pattern, H, W.T, beta=0.0).values().clamp_min(1e-30)
+        q = batch.values / r
+        if not need_t:
+            return torch.sparse_csr_tensor(batch.crow, batch.cols, q, (B, D)) @ W, None
+        tp = batch.t_perm
+        return None, torch.sparse_csr_tensor(batch.t_crow, batch.rows[tp], q[tp], (D, B)) @ H

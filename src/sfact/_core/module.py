@@ -11,6 +11,7 @@ costs O(nnz·L + (N+D)·L) and never forms a dense rate matrix.
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -23,6 +24,57 @@ ElboMode = Literal["lower-bound", "expanded", "simple"]
 LoadingsMode = Literal["multiplicative", "projected", "fixed"]
 ELBO_MODES = ("lower-bound", "expanded", "simple")
 LOADINGS_MODES = ("multiplicative", "projected", "fixed")
+
+
+class _SparseLogRate(torch.autograd.Function):
+    """``Σ_nz y_nd log Σ_l W_dl exp(μ_nl)`` and its gradients in one pass over the non-zeros.
+
+    With ``E = exp(μ − max_l μ)`` the rates at the non-zeros are ``r = (E Wᵀ)_nz`` (a sampled
+    dense-dense product), and with ``Q = y / r`` (sparse, same pattern) the gradients are
+    ``∂/∂μ = E ⊙ (Q W)`` and ``∂/∂W = Qᵀ E`` — sparse-dense products, no exponential per
+    non-zero and nothing of size nnz x L kept for the backward pass. ``W ⊙ Qᵀ E = Σ_n y φ`` is
+    also the numerator of the multiplicative update of W, returned as a second,
+    non-differentiable output. Without a CSR structure (gene subsets) the same quantities are
+    computed by gathering and scattering.
+    """
+
+    @staticmethod
+    def forward(ctx, mu: Tensor, W: Tensor, batch: CountBatch):  # type: ignore[override]
+        rows, cols, y = batch.rows, batch.cols, batch.values
+        B, D = mu.shape[0], W.shape[0]
+        m = mu.max(dim=1, keepdim=True).values
+        E = torch.exp(mu - m)
+        if batch.crow is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch: "sparse CSR support is in beta"
+                pattern = torch.sparse_csr_tensor(batch.crow, cols, y, (B, D))
+                r = torch.sparse.sampled_addmm(pattern, E, W.T, beta=0.0).values()
+                q = y / r.clamp_min(1e-30)
+                QW = torch.sparse_csr_tensor(batch.crow, cols, q, (B, D)) @ W
+                tp = batch.t_perm
+                QtE = torch.sparse_csr_tensor(batch.t_crow, rows[tp], q[tp], (D, B)) @ E
+        else:
+            r = (E[rows] * W[cols]).sum(1)
+            q = y / r.clamp_min(1e-30)
+            QW = torch.zeros_like(E).index_add_(0, rows, W[cols] * q[:, None])
+            QtE = torch.zeros_like(W).index_add_(0, cols, E[rows] * q[:, None])
+        row_y = torch.zeros(B, dtype=y.dtype, device=y.device).index_add_(0, rows, y)
+        t1 = (y * torch.log(r.clamp_min(1e-30))).sum() + (row_y * m[:, 0]).sum()
+        g_mu = E * QW
+        ctx.save_for_backward(g_mu, QtE)
+        num = W * QtE
+        ctx.mark_non_differentiable(num)
+        return t1, num
+
+    @staticmethod
+    def backward(ctx, grad_t1: Tensor, _grad_num: Tensor):  # type: ignore[override]
+        g_mu, QtE = ctx.saved_tensors
+        return grad_t1 * g_mu, grad_t1 * QtE, None
+
+
+def sparse_log_rate(mu: Tensor, W: Tensor, batch: CountBatch) -> tuple[Tensor, Tensor]:
+    """See :class:`_SparseLogRate`; returns the term and ``Σ_n y_nd φ_ndl`` (D, L)."""
+    return _SparseLogRate.apply(mu, W, batch)
 
 
 class FactorModule(nn.Module):
@@ -78,11 +130,12 @@ class FactorModule(nn.Module):
         Includes the ``-log y!`` constant so values are comparable to a true log-likelihood.
         """
         W = self.loadings()
-        logW = torch.log(W)
         r, c, y = batch.rows, batch.cols, batch.values
         Wsum = W.sum(0) if batch.genes is None else W[batch.genes].sum(0)
+        self._mm_numerator = None
         if mode == "lower-bound":
-            t1 = (y * torch.logsumexp(mu[r] + logW[c], dim=1)).sum()
+            t1, num = sparse_log_rate(mu, W, batch)
+            self._mm_numerator = num  # Σ_n y_nd φ_ndl at this μ: reused by the loadings update
             t2 = ((s[:, None] * torch.exp(mu + 0.5 * var)).sum(0) * Wsum).sum()
         elif mode in ("expanded", "simple"):
             gen_device = mu.device if generator is None else generator.device
@@ -90,6 +143,7 @@ class FactorModule(nn.Module):
                 (n_samples, *mu.shape), generator=generator, dtype=mu.dtype, device=gen_device
             ).to(mu.device)
             F = mu + torch.sqrt(var) * eps  # (E, B, L)
+            logW = torch.log(W)
             t1 = (y * torch.logsumexp(F[:, r] + logW[c], dim=-1)).sum(-1).mean(0)
             if mode == "simple":
                 t2 = ((s[:, None] * torch.exp(F)).sum(1).mean(0) * Wsum).sum()
@@ -97,7 +151,10 @@ class FactorModule(nn.Module):
                 t2 = ((s[:, None] * torch.exp(mu + 0.5 * var)).sum(0) * Wsum).sum()
         else:
             raise ValueError(f"`elbo_mode` must be one of {ELBO_MODES}, received {mode!r}.")
-        t0 = (y * torch.log(s[r])).sum() - torch.lgamma(y + 1).sum()
+        if batch.row_totals is not None and batch.genes is None:
+            t0 = (batch.row_totals * torch.log(s)).sum() - batch.lgamma_sum
+        else:
+            t0 = (y * torch.log(s[r])).sum() - torch.lgamma(y + 1).sum()
         return (t1 + t0 - t2) * gene_scale
 
     def elbo(
@@ -139,8 +196,12 @@ class FactorModule(nn.Module):
         """
         W = self.loadings()
         r, c, y = batch.rows, batch.cols, batch.values
-        phi = torch.softmax(mu[r] + torch.log(W)[c], dim=1)
-        num = torch.zeros_like(W).index_add_(0, c, y[:, None] * phi) * scale
+        num = getattr(self, "_mm_numerator", None)
+        if num is None or num.shape != W.shape:
+            phi = torch.softmax(mu[r] + torch.log(W)[c], dim=1)
+            num = torch.zeros_like(W).index_add_(0, c, y[:, None] * phi)
+        self._mm_numerator = None
+        num = num * scale
         den = (s[:, None] * torch.exp(mu + 0.5 * var)).sum(0) * scale
         if batch.genes is not None:
             rows = batch.genes

@@ -74,6 +74,7 @@ class PNMFPrior(Prior):
     def __init__(self, n_factors: int, n_obs: int, *, init_scale: float = 0.1):
         super().__init__(n_factors)
         self.n_obs = int(n_obs)
+        self.init_scale = float(init_scale)
         self.mu = nn.Parameter(torch.zeros(n_obs, n_factors))
         self.log_sigma = nn.Parameter(torch.full((n_obs, n_factors), math.log(init_scale)))
 
@@ -103,20 +104,26 @@ class PNMFPrior(Prior):
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments."""
-        return {"n_factors": self.n_factors, "n_obs": self.n_obs}
+        return {"n_factors": self.n_factors, "n_obs": self.n_obs, "init_scale": self.init_scale}
 
 
 PRIOR_NAMES = ("pnmf", "svgp", "mggp_svgp", "lcgp", "mggp_lcgp")
-IMPLEMENTED = {"pnmf": PNMFPrior}
+
+
+def _implemented() -> dict[str, type[Prior]]:
+    from .svgp import SVGPPrior
+
+    return {"pnmf": PNMFPrior, "svgp": SVGPPrior, "mggp_svgp": SVGPPrior}
 
 
 def prior_class(name: str) -> type[Prior]:
     """The prior class registered under ``name``."""
     if name not in PRIOR_NAMES:
         raise ValueError(f"Unknown prior {name!r}; choose one of {PRIOR_NAMES}.")
-    if name not in IMPLEMENTED:
+    implemented = _implemented()
+    if name not in implemented:
         raise NotImplementedError(
             f"The {name!r} prior is not implemented yet in this version of sfact; "
-            f"available: {tuple(IMPLEMENTED)}."
+            f"available: {tuple(implemented)}."
         )
-    return IMPLEMENTED[name]
+    return implemented[name]

@@ -155,15 +155,24 @@ def train_loop(
         range(cfg.max_iter), desc=f"training {module.prior.name}", disable=not progress_bar, leave=False
     )
     it = -1
+    # fixed random blocks of cells with precomputed CSR structures (all genes per step)
+    blocks = data.counts.blocks(B, generator) if By >= D else None
     for it in bar:
-        perm = all_idx if B >= N else torch.randperm(N, generator=generator).to(dev)
+        if blocks is not None:
+            block_order = (
+                torch.randperm(len(blocks), generator=generator).tolist() if len(blocks) > 1 else [0]
+            )
+        else:
+            perm = all_idx if B >= N else torch.randperm(N, generator=generator).to(dev)
         acc = torch.zeros(3, dtype=torch.float64, device=dev)
         for step in range(n_steps):
-            idx = perm[step * B : (step + 1) * B]
-            genes = None
-            if By < D:
+            if blocks is not None:
+                batch = blocks[block_order[step]]
+                idx = batch.idx
+            else:
+                idx = perm[step * B : (step + 1) * B]
                 genes = torch.randperm(D, generator=generator)[:By].to(dev)
-            batch = data.counts.batch(None if B >= N else idx, genes)
+                batch = data.counts.batch(None if B >= N else idx, genes)
             inp = data.prior_input(idx)
             s_b = data.s[idx]
             elbo, ll, kl, mu, var = module.elbo(

@@ -21,6 +21,7 @@ from .._utils import (
     resolve_device,
     seed_of,
     slot_name,
+    warn,
 )
 
 if TYPE_CHECKING:
@@ -111,8 +112,10 @@ class SpatialFactorization:
     ):
         from .._core.module import ELBO_MODES
         from .._core.priors import prior_class
+        from ._config import config_to_dict, make_config
 
         prior_class(prior)  # unknown -> ValueError, not yet implemented -> NotImplementedError
+        prior_config = make_config(prior, prior_kwargs)
         if elbo_mode not in ELBO_MODES:
             raise ValueError(f"`elbo_mode` must be one of {ELBO_MODES}, received {elbo_mode!r}.")
         if loadings_mode not in ("multiplicative", "projected"):
@@ -163,6 +166,12 @@ class SpatialFactorization:
                 )
             cat = g.astype("category").cat.remove_unused_categories()
             group_categories = [str(c) for c in cat.cat.categories]
+        if prior.startswith("mggp") and group_key is None:
+            warn(
+                f"`prior={prior!r}` without `group_key`: all cells form one group, so the fit equals "
+                f"{prior.removeprefix('mggp_')!r}. Pass `group_key=` (or set it in `sfact.pp.prepare`) to "
+                "use the multi-group kernel."
+            )
         if prep.get("spatial_key", None) == spatial_key and "factor" in prep:
             # the scaling recorded by sfact.pp.prepare, so new data is scaled the same way
             scaling = {
@@ -202,7 +211,7 @@ class SpatialFactorization:
             "elbo_mode": elbo_mode,
             "loadings_mode": loadings_mode,
             "n_samples": int(n_samples),
-            "prior_kwargs": dict(prior_kwargs or {}),
+            "prior_kwargs": config_to_dict(prior_config),
             "scaling": scaling,
             "var_names": [str(v) for v in adata.var_names],
             "n_obs": int(adata.n_obs),
@@ -280,7 +289,7 @@ class SpatialFactorization:
     def _group_codes(self, adata: AnnData) -> np.ndarray | None:
         gk = self._setup["group_key"]
         if gk is None:
-            return None
+            return np.zeros(adata.n_obs, dtype=np.int64) if self.prior.startswith("mggp") else None
         if gk not in adata.obs.columns:
             raise KeyError(f"`adata.obs[{gk!r}]` (the groups) not found.")
         cats = self._setup["group_categories"]
@@ -326,14 +335,64 @@ class SpatialFactorization:
         groups = None if codes is None else torch.as_tensor(codes, device=device)
         return TrainData(counts=counts, s=s, X=coords, groups=groups)
 
-    def _make_prior(self, n_obs: int):
+    def _make_prior(self, data):
+        """Build the prior for ``data`` (inducing points from its coordinates and groups)."""
         from .._core.priors import prior_class
+        from ._config import make_config
 
         cls = prior_class(self.prior)
-        kw = dict(self._setup["prior_kwargs"])
-        if cls.per_cell:
-            return cls(self.n_factors, n_obs, **kw)
-        return cls(self.n_factors, **kw)
+        cfg = make_config(self.prior, self._setup["prior_kwargs"])
+        if self.prior == "pnmf":
+            return cls(self.n_factors, data.n_obs, init_scale=cfg.init_scale)
+        from .._core.inducing import inducing_points
+        from .._core.kernels import mds_embedding
+
+        X = data.X.detach().cpu().double().numpy()
+        multigroup = self.prior.startswith("mggp")
+        groups = data.groups.detach().cpu().numpy() if (multigroup and data.groups is not None) else None
+        n_groups = len(self._setup["group_categories"] or [None]) if multigroup else None
+        M = cfg.num_inducing
+        if M is None:
+            M = 3000 if str(self.device).startswith("cuda") else 500
+        if M > data.n_obs:
+            logg.info(f"    `num_inducing={M}` is more than the {data.n_obs} cells; using {data.n_obs}.")
+            M = data.n_obs
+        Z, Zg = inducing_points(
+            X,
+            int(M),
+            groups=groups,
+            n_groups=n_groups,
+            allocation=cfg.allocation,
+            random_state=self._setup["seed"],
+        )
+        embedding = None
+        if multigroup:
+            if cfg.group_distances is not None:
+                Dg = np.asarray(cfg.group_distances, dtype=np.float64)
+                if Dg.shape != (n_groups, n_groups):
+                    raise ValueError(
+                        f"`group_distances` must be ({n_groups}, {n_groups}) for the {n_groups} groups, "
+                        f"received {Dg.shape}."
+                    )
+                embedding = mds_embedding(Dg)
+            else:
+                embedding = np.eye(n_groups) / np.sqrt(2.0)  # every pair of groups at squared distance 1
+        return cls(
+            self.n_factors,
+            Z,
+            Zg,
+            kernel=cfg.kernel,
+            lengthscale=cfg.lengthscale,
+            sigma=cfg.sigma,
+            group_embedding=embedding,
+            group_diff_param=cfg.group_diff_param,
+            per_factor_kernel=cfg.per_factor_kernel,
+            train_lengthscale=cfg.train_lengthscale,
+            train_sigma=cfg.train_sigma,
+            train_group_diff_param=cfg.train_group_diff_param,
+            diagonal_only=cfg.diagonal_only,
+            cache_budget=cfg.cache_budget,
+        )
 
     def _initialize(self, data, init_iter: int) -> None:
         import torch
@@ -341,7 +400,7 @@ class SpatialFactorization:
         from .._core.data import kl_nmf
         from .._core.module import FactorModule
 
-        prior = self._make_prior(data.n_obs)
+        prior = self._make_prior(data)
         module = FactorModule(prior, data.n_vars, loadings_mode=self._setup["loadings_mode"])
         module.to(device=self.device, dtype=_torch_dtype(self._setup["dtype"]))
         H, W = kl_nmf(
@@ -547,7 +606,7 @@ class SpatialFactorization:
             self._check_vars(adata)
             data_full = self._build_data(adata, self.device)
             data = TrainData(counts=data_full.counts, s=data_full.s)
-            prior = self._make_prior(data.n_obs)
+            prior = self._make_prior(data)
             module = FactorModule(prior, data.n_vars, loadings_mode="fixed")
             module.to(device=self.device, dtype=_torch_dtype(self._setup["dtype"]))
             with torch.no_grad():

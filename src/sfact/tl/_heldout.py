@@ -1,0 +1,93 @@
+"""Held-out evaluation: fit on most cells, predict the rest from their coordinates."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .._utils import check_random_state
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from ..models import SpatialFactorization
+
+
+def heldout_split(
+    adata: AnnData, *, fraction: float = 0.05, random_state: int | np.random.Generator | None = 0
+) -> tuple[AnnData, AnnData]:
+    """Split cells at random into a training and a held-out set.
+
+    The held-out cells are the first ``round(fraction · N)`` of
+    ``numpy.random.default_rng(random_state).permutation(N)`` — the protocol of sfact's
+    benchmarks.
+
+    Parameters
+    ----------
+    adata
+        All cells.
+    fraction
+        Fraction of cells held out (0 < fraction < 1).
+    random_state
+        Seed or :class:`numpy.random.Generator`.
+
+    Returns
+    -------
+    ``(train, test)`` copies, each in the original cell order.
+
+    Examples
+    --------
+    >>> import sfact
+    >>> adata = sfact.datasets.osmfish()
+    >>> train, test = sfact.tl.heldout_split(adata)
+    >>> test.n_obs
+    242
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"`fraction` must be in (0, 1), received {fraction}.")
+    N = adata.n_obs
+    n_test = int(round(fraction * N))
+    if n_test < 1 or n_test >= N:
+        raise ValueError(f"`fraction={fraction}` of {N} cells leaves no training or no held-out cells.")
+    perm = check_random_state(random_state).permutation(N)
+    test = np.zeros(N, dtype=bool)
+    test[perm[:n_test]] = True
+    return adata[~test].copy(), adata[test].copy()
+
+
+def heldout_deviance(model: SpatialFactorization, adata_test: AnnData, *, batch_size: int = 10000) -> float:
+    """Mean Poisson deviance per matrix entry of held-out cells predicted by ``model``.
+
+    The rates are ``E[λ_nd] = s_n Σ_l W_dl E[e^{F_nl}]`` with the factors predicted from the
+    held-out cells' coordinates (and groups) for the spatial priors, or fitted to their counts
+    with the loadings fixed for ``pnmf``; with ``size_factors="total"`` each held-out cell's own
+    total count gives ``s_n`` (relative to the training median, as in training).
+
+    Parameters
+    ----------
+    model
+        A trained model.
+    adata_test
+        Held-out cells with counts, coordinates and (multi-group priors) groups.
+    batch_size
+        Cells per batch of the GP predictive.
+
+    Returns
+    -------
+    ``2 Σ [y log(y/λ) − (y − λ)] / (n_test · D)``.
+
+    Examples
+    --------
+    >>> train, test = sfact.tl.heldout_split(adata)  # doctest: +SKIP
+    >>> model = sfact.models.SpatialFactorization(train, prior="svgp").train()  # doctest: +SKIP
+    >>> sfact.tl.heldout_deviance(model, test)  # doctest: +SKIP
+    """
+    from ._analysis import _adata_counts, poisson_deviance_sparse
+
+    model._check_vars(adata_test)
+    mu, var = model.get_log_factors(adata_test, batch_size=batch_size)
+    Y = _adata_counts(adata_test, model._setup["layer"])
+    s = model._size_factors(adata_test, Y)
+    per_cell, _ = poisson_deviance_sparse(Y, np.exp(mu + 0.5 * var), model.get_loadings(), s)
+    return float(per_cell.sum() / (adata_test.n_obs * adata_test.n_vars))
