@@ -166,8 +166,10 @@ def test_deviance_matches_dense_computation(fitted):
 
     model = SpatialFactorization.load(model_dir, adata)
     mu, var = model.get_log_factors()
-    lam = np.exp(mu + 0.5 * var) @ model.get_loadings().T  # size factors are 1
     Y = adata.X.toarray().astype(np.float64)
+    totals = Y.sum(1)
+    s = totals / np.median(totals[totals > 0])  # default size factors: "total"
+    lam = s[:, None] * (np.exp(mu + 0.5 * var) @ model.get_loadings().T)
     with np.errstate(divide="ignore", invalid="ignore"):
         ylogy = np.where(Y > 0, Y * np.log(Y / lam), 0.0)
     dense = 2 * (ylogy - (Y - lam))

@@ -127,7 +127,7 @@ def test_multigroup_matches_formula(name, alpha):
     K = k(_t(X1), _t(X2), torch.as_tensor(g1), torch.as_tensor(g2)).numpy()[0]
     d2 = (g1[:, None] != g2[None, :]).astype(np.float64)
     nu = 1.0 / (alpha * d2 + 1.0)
-    expected = _ref_kernel(name, _dist(X1, X2), ls, sigma, nu)
+    expected = _ref_kernel(name, _dist(X1, X2), ls_k[0], s_k[0], nu)
     np.testing.assert_allclose(K, expected, rtol=1e-5, atol=1e-12)
 
 

@@ -19,7 +19,9 @@ def test_pnmf_recovers_simulated_factors_and_loadings():
     adata = sfact.datasets.simulate(
         n_obs=800, n_vars=150, n_factors=4, group_effect=0.0, size_factor_sd=0.0, random_state=1
     )
-    model = sfact.models.SpatialFactorization(adata, prior="pnmf", n_factors=4, random_state=0)
+    model = sfact.models.SpatialFactorization(
+        adata, prior="pnmf", n_factors=4, size_factors=None, random_state=0
+    )
     model.train(max_iter=200)
     assert model.history["elbo"].iloc[-1] > model.history["elbo"].iloc[0]
     corr_f = _best_match(model.get_factors(), adata.obsm["factors_true"])

@@ -144,6 +144,7 @@ class SVGPPrior(Prior):
         self._Lzz: Tensor | None = None
         self._A_cache: Tensor | None = None
         self._A_cache_key: tuple | None = None
+        self._A_cache_src: tuple | None = None
 
     # ------------------------------------------------------------------ variational factors
     def Lu(self) -> Tensor:
@@ -180,8 +181,12 @@ class SVGPPrior(Prior):
         N = inp.X_all.shape[0]
         if self.n_inducing * N * self.kernel.n_sets > self.cache_budget:
             return self._A(inp.X, inp.groups)
-        key = (inp.X_all.data_ptr(), N, self.Z.device, self.Z.dtype)
-        if self._A_cache is None or self._A_cache_key != key:
+        # valid for these very tensors (identity, not address) at their current versions
+        g_all = inp.groups_all
+        key = (inp.X_all._version, None if g_all is None else g_all._version, self.Z.device, self.Z.dtype)
+        src = self._A_cache_src
+        same = src is not None and src[0] is inp.X_all and src[1] is g_all
+        if self._A_cache is None or not same or self._A_cache_key != key:
             with torch.no_grad():
                 parts = []
                 for start in range(0, N, 8192):
@@ -190,6 +195,7 @@ class SVGPPrior(Prior):
                     parts.append(self._A(inp.X_all[sl], g))
                 self._A_cache = torch.cat(parts, dim=-1)
                 self._A_cache_key = key
+                self._A_cache_src = (inp.X_all, g_all)
         return self._A_cache[..., inp.idx]
 
     def invalidate_cache(self) -> None:
@@ -197,6 +203,7 @@ class SVGPPrior(Prior):
         self._Lzz = None
         self._A_cache = None
         self._A_cache_key = None
+        self._A_cache_src = None
 
     def _apply(self, fn, recurse: bool = True):  # moving devices/dtypes invalidates the caches
         self.invalidate_cache()

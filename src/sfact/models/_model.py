@@ -67,8 +67,9 @@ class SpatialFactorization:
         Column of ``adata.obs`` with the groups (cell types, samples) for the multi-group priors.
         Defaults to the one recorded by :func:`sfact.pp.prepare`, if any.
     size_factors
-        ``None`` (all 1), ``"total"`` (each cell's total count over the median total of the
-        training cells), or a column of ``adata.obs`` with positive values.
+        ``"total"`` (default: each cell's total count over the median total of the training
+        cells, so factors describe composition and new cells are predicted at their own depth),
+        ``None`` (all 1), or a column of ``adata.obs`` with positive values.
     elbo_mode
         ``"lower-bound"`` (analytic, sparse, default), ``"expanded"`` (Monte Carlo first term) or
         ``"simple"`` (full Monte Carlo).
@@ -102,7 +103,7 @@ class SpatialFactorization:
         layer: str | None = None,
         spatial_key: str = "spatial",
         group_key: str | None = None,
-        size_factors: str | None = None,
+        size_factors: str | None = "total",
         elbo_mode: ElboMode = "lower-bound",
         loadings_mode: LoadingsMode = "multiplicative",
         n_samples: int = 4,
@@ -231,6 +232,7 @@ class SpatialFactorization:
         self.is_trained = False
         self.converged = False
         self.train_info: dict[str, Any] = {}
+        self._train_inputs = None
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -561,6 +563,14 @@ class SpatialFactorization:
         if self.module is None:
             raise RuntimeError("The model is not trained yet: call `model.train()` first.")
 
+    def _training_inputs(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Scaled coordinates and group codes of the training cells."""
+        if self.adata is not None:
+            return self._scaled_coords(self.adata), self._group_codes(self.adata)
+        if getattr(self, "_train_inputs", None) is not None:
+            return self._train_inputs
+        raise RuntimeError("No training data attached: pass `adata`.")
+
     def _marginals_training(self, batch_size: int):
         import torch
 
@@ -581,7 +591,10 @@ class SpatialFactorization:
         self._require_trained()
         if adata is None or adata is self.adata:
             if not self.module.prior.per_cell and self._data is None and self.adata is None:
-                raise RuntimeError("No training data attached: pass `adata`.")
+                if getattr(self, "_train_inputs", None) is None:
+                    raise RuntimeError("No training data attached: pass `adata`.")
+                X, g = self._train_inputs
+                return self._predict_arrays(X, g, batch_size=batch_size)
             if self.module.prior.per_cell:
                 import torch
 
@@ -633,21 +646,72 @@ class SpatialFactorization:
         return self._predict_marginals(adata, batch_size=batch_size)
 
     def _predict_marginals(self, adata: AnnData, *, batch_size: int = 10000):
+        return self._predict_arrays(
+            self._scaled_coords(adata), self._group_codes(adata), batch_size=batch_size
+        )
+
+    def _predict_arrays(self, X_scaled: np.ndarray, codes: np.ndarray | None, *, batch_size: int = 10000):
+        """GP predictive marginals at scaled coordinates (and group codes), in batches."""
         import torch
 
-        X = torch.as_tensor(
-            self._scaled_coords(adata), dtype=_torch_dtype(self._setup["dtype"]), device=self.device
-        )
-        codes = self._group_codes(adata)
+        X = torch.as_tensor(X_scaled, dtype=_torch_dtype(self._setup["dtype"]), device=self.device)
         groups = None if codes is None else torch.as_tensor(codes, device=self.device)
         mus, vars_ = [], []
         with torch.no_grad():
-            for start in range(0, adata.n_obs, batch_size):
-                sl = slice(start, min(start + batch_size, adata.n_obs))
+            for start in range(0, X.shape[0], batch_size):
+                sl = slice(start, min(start + batch_size, X.shape[0]))
                 mu, var = self.module.prior.predict(X[sl], None if groups is None else groups[sl])
                 mus.append(mu.cpu().double().numpy())
                 vars_.append(var.cpu().double().numpy())
         return np.concatenate(mus), np.concatenate(vars_)
+
+    def groupwise_factors(
+        self, adata: AnnData | None = None, *, groups: list[str] | None = None, batch_size: int = 10000
+    ) -> tuple[np.ndarray, list[str]]:
+        """Factors ``exp(μ)`` of each cell as if it belonged to each group (multi-group priors).
+
+        Parameters
+        ----------
+        adata
+            Cells whose coordinates are used; the training cells when ``None``.
+        groups
+            Group names to evaluate; all training groups when ``None``.
+        batch_size
+            Cells per batch of the GP predictive.
+
+        Returns
+        -------
+        ``(factors, groups)``: an array (n_groups, n_cells, n_factors) and the group names.
+        """
+        self._require_trained()
+        if not self.prior.startswith("mggp"):
+            raise ValueError(f"Group-wise factors need a multi-group prior, not {self.prior!r}.")
+        cats = self._setup["group_categories"] or ["all"]
+        groups = list(cats) if groups is None else [str(g) for g in groups]
+        unknown = [g for g in groups if g not in cats]
+        if unknown:
+            raise ValueError(f"Unknown groups {unknown}; the model knows {cats}.")
+        if adata is None:
+            if self.adata is not None:
+                X = self._scaled_coords(self.adata)
+            elif getattr(self, "_train_inputs", None) is not None:
+                X = self._train_inputs[0]
+            else:
+                raise RuntimeError("No training data attached: pass `adata`.")
+        else:
+            X = self._scaled_coords(adata)
+        out = np.empty((len(groups), X.shape[0], self.n_factors))
+        for k, g in enumerate(groups):
+            codes = np.full(X.shape[0], cats.index(g), dtype=np.int64)
+            mu, _ = self._predict_arrays(X, codes, batch_size=batch_size)
+            out[k] = np.exp(mu)
+        return out, groups
+
+    def gp_info(self) -> dict[str, Any]:
+        """Kernel hyperparameters and inducing-point count (spatial priors), as plain values."""
+        self._require_trained()
+        info = getattr(self.module.prior, "gp_info", None)
+        return {} if info is None else info()
 
     @staticmethod
     def _nonneg_project(data, W, n_iter: int = 50):
@@ -772,6 +836,15 @@ class SpatialFactorization:
         tmp = os.path.join(dir_path, "model.pt.tmp")
         torch.save(state, tmp)
         os.replace(tmp, os.path.join(dir_path, "model.pt"))
+        if self.module.prior.spatial:
+            X, g = self._training_inputs()
+            inputs = {"X": torch.as_tensor(X)}
+            if g is not None:
+                inputs["groups"] = torch.as_tensor(g)
+            torch.save(inputs, os.path.join(dir_path, "train_inputs.pt.tmp"))
+            os.replace(
+                os.path.join(dir_path, "train_inputs.pt.tmp"), os.path.join(dir_path, "train_inputs.pt")
+            )
         opt_path = os.path.join(dir_path, "optimizer.pt")
         if save_optimizer and (self._optimizer is not None or self._optimizer_state is not None):
             opt_state = self._optimizer.state_dict() if self._optimizer is not None else self._optimizer_state
@@ -861,6 +934,12 @@ class SpatialFactorization:
         module.to(device=obj.device, dtype=_torch_dtype(setup["dtype"]))
         module.eval()
         obj.module = module
+        obj._train_inputs = None
+        inputs_path = os.path.join(dir_path, "train_inputs.pt")
+        if os.path.exists(inputs_path):
+            inputs = torch.load(inputs_path, map_location="cpu", weights_only=True)
+            g = inputs.get("groups")
+            obj._train_inputs = (inputs["X"].numpy(), None if g is None else g.numpy())
         opt_path = os.path.join(dir_path, "optimizer.pt")
         obj._optimizer_state = (
             torch.load(opt_path, map_location=obj.device, weights_only=True)

@@ -87,7 +87,8 @@ def poisson_deviance_sparse(
     -------
     ``(per_cell, per_gene)`` deviance arrays; their sums are the total.
     """
-    Y = sp.csr_matrix(Y)
+    Y = sp.csr_matrix(Y, copy=True)
+    Y.eliminate_zeros()  # explicit zeros would give 0 · log 0
     N, D = Y.shape
     per_cell = np.zeros(N)
     per_gene = np.zeros(D)

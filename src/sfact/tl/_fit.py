@@ -45,7 +45,7 @@ def fit(
     layer: str | None = None,
     spatial_key: str = "spatial",
     group_key: str | None = None,
-    size_factors: str | None = None,
+    size_factors: str | None = "total",
     key_added: str = "sfact",
     max_iter: int = 1000,
     tol: float = 1e-5,
@@ -136,7 +136,8 @@ def fit(
         ``params`` (plain values), ``history`` (ELBO per entry, log-likelihood, KL, time per
         iteration), ``moranI`` (DataFrame with squidpy's columns, indexed by factor name),
         ``metrics`` (deviance, deviance per entry, reconstruction error, iterations,
-        convergence, training time), ``factor_names``, ``keys``.
+        convergence, training time), ``factor_names``, ``keys``, and for the GP priors ``gp``
+        (kernel, lengthscale, sigma, group_diff_param, num_inducing).
 
     Examples
     --------
@@ -268,6 +269,62 @@ def write_results(
             "moranI": moran,
             "metrics": metrics,
             "factor_names": np.asarray(names),
+            "gp": model.gp_info(),
             "keys": keys.as_dict(),
         }
     )
+
+
+def groupwise_factors(
+    adata: AnnData,
+    model: SpatialFactorization,
+    *,
+    groups: list[str] | None = None,
+    key_added: str = "sfact",
+    batch_size: int = 10000,
+    copy: bool = False,
+) -> AnnData | None:
+    """Each cell's factors as if it belonged to each group (multi-group priors).
+
+    The GP predictive is evaluated at every cell's coordinates with its group set to ``g``, for
+    each group ``g``: "what would this factor look like in cell type g".
+
+    Parameters
+    ----------
+    adata
+        Cells with coordinates (usually the training data).
+    model
+        A trained multi-group model (``mggp_svgp``), e.g. from
+        :meth:`sfact.models.SpatialFactorization.load`.
+    groups
+        Groups to evaluate; all the model's groups when ``None``.
+    key_added
+        Base key of the slots written.
+    batch_size
+        Cells per batch of the GP predictive.
+    copy
+        Return a modified copy instead of writing to ``adata``.
+
+    Returns
+    -------
+    ``None``, or a copy when ``copy=True``. Sets
+
+    ``adata.obsm['X_{key}_groupwise']``
+        (n_obs, n_groups, n_factors) factors ``exp(μ)`` with every cell assigned to each group.
+    ``adata.uns['{key}']['groupwise_groups']``
+        The group names along the second axis.
+
+    Examples
+    --------
+    >>> model = sfact.models.SpatialFactorization.load("model_dir")  # doctest: +SKIP
+    >>> sfact.tl.groupwise_factors(adata, model)  # doctest: +SKIP
+    """
+    if copy:
+        adata = adata.copy()
+    else:
+        view_to_actual(adata)
+    F, names = model.groupwise_factors(adata, groups=groups, batch_size=batch_size)
+    keys = Keys(key_added)
+    adata.obsm[f"{keys.factors}_groupwise"] = np.transpose(F, (1, 0, 2)).astype(np.float32)
+    adata.uns.setdefault(keys.uns, {})["groupwise_groups"] = np.asarray(names)
+    return adata if copy else None
