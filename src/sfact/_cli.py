@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="fit the bundled osmFISH data and write an .h5ad and a PNG of the factors"
     )
     d.add_argument("--output", "-o", default="demo_output", help="output folder (default: demo_output)")
-    d.add_argument("--prior", default="pnmf", help="prior (default: pnmf)")
+    d.add_argument("--prior", default="mggp_svgp", help="prior (default: mggp_svgp, groups: ClusterName)")
     d.add_argument("--n-factors", type=int, default=10, help="number of factors (default: 10)")
     d.add_argument("--max-iter", type=int, default=1000, help="maximum iterations (default: 1000)")
     d.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")

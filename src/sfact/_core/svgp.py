@@ -125,6 +125,8 @@ class SVGPPrior(Prior):
         else:
             self.raw_Lu_diag = nn.Parameter(torch.full((n_factors, M), math.log(0.1)))
             self.Lu_offdiag = nn.Parameter(torch.zeros(n_factors, M, M))
+            # every row of L_u has up to M entries moving together: damp their Adam steps
+            self.Lu_offdiag.lr_scale = 1.0 / math.sqrt(M)
         self._config = {
             "n_factors": int(n_factors),
             "Z": Z.tolist(),

@@ -106,8 +106,14 @@ def relative_change(values: list[float], window: int) -> float:
 
 def make_optimizer(module: FactorModule, learning_rate: float) -> torch.optim.Optimizer:
     """Adam over every trainable parameter (the loadings too in ``projected`` mode)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    return torch.optim.Adam(params, lr=learning_rate)
+    groups: dict[float, list] = {}
+    for p in module.parameters():
+        if p.requires_grad:
+            groups.setdefault(float(getattr(p, "lr_scale", 1.0)), []).append(p)
+    return torch.optim.Adam(
+        [{"params": ps, "lr": learning_rate * k, "lr_scale": k} for k, ps in sorted(groups.items())],
+        lr=learning_rate,
+    )
 
 
 def train_loop(
@@ -135,7 +141,7 @@ def train_loop(
     if cfg.elbo_mode not in ELBO_MODES:
         raise ValueError(f"`elbo_mode` must be one of {ELBO_MODES}, received {cfg.elbo_mode!r}.")
     for group in optimizer.param_groups:
-        group["lr"] = cfg.learning_rate
+        group["lr"] = cfg.learning_rate * group.get("lr_scale", 1.0)
     N, D = data.n_obs, data.n_vars
     dev = data.counts.device
     B = N if cfg.batch_size is None else min(int(cfg.batch_size), N)

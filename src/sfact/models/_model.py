@@ -355,7 +355,7 @@ class SpatialFactorization:
         n_groups = len(self._setup["group_categories"] or [None]) if multigroup else None
         M = cfg.num_inducing
         if M is None:
-            M = 3000 if str(self.device).startswith("cuda") else 500
+            M = 3000 if str(self.device).startswith("cuda") else 1000
         if M > data.n_obs:
             logg.info(f"    `num_inducing={M}` is more than the {data.n_obs} cells; using {data.n_obs}.")
             M = data.n_obs
@@ -392,7 +392,9 @@ class SpatialFactorization:
             train_lengthscale=cfg.train_lengthscale,
             train_sigma=cfg.train_sigma,
             train_group_diff_param=cfg.train_group_diff_param,
-            diagonal_only=cfg.diagonal_only,
+            diagonal_only=(not str(self.device).startswith("cuda"))
+            if cfg.diagonal_only is None
+            else bool(cfg.diagonal_only),
             cache_budget=cfg.cache_budget,
         )
 
@@ -422,8 +424,8 @@ class SpatialFactorization:
         self,
         max_iter: int = 1000,
         *,
-        tol: float = 1e-5,
-        learning_rate: float = 0.05,
+        tol: float = 1e-4,
+        learning_rate: float | None = None,
         batch_size: int | None = None,
         y_batch_size: int | None = None,
         kl_weight: float = 1.0,
@@ -442,7 +444,8 @@ class SpatialFactorization:
         tol
             Stop when the per-iteration relative change of the smoothed ELBO falls below this.
         learning_rate
-            Adam learning rate of the variational parameters.
+            Adam learning rate of the variational parameters; ``None`` uses 0.05 for ``pnmf``
+            and 0.1 for the GP priors.
         batch_size
             Cells per step; all cells when ``None``. Clamped to the number of cells.
         y_batch_size
@@ -476,6 +479,8 @@ class SpatialFactorization:
 
         if max_iter < 0:
             raise ValueError(f"`max_iter` must be >= 0, received {max_iter}.")
+        if learning_rate is None:
+            learning_rate = 0.05 if self.prior == "pnmf" else 0.1
         if device is not None:
             new_device = resolve_device(device)
             if new_device != self.device:

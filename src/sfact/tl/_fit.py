@@ -48,8 +48,8 @@ def fit(
     size_factors: str | None = "total",
     key_added: str = "sfact",
     max_iter: int = 1000,
-    tol: float = 1e-5,
-    learning_rate: float = 0.05,
+    tol: float = 1e-4,
+    learning_rate: float | None = None,
     batch_size: int | None = None,
     y_batch_size: int | None = None,
     elbo_mode: ElboMode = "lower-bound",
@@ -94,7 +94,7 @@ def fit(
     tol
         Convergence tolerance on the smoothed relative ELBO change per iteration.
     learning_rate
-        Adam learning rate.
+        Adam learning rate; ``None`` uses 0.05 for ``pnmf`` and 0.1 for the GP priors.
     batch_size
         Cells per step (all when ``None``).
     y_batch_size
