@@ -60,7 +60,7 @@ def test_svgp_beats_pnmf_on_smooth_factors(split):
 
 
 def test_mggp_recovers_group_specific_patterns(split):
-    adata, train, test = split
+    _, train, test = split
     svgp = _fit(train, "svgp")
     mggp = _fit(train, "mggp_svgp", group_diff_param=1.0)
     dev_svgp = sfact.tl.heldout_deviance(svgp, test)

@@ -47,7 +47,7 @@ def heldout_split(
     if not 0 < fraction < 1:
         raise ValueError(f"`fraction` must be in (0, 1), received {fraction}.")
     N = adata.n_obs
-    n_test = int(round(fraction * N))
+    n_test = round(fraction * N)
     if n_test < 1 or n_test >= N:
         raise ValueError(f"`fraction={fraction}` of {N} cells leaves no training or no held-out cells.")
     perm = check_random_state(random_state).permutation(N)
