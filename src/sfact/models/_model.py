@@ -407,9 +407,12 @@ class SpatialFactorization:
         prior = self._make_prior(data)
         module = FactorModule(prior, data.n_vars, loadings_mode=self._setup["loadings_mode"])
         module.to(device=self.device, dtype=_torch_dtype(self._setup["dtype"]))
+        # init_iter = 0: random start (no KL-NMF), kept for comparisons
         H, W = kl_nmf(
             data.counts, self.n_factors, n_iter=init_iter, size_factors=data.s, generator=self._generator
         )
+        if init_iter == 0:
+            H = torch.exp(0.1 * torch.randn(H.shape, generator=self._generator, dtype=H.dtype).to(H.device))
         logH = torch.log(H.clamp_min(1e-3))
         center = logH.mean(0)
         with torch.no_grad():
@@ -453,7 +456,9 @@ class SpatialFactorization:
         kl_weight
             Weight of the KL term (1 is the standard ELBO).
         init_iter
-            Iterations of the KL-NMF used to initialize the factors and loadings (first call only).
+            Iterations of the KL-NMF used to initialize the factors and loadings (first call
+            only). ``0`` starts from random log-factors and random loadings instead; the NMF start
+            reaches a given ELBO several times sooner (``benchmarks/bench_spatial.py --init``).
         min_iter
             Iterations before convergence is checked.
         device
