@@ -319,7 +319,8 @@ class SpatialFactorization:
 
     def _counts_csr(self, adata: AnnData):
         X = get_counts(adata, self._setup["layer"])
-        check_counts(X, slot_name(self._setup["layer"]))
+        if adata is not self.adata:  # the training data was checked when the model was set up
+            check_counts(X, slot_name(self._setup["layer"]))
         return X if sp.issparse(X) else sp.csr_matrix(np.asarray(X))
 
     def _build_data(self, adata: AnnData, device: str):
@@ -517,7 +518,11 @@ class SpatialFactorization:
             f"training {self.prior} with {self.n_factors} factors on {N} cells x {D} genes ({self.device})"
         )
         if self.module is None:
+            import time
+
+            t_init = time.perf_counter()
             self._initialize(self._data, init_iter)
+            self._init_time_s = time.perf_counter() - t_init
         if self._optimizer is None:
             self._optimizer = make_optimizer(self.module, learning_rate)
             if self._optimizer_state is not None:
@@ -560,6 +565,7 @@ class SpatialFactorization:
             "n_iter": len(self.history_),
             "converged": self.converged,
             "train_time_s": float(self.history_.time[-1]) if self.history_.time else 0.0,
+            "init_time_s": float(getattr(self, "_init_time_s", 0.0)),
         }
         if not self.converged and max_iter > 0:
             logg.info(

@@ -250,7 +250,11 @@ def write_results(
         "device": model.device,
         "dtype": setup["dtype"],
         "version": __version__,
-        **{k: v for k, v in model.train_info.items() if k not in ("n_iter", "converged", "train_time_s")},
+        **{
+            k: v
+            for k, v in model.train_info.items()
+            if k not in ("n_iter", "converged", "train_time_s", "init_time_s")
+        },
     }
     n_entries = adata.n_obs * adata.n_vars
     metrics = {
@@ -261,6 +265,7 @@ def write_results(
         "n_iter": len(model.history_),
         "converged": bool(model.converged),
         "train_time_s": float(model.train_info.get("train_time_s", 0.0)),
+        "init_time_s": float(model.train_info.get("init_time_s", 0.0)),
     }
     adata.uns[keys.uns] = _plain(
         {
