@@ -1,7 +1,7 @@
 """KL-NMF initialization against a random start: time to reach a given ELBO.
 
 Fits each data set's default spatial prior twice with the same seed — once from the KL-NMF
-start (``init_iter=100``, the default) and once from random log-factors and loadings
+start (``init_iter=30``, the default) and once from random log-factors and loadings
 (``init_iter=0``) — and prints, per run, the iterations and seconds (initialization included)
 to come within 0.5% of the ELBO the NMF-started run converged to, the final ELBO, and the
 held-out deviance (5% of cells, ``numpy.random.default_rng(0)``).
@@ -50,7 +50,7 @@ def main() -> None:
     for name, adata, prior, gk in sets:
         sfact.pp.prepare(adata, group_key=gk, min_group_size=1)
         results = {}
-        for label, init_iter in (("nmf", 100), ("random", 0)):
+        for label, init_iter in (("nmf", 30), ("random", 0)):
             results[label] = run(adata, prior, gk, init_iter, args.max_iter)
         target = results["nmf"][1]["elbo"].iloc[-1]
         target -= 0.005 * abs(target)

@@ -27,8 +27,18 @@ class Keys:
         return f"{self.key}_loadings"
 
     def group_loadings(self, group: str) -> str:
-        """``varm`` key of one group's loadings."""
-        return f"{self.key}_loadings_{group}"
+        """``varm`` key of one group's loadings (``/`` in the name becomes ``_``: h5ad keys)."""
+        return f"{self.key}_loadings_{str(group).replace('/', '_')}"
+
+    @property
+    def groupwise(self) -> str:
+        """``obsm`` key of the group-wise factors (N, n_groups, L) of multi-group priors."""
+        return f"X_{self.key}_groupwise"
+
+    @property
+    def group_loadings_prefix(self) -> str:
+        """Prefix of the ``varm`` keys of the per-group loadings."""
+        return f"{self.key}_loadings_"
 
     @property
     def uns(self) -> str:
@@ -42,6 +52,16 @@ class Keys:
     def var_deviance(self) -> str:
         """``var`` column of the per-gene deviance."""
         return f"{self.key}_deviance"
+
+    @property
+    def group_loadings_info(self) -> str:
+        """Entry of ``uns[key]`` describing the per-group loadings (groups, varm keys, cells)."""
+        return "group_loadings"
+
+    @property
+    def enrichment(self) -> str:
+        """Entry of ``uns[key]`` with the gene enrichment of the groups."""
+        return "enrichment"
 
     def as_dict(self) -> dict[str, str]:
         """The slots, for ``uns[key]["keys"]``."""

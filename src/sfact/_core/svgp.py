@@ -273,7 +273,7 @@ class SVGPPrior(Prior):
         self._config["sigma"] = self.kernel.sigma.cpu().double().numpy().tolist()
 
     @torch.no_grad()
-    def init_from_log_factors(self, log_factors: Tensor, inp: PriorInput, ridge: float = 1e-2) -> None:
+    def init_from_log_factors(self, log_factors: Tensor, inp: PriorInput, ridge: float = 1.0) -> None:
         """Project log-factors onto the inducing points: ``β`` = mean, ``m`` by ridge regression.
 
         Solves ``min_m ‖Aᵀ m − (F − β)‖² + ridge·N/M ‖m‖²`` (``A`` of all training cells, in

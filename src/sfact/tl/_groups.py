@@ -1,0 +1,427 @@
+"""Per-group loadings (refit ``W`` on each group's cells, factors fixed) and gene enrichment."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .. import _logging as logg
+from .._keys import Keys
+from .._utils import view_to_actual
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+_W_FLOOR = 1e-8  # the floor of the loadings in the fit (sfact._core.module)
+
+
+# ---------------------------------------------------------------------------- array level
+def refit_loadings(
+    Y,
+    mu: np.ndarray,
+    var: np.ndarray,
+    s: np.ndarray,
+    W0: np.ndarray,
+    *,
+    max_iter: int = 100,
+    tol: float = 1e-5,
+    batch_size: int = 10000,
+) -> tuple[np.ndarray, int]:
+    """Loadings of the cells of ``Y`` with the factors fixed, by multiplicative KL-NMF updates.
+
+    The update is the one the fit uses (the exact maximizer of the Jensen lower bound of the
+    ELBO in ``W`` with ``q`` fixed)::
+
+        W_dl <- W_dl · Σ_n (y_nd / r_nd) e^{μ_nl} / Σ_n s_n e^{μ_nl + σ²_nl/2},
+        r_nd = Σ_l W_dl e^{μ_nl},
+
+    so the loadings of the training cells are a fixed point of it. Only the non-zeros of ``Y``
+    are touched (a sparse ``Qᵀ P`` product per step, in cell batches); no dense cells x genes
+    matrix is formed.
+
+    Parameters
+    ----------
+    Y
+        (n, D) counts, sparse or dense.
+    mu, var
+        (n, L) posterior means and variances of the log-factors.
+    s
+        (n,) size factors.
+    W0
+        (D, L) starting loadings (usually the global ones).
+    max_iter
+        Maximum number of updates.
+    tol
+        Stop when the relative change ``‖ΔW‖_F / ‖W‖_F`` of an update falls below this.
+    batch_size
+        Cells per batch.
+
+    Returns
+    -------
+    ``(W, n_iter)``: the (D, L) loadings and the number of updates made.
+    """
+    Y = sp.csr_matrix(Y, dtype=np.float64)
+    Y.sum_duplicates()
+    n = Y.shape[0]
+    mu = np.asarray(mu, dtype=np.float64)
+    # shift each factor's log-scale for stability; W absorbs it (the update is scale-equivariant)
+    shift = mu.max(0) if n else np.zeros(mu.shape[1])
+    P = np.exp(mu - shift)  # e^{μ} / e^{shift}
+    den = (np.asarray(s, dtype=np.float64)[:, None] * np.exp(mu - shift + 0.5 * np.asarray(var))).sum(0)
+    W = np.maximum(np.asarray(W0, dtype=np.float64) * np.exp(shift)[None, :], 0.0)
+    W = np.maximum(W, _W_FLOOR * np.exp(shift)[None, :])
+    floor = _W_FLOOR * np.exp(shift)[None, :]
+    lengths = np.diff(Y.indptr)
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):  # noqa: B007
+        acc = np.zeros_like(W)
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            lo, hi = Y.indptr[start], Y.indptr[stop]
+            if hi == lo:
+                continue
+            cols = Y.indices[lo:hi]
+            Pn = np.repeat(P[start:stop], lengths[start:stop], axis=0)  # (nnz_b, L)
+            r = np.maximum(np.einsum("kl,kl->k", Pn, W[cols]), 1e-300)
+            q = sp.csr_matrix(
+                (Y.data[lo:hi] / r, cols, Y.indptr[start : stop + 1] - lo), shape=(stop - start, Y.shape[1])
+            )
+            acc += q.T @ P[start:stop]
+        W_new = np.maximum(W * acc / np.maximum(den, 1e-300)[None, :], floor)
+        change = np.linalg.norm(W_new - W) / max(np.linalg.norm(W), 1e-300)
+        W = W_new
+        if change < tol:
+            break
+    return W / np.exp(shift)[None, :], n_iter
+
+
+def enrichment_log2fc(W_groups: np.ndarray, W: np.ndarray, *, pseudocount: float = 1e-3) -> np.ndarray:
+    """log2 fold change of row-normalized group loadings against the global ones.
+
+    Parameters
+    ----------
+    W_groups
+        (G, D, L) loadings of each group.
+    W
+        (D, L) global loadings.
+    pseudocount
+        Added to both row-normalized loadings (each gene's shares of the factors, in [0, 1]).
+
+    Returns
+    -------
+    (G, D, L) ``log2((Wg_dl / Σ_l Wg_dl + pc) / (W_dl / Σ_l W_dl + pc))``.
+    """
+    W_groups = np.asarray(W_groups, dtype=np.float64)
+    W = np.asarray(W, dtype=np.float64)
+    share = W / np.maximum(W.sum(-1, keepdims=True), 1e-300)
+    share_g = W_groups / np.maximum(W_groups.sum(-1, keepdims=True), 1e-300)
+    return np.log2((share_g + pseudocount) / (share[None] + pseudocount))
+
+
+# ---------------------------------------------------------------------------- AnnData level
+def _fit_uns(adata: AnnData, keys: Keys, step: str) -> dict:
+    if keys.factors not in adata.obsm or keys.uns not in adata.uns or keys.loadings not in adata.varm:
+        raise KeyError(
+            f"`adata.obsm[{keys.factors!r}]` not found: run `sfact.tl.fit(adata, key_added={keys.key!r})` "
+            f"before `{step}`."
+        )
+    return adata.uns[keys.uns]
+
+
+def _size_factors_from_params(adata: AnnData, params: dict, Y) -> np.ndarray:
+    mode = params.get("size_factors")
+    if mode is None:
+        return np.ones(adata.n_obs)
+    if mode == "total":
+        totals = np.asarray(Y.sum(axis=1)).ravel().astype(np.float64)
+        ref = params.get("size_factor_reference")
+        if ref is None:  # fits written before the reference was recorded: the training median
+            ref = float(np.median(totals[totals > 0])) if (totals > 0).any() else 1.0
+        return np.maximum(totals / float(ref), 1e-8)
+    if mode not in adata.obs.columns:
+        raise KeyError(f"`adata.obs[{mode!r}]` (the size factors of the fit) not found.")
+    return np.asarray(adata.obs[mode], dtype=np.float64)
+
+
+def _drop_group_slots(adata: AnnData, keys: Keys) -> None:
+    """Remove per-group loadings and enrichment written earlier under ``keys`` (stale after a refit)."""
+    uns = adata.uns.get(keys.uns, {})
+    info = uns.get(keys.group_loadings_info) if isinstance(uns, dict) else None
+    if info is not None:
+        for k in np.atleast_1d(info.get("varm_keys", [])):
+            if str(k) in adata.varm:
+                del adata.varm[str(k)]
+    if isinstance(uns, dict):
+        uns.pop(keys.group_loadings_info, None)
+        uns.pop(keys.enrichment, None)
+
+
+def _group_codes(adata: AnnData, group_key: str, groups: list[str] | None) -> tuple[np.ndarray, list[str]]:
+    if group_key not in adata.obs.columns:
+        raise KeyError(
+            f"`adata.obs[{group_key!r}]` not found: pass an existing `group_key` "
+            f"(columns: {list(adata.obs.columns)})."
+        )
+    col = adata.obs[group_key]
+    cat = col.astype("category").cat.remove_unused_categories()
+    names = [str(c) for c in cat.cat.categories]
+    codes = cat.cat.codes.to_numpy().astype(np.int64)  # -1 for missing
+    if groups is not None:
+        groups = [str(g) for g in groups]
+        unknown = [g for g in groups if g not in names]
+        if unknown:
+            raise ValueError(f"Unknown groups {unknown} in `adata.obs[{group_key!r}]`; groups are {names}.")
+        names_sel = groups
+    else:
+        names_sel = names
+    return codes, [names.index(g) for g in names_sel], names_sel
+
+
+def group_loadings(
+    adata: AnnData,
+    *,
+    group_key: str | None = None,
+    key: str = "sfact",
+    groups: list[str] | None = None,
+    max_iter: int = 100,
+    tol: float = 1e-5,
+    min_cells: int = 10,
+    batch_size: int = 10000,
+    copy: bool = False,
+) -> AnnData | None:
+    """Loadings of each group's cells with the factors fixed (how each cell type uses the factors).
+
+    For every group, ``W`` is refitted on the group's cells by the multiplicative updates the fit
+    uses (factors ``q(F)`` fixed, read from ``adata.obsm``), starting from the global loadings.
+    Works for every prior, also post hoc from any ``group_key`` for priors fitted without groups.
+    Sparse throughout: memory scales with the non-zeros, never with cells x genes.
+
+    Parameters
+    ----------
+    adata
+        AnnData after :func:`sfact.tl.fit` (or :func:`sfact.tl.analyze`).
+    group_key
+        Column of ``adata.obs`` with the groups; the fit's ``group_key`` when ``None``.
+    key
+        The fit's ``key_added``.
+    groups
+        Groups to refit; all groups when ``None``.
+    max_iter
+        Maximum multiplicative updates per group.
+    tol
+        Stop a group when the relative change of its loadings falls below this.
+    min_cells
+        Groups with fewer cells are skipped (with a note).
+    batch_size
+        Cells per batch.
+    copy
+        Return a modified copy instead of writing to ``adata``.
+
+    Returns
+    -------
+    ``None``, or a copy when ``copy=True``. Sets (``key = key``; per-group slots written earlier
+    under the key are replaced):
+
+    ``adata.varm['{key}_loadings_{group}']``
+        (n_vars, n_factors) loadings of each group (``/`` in a group name becomes ``_``).
+    ``adata.uns['{key}']['group_loadings']``
+        ``group_key``, ``groups``, ``varm_keys``, ``n_cells`` and ``n_iter`` per group,
+        ``max_iter``, ``tol``.
+
+    Examples
+    --------
+    >>> sfact.tl.fit(adata, prior="pnmf", n_factors=5)  # doctest: +SKIP
+    >>> sfact.tl.group_loadings(adata, group_key="ClusterName")  # doctest: +SKIP
+    >>> adata.varm["sfact_loadings_Microglia"].shape  # doctest: +SKIP
+    (33, 5)
+    """
+    from ._analysis import _adata_counts
+
+    keys = Keys(key)
+    uns = _fit_uns(adata, keys, "sfact.tl.group_loadings")
+    params = uns.get("params", {})
+    if group_key is None:
+        group_key = params.get("group_key")
+        if group_key is None:
+            raise ValueError(
+                "The fit has no groups: pass `group_key=` naming a column of `adata.obs` "
+                "(group loadings work post hoc for any grouping)."
+            )
+    group_key = str(group_key)
+    if max_iter < 1:
+        raise ValueError(f"`max_iter` must be positive, received {max_iter}.")
+    codes, sel, names = _group_codes(adata, group_key, groups)
+    if copy:
+        adata = adata.copy()
+    else:
+        view_to_actual(adata)
+    start = logg.info(f"refitting loadings of {len(names)} groups of {group_key!r}")
+    Y = _adata_counts(adata, params.get("layer"))
+    s = _size_factors_from_params(adata, params, Y)
+    factors = np.asarray(adata.obsm[keys.factors], dtype=np.float64)
+    scales = np.asarray(adata.obsm[keys.scales], dtype=np.float64)
+    mu = np.log(np.maximum(factors, 1e-300))
+    var = scales**2
+    W = np.asarray(adata.varm[keys.loadings], dtype=np.float64)
+    Y = sp.csr_matrix(Y)
+    results: dict[str, tuple[np.ndarray, int, int]] = {}
+    skipped = []
+    for code, name in zip(sel, names, strict=True):
+        idx = np.flatnonzero(codes == code)
+        if idx.size < min_cells:
+            skipped.append(f"{name} ({idx.size})")
+            continue
+        Wg, n_iter = refit_loadings(
+            Y[idx], mu[idx], var[idx], s[idx], W, max_iter=max_iter, tol=tol, batch_size=batch_size
+        )
+        results[name] = (Wg, n_iter, idx.size)
+    if skipped:
+        logg.info(f"    skipped groups with fewer than {min_cells} cells: {', '.join(skipped)}")
+    _drop_group_slots(adata, keys)
+    varm_keys = []
+    for name, (Wg, _, _) in results.items():
+        k = keys.group_loadings(name)
+        adata.varm[k] = Wg.astype(np.float32)
+        varm_keys.append(k)
+    done = list(results)
+    adata.uns[keys.uns][keys.group_loadings_info] = {
+        "group_key": group_key,
+        "groups": np.asarray(done, dtype=object).astype(str),
+        "varm_keys": np.asarray(varm_keys, dtype=object).astype(str),
+        "n_cells": np.asarray([results[g][2] for g in done], dtype=np.int64),
+        "n_iter": np.asarray([results[g][1] for g in done], dtype=np.int64),
+        "max_iter": int(max_iter),
+        "tol": float(tol),
+    }
+    logg.info(
+        "    finished",
+        time=start,
+        deep=f"added {len(varm_keys)} '{keys.group_loadings_prefix}*' (adata.varm)",
+    )
+    return adata if copy else None
+
+
+def stacked_group_loadings(adata: AnnData, key: str = "sfact") -> tuple[np.ndarray, list[str]]:
+    """(G, D, L) per-group loadings and the group names, from the slots of :func:`group_loadings`."""
+    keys = Keys(key)
+    info = adata.uns.get(keys.uns, {}).get(keys.group_loadings_info)
+    if info is None:
+        raise KeyError(
+            f"`adata.uns[{keys.uns!r}][{keys.group_loadings_info!r}]` not found: run "
+            f"`sfact.tl.group_loadings(adata, group_key=..., key={key!r})` (or `sfact.tl.gene_enrichment`) first."
+        )
+    groups = [str(g) for g in np.atleast_1d(info["groups"])]
+    vk = [str(k) for k in np.atleast_1d(info["varm_keys"])]
+    missing = [k for k in vk if k not in adata.varm]
+    if missing:
+        raise KeyError(f"`adata.varm` lacks {missing[:3]}: run `sfact.tl.group_loadings` again.")
+    if not vk:
+        return np.zeros((0, adata.n_vars, adata.varm[keys.loadings].shape[1])), []
+    return np.stack([np.asarray(adata.varm[k], dtype=np.float64) for k in vk]), groups
+
+
+def gene_enrichment(
+    adata: AnnData,
+    *,
+    group_key: str | None = None,
+    key: str = "sfact",
+    n_top: int = 10,
+    pseudocount: float = 1e-3,
+    min_counts: int = 10,
+    copy: bool = False,
+) -> AnnData | None:
+    """Gene enrichment per factor and group: log2 fold change of group against global loadings.
+
+    Each gene's loadings are row-normalized (its shares of the factors); the enrichment of gene
+    ``d`` on factor ``l`` in group ``g`` is ``log2((share_g + pc) / (share + pc))``: positive when
+    the group's expression of the gene is attributed to the factor more than overall. The
+    per-group loadings come from :func:`group_loadings`, which is run first when they are
+    missing or were computed for another ``group_key``.
+
+    Parameters
+    ----------
+    adata
+        AnnData after :func:`sfact.tl.fit`.
+    group_key
+        Column of ``adata.obs`` with the groups; that of existing group loadings, else the fit's,
+        when ``None``.
+    key
+        The fit's ``key_added``.
+    n_top
+        Top enriched genes kept per factor and group in the ``top_genes`` table.
+    pseudocount
+        Added to both shares before the ratio (limits the fold change of tiny shares).
+    min_counts
+        Genes with fewer total counts in a group get ``NaN`` (no evidence either way).
+    copy
+        Return a modified copy instead of writing to ``adata``.
+
+    Returns
+    -------
+    ``None``, or a copy when ``copy=True``. Sets ``adata.uns['{key}']['enrichment']`` with
+
+    ``log2fc``
+        (n_groups, n_vars, n_factors) float array.
+    ``groups``, ``genes``, ``factor_names``
+        The labels of its axes.
+    ``top_genes``
+        DataFrame with columns ``group``, ``factor``, ``rank``, ``gene``, ``log2fc``: the
+        ``n_top`` most enriched genes per group and factor.
+    ``group_key``, ``pseudocount``, ``min_counts``
+        The settings used.
+
+    Examples
+    --------
+    >>> sfact.tl.gene_enrichment(adata, group_key="ClusterName")  # doctest: +SKIP
+    >>> adata.uns["sfact"]["enrichment"]["top_genes"].head()  # doctest: +SKIP
+    """
+    from ._analysis import _adata_counts
+
+    keys = Keys(key)
+    uns = _fit_uns(adata, keys, "sfact.tl.gene_enrichment")
+    info = uns.get(keys.group_loadings_info)
+    if copy:
+        adata = adata.copy()
+    else:
+        view_to_actual(adata)
+    if info is None or (group_key is not None and str(info["group_key"]) != str(group_key)):
+        group_loadings(adata, group_key=group_key, key=key)
+        info = adata.uns[keys.uns][keys.group_loadings_info]
+    group_key = str(info["group_key"])
+    Wg, groups = stacked_group_loadings(adata, key)
+    W = np.asarray(adata.varm[keys.loadings], dtype=np.float64)
+    lfc = enrichment_log2fc(Wg, W, pseudocount=pseudocount)
+    # genes without counts in a group carry no evidence: their refitted shares are meaningless
+    Y = sp.csr_matrix(_adata_counts(adata, uns.get("params", {}).get("layer")))
+    col = adata.obs[group_key].astype(str).to_numpy()
+    for k, g in enumerate(groups):
+        totals = np.asarray(Y[col == g].sum(0)).ravel()
+        lfc[k, totals < min_counts, :] = np.nan
+    names = [
+        str(n) for n in np.atleast_1d(uns.get("factor_names", [f"factor_{i}" for i in range(W.shape[1])]))
+    ]
+    genes = np.asarray(adata.var_names, dtype=object).astype(str)
+    rows = []
+    for k, g in enumerate(groups):
+        for l, fname in enumerate(names):
+            v = lfc[k, :, l]
+            ok = np.flatnonzero(np.isfinite(v))
+            top = ok[np.argsort(-v[ok], kind="stable")[:n_top]]
+            for rank, d in enumerate(top):
+                rows.append((g, fname, rank, genes[d], float(v[d])))
+    top_df = pd.DataFrame(rows, columns=["group", "factor", "rank", "gene", "log2fc"])
+    top_df["rank"] = top_df["rank"].astype(np.int64)
+    adata.uns[keys.uns][keys.enrichment] = {
+        "log2fc": lfc.astype(np.float32),
+        "groups": np.asarray(groups, dtype=object).astype(str),
+        "genes": genes,
+        "factor_names": np.asarray(names, dtype=object).astype(str),
+        "top_genes": top_df,
+        "group_key": group_key,
+        "pseudocount": float(pseudocount),
+        "min_counts": int(min_counts),
+    }
+    return adata if copy else None
