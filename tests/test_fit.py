@@ -286,8 +286,6 @@ def _without_spatial(a):
         pytest.param(None, {"group_key": "no_such_column"}, KeyError, "no_such_column", id="group-key"),
         pytest.param(None, {"n_factors": N_VARS + 1}, ValueError, "n_factors", id="too-many-factors"),
         pytest.param(None, {"prior": "magic"}, ValueError, "magic", id="unknown-prior"),
-        pytest.param(None, {"prior": "lcgp"}, NotImplementedError, "lcgp", id="lcgp"),
-        pytest.param(None, {"prior": "mggp_lcgp"}, NotImplementedError, "mggp_lcgp", id="mggp_lcgp"),
         pytest.param(None, {"elbo_mode": "exact"}, ValueError, "elbo_mode", id="elbo-mode"),
         pytest.param(None, {"loadings_mode": "nnls"}, ValueError, "loadings_mode", id="loadings-mode"),
         pytest.param(None, {"layer": "counts"}, KeyError, "counts", id="missing-layer"),

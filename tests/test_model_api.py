@@ -306,12 +306,6 @@ def test_unknown_prior_raises(adata):
         SpatialFactorization(adata, prior="gaussian", n_factors=2)
 
 
-@pytest.mark.parametrize("prior", ["lcgp", "mggp_lcgp"])
-def test_unimplemented_priors_raise(adata, prior):
-    with pytest.raises(NotImplementedError, match=prior):
-        SpatialFactorization(adata, prior=prior, n_factors=2)
-
-
 @pytest.mark.parametrize(
     ("kwargs", "error"),
     [

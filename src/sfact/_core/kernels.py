@@ -173,14 +173,15 @@ class Kernel(nn.Module):
         if g1 is None or g2 is None:
             raise ValueError("A multi-group kernel needs the group of every point.")
         e1, e2 = self.group_embedding[g1], self.group_embedding[g2]
-        d2 = torch.cdist(e1, e2).pow(2)  # (n1, n2)
-        return 1.0 / (self.alpha[:, None, None] * d2[None] + 1.0)
+        d2 = torch.cdist(e1, e2).pow(2)  # (..., n1, n2)
+        return 1.0 / (self.alpha.view(-1, *([1] * d2.dim())) * d2[None] + 1.0)
 
     def forward(self, X1: Tensor, X2: Tensor, g1: Tensor | None = None, g2: Tensor | None = None) -> Tensor:
-        """Covariance matrix (n_sets, n1, n2)."""
-        r = torch.cdist(X1, X2)  # (n1, n2)
-        ls = self.lengthscale[:, None, None]
-        s2 = self.sigma[:, None, None] ** 2
+        """Covariance matrix (n_sets, n1, n2); batched inputs (..., n, p) give (n_sets, ..., n1, n2)."""
+        r = torch.cdist(X1, X2)  # (..., n1, n2)
+        shape = (-1, *([1] * r.dim()))
+        ls = self.lengthscale.view(shape)
+        s2 = self.sigma.view(shape) ** 2
         nu = self._nu(g1, g2)
         p = self.n_dims
         if self.name == "matern32":

@@ -111,9 +111,16 @@ PRIOR_NAMES = ("pnmf", "svgp", "mggp_svgp", "lcgp", "mggp_lcgp")
 
 
 def _implemented() -> dict[str, type[Prior]]:
+    from .lcgp import LCGPPrior
     from .svgp import SVGPPrior
 
-    return {"pnmf": PNMFPrior, "svgp": SVGPPrior, "mggp_svgp": SVGPPrior}
+    return {
+        "pnmf": PNMFPrior,
+        "svgp": SVGPPrior,
+        "mggp_svgp": SVGPPrior,
+        "lcgp": LCGPPrior,
+        "mggp_lcgp": LCGPPrior,
+    }
 
 
 def prior_class(name: str) -> type[Prior]:

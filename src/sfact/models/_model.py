@@ -354,6 +354,43 @@ class SpatialFactorization:
         multigroup = self.prior.startswith("mggp")
         groups = data.groups.detach().cpu().numpy() if (multigroup and data.groups is not None) else None
         n_groups = len(self._setup["group_categories"] or [None]) if multigroup else None
+        embedding = None
+        if multigroup:
+            if cfg.group_distances is not None:
+                Dg = np.asarray(cfg.group_distances, dtype=np.float64)
+                if Dg.shape != (n_groups, n_groups):
+                    raise ValueError(
+                        f"`group_distances` must be ({n_groups}, {n_groups}) for the {n_groups} groups, "
+                        f"received {Dg.shape}."
+                    )
+                embedding = mds_embedding(Dg)
+            else:
+                embedding = np.eye(n_groups) / np.sqrt(2.0)  # every pair of groups at squared distance 1
+        if self.prior.endswith("lcgp"):
+            from .._core.lcgp import LCGPPrior
+
+            return LCGPPrior(
+                self.n_factors,
+                X,
+                groups,
+                n_neighbors=cfg.n_neighbors,
+                kernel=cfg.kernel,
+                lengthscale=cfg.lengthscale,
+                sigma=cfg.sigma,
+                group_embedding=embedding,
+                group_diff_param=cfg.group_diff_param,
+                per_factor_kernel=cfg.per_factor_kernel,
+                train_lengthscale=cfg.train_lengthscale,
+                train_sigma=cfg.train_sigma,
+                train_group_diff_param=cfg.train_group_diff_param,
+                nugget=cfg.nugget,
+                diagonal_only=(not str(self.device).startswith("cuda"))
+                if cfg.diagonal_only is None
+                else bool(cfg.diagonal_only),
+                neighbor_method=cfg.neighbor_method,
+                neighbor_selection=cfg.neighbor_selection,
+                order_seed=cfg.order_seed,
+            )
         M = cfg.num_inducing
         if M is None:
             M = 3000 if str(self.device).startswith("cuda") else 1000
@@ -368,18 +405,6 @@ class SpatialFactorization:
             allocation=cfg.allocation,
             random_state=self._setup["seed"],
         )
-        embedding = None
-        if multigroup:
-            if cfg.group_distances is not None:
-                Dg = np.asarray(cfg.group_distances, dtype=np.float64)
-                if Dg.shape != (n_groups, n_groups):
-                    raise ValueError(
-                        f"`group_distances` must be ({n_groups}, {n_groups}) for the {n_groups} groups, "
-                        f"received {Dg.shape}."
-                    )
-                embedding = mds_embedding(Dg)
-            else:
-                embedding = np.eye(n_groups) / np.sqrt(2.0)  # every pair of groups at squared distance 1
         return cls(
             self.n_factors,
             Z,
@@ -396,7 +421,9 @@ class SpatialFactorization:
             diagonal_only=(not str(self.device).startswith("cuda"))
             if cfg.diagonal_only is None
             else bool(cfg.diagonal_only),
-            cache_budget=cfg.cache_budget,
+            cache_budget=(500_000_000 if str(self.device).startswith("cuda") else 50_000_000)
+            if cfg.cache_budget is None
+            else int(cfg.cache_budget),
         )
 
     def _initialize(self, data, init_iter: int) -> None:
@@ -630,7 +657,7 @@ class SpatialFactorization:
         import torch
 
         self._require_trained()
-        if self.module.prior.per_cell:
+        if self.module.prior.per_cell and not self.module.prior.spatial:
             # factors of new cells from their counts, loadings fixed
             from .._core.module import FactorModule
             from .._core.train import History, TrainConfig, TrainData, make_optimizer, train_loop

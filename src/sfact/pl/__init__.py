@@ -2,6 +2,22 @@
 
 from __future__ import annotations
 
-from ._factors import factors, scales
+from ._diagnostics import elbo, moran
+from ._factors import factors, factors_with_genes, groupwise_factors, scales
+from ._genes import enrichment_by_factor, enrichment_by_group, gene_enrichment, loadings, top_genes
+from ._gp import inducing_points
 
-__all__ = ["factors", "scales"]
+__all__ = [
+    "elbo",
+    "enrichment_by_factor",
+    "enrichment_by_group",
+    "factors",
+    "factors_with_genes",
+    "gene_enrichment",
+    "groupwise_factors",
+    "inducing_points",
+    "loadings",
+    "moran",
+    "scales",
+    "top_genes",
+]

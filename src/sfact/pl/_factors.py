@@ -1,4 +1,4 @@
-"""Spatial maps of the factors and their scales."""
+"""Spatial maps of the factors, their scales, group-wise factors, and factors beside their genes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._keys import Keys
-from ._utils import default_size, finish, grid, require_fit, spatial_panel
+from ..get._get import factor_names, require_fit
+from ._utils import (
+    default_size,
+    finish,
+    grid,
+    robust_limits,
+    select_factors,
+    spatial_panel,
+    spatial_panel_size,
+    wrap_label,
+)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -16,20 +26,20 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def _select(names: list[str], factors: Sequence[int | str] | None) -> list[int]:
-    if factors is None:
-        return list(range(len(names)))
-    out = []
-    for f in factors:
-        if isinstance(f, str):
-            if f not in names:
-                raise KeyError(f"Unknown factor {f!r}; factors are {names}.")
-            out.append(names.index(f))
-        else:
-            if not 0 <= int(f) < len(names):
-                raise IndexError(f"Factor index {f} out of range 0..{len(names) - 1}.")
-            out.append(int(f))
-    return out
+def _coords(adata: AnnData, spatial_key: str) -> np.ndarray:
+    if spatial_key not in adata.obsm:
+        raise KeyError(
+            f"`adata.obsm[{spatial_key!r}]` not found: pass `spatial_key=` (available: {list(adata.obsm)})."
+        )
+    return np.asarray(adata.obsm[spatial_key], dtype=float)
+
+
+def _moran_title(adata: AnnData, key: str, name: str, prefix: str = "", *, sep: str = "  ") -> str:
+    moran = adata.uns[Keys(key).uns].get("moranI")
+    title = f"{prefix}{name}"
+    if moran is not None and name in moran.index:
+        title += f"{sep}(I = {float(moran.loc[name, 'I']):.2f})"
+    return title
 
 
 def _spatial_maps(
@@ -48,39 +58,33 @@ def _spatial_maps(
     show: bool | None,
     return_fig: bool,
 ) -> Figure | None:
-    keys = Keys(key)
-    require_fit(adata, keys)
-    if spatial_key not in adata.obsm:
-        raise KeyError(f"`adata.obsm[{spatial_key!r}]` not found: pass `spatial_key=`.")
-    uns = adata.uns[keys.uns]
-    names = [
-        str(n) for n in uns.get("factor_names", [f"factor_{i}" for i in range(adata.obsm[slot].shape[1])])
-    ]
-    sel = _select(names, factors)
-    values = np.asarray(adata.obsm[slot])[:, sel]
-    coords = np.asarray(adata.obsm[spatial_key], dtype=float)
-    moran = uns.get("moranI")
-    vmin = vmax = None
-    if shared_scale:
-        vmin, vmax = float(np.nanmin(values)), float(np.nanpercentile(values, 99.5))
+    require_fit(adata, key, what="plotting factors")
+    if slot not in adata.obsm:
+        raise KeyError(
+            f"`adata.obsm[{slot!r}]` not found: run `sfact.tl.fit(adata, key_added={key!r})` first."
+        )
+    coords = _coords(adata, spatial_key)
+    names = factor_names(adata, key)
+    sel = select_factors(names, factors)
+    values = np.asarray(adata.obsm[slot], dtype=float)[:, sel]
+    shared = robust_limits(values) if shared_scale else None
     if ax is not None:
         if len(sel) != 1:
             raise ValueError(f"`ax` draws one panel; select one factor with `factors=`, received {len(sel)}.")
         fig, axes = ax.figure, [ax]
     else:
-        span = np.ptp(coords[:, :2], axis=0)
-        aspect = float(np.clip(span[1] / max(span[0], 1e-12), 0.4, 2.5))
-        width = 3.4 if aspect <= 1 else float(np.clip(3.0 / aspect, 1.6, 3.4)) + 0.8
-        fig, axes = grid(len(sel), ncols, panel_size=(width, 3.0 if aspect > 1 else 3.4 * aspect + 0.5))
+        fig, axes = grid(len(sel), ncols, panel_size=spatial_panel_size(coords))
     s = default_size(adata.n_obs) if size is None else size
-    for a, j, name in zip(axes, range(len(sel)), [names[i] for i in sel], strict=True):
-        title = f"{label}{name}"
-        if moran is not None and name in moran.index:
-            title += f"  (I = {float(moran.loc[name, 'I']):.2f})"
-        lo, hi = vmin, vmax
-        if not shared_scale:
-            lo, hi = float(np.nanmin(values[:, j])), float(np.nanpercentile(values[:, j], 99.5))
-        spatial_panel(a, coords, values[:, j], title=title, cmap=cmap, vmin=lo, vmax=hi, size=s)
+    one_bar = shared is not None and len(axes) > 1  # one colour bar for the figure, not one per panel
+    sc = None
+    for j, (a, i) in enumerate(zip(axes, sel, strict=True)):
+        lo, hi = shared if shared is not None else robust_limits(values[:, j])
+        title = _moran_title(adata, key, names[i], label)
+        sc = spatial_panel(
+            a, coords, values[:, j], title=title, cmap=cmap, vmin=lo, vmax=hi, size=s, colorbar=not one_bar
+        )
+    if one_bar and sc is not None:
+        fig.colorbar(sc, ax=axes, shrink=0.6, aspect=30, pad=0.01)
     return finish(fig, show=show, return_fig=return_fig)
 
 
@@ -115,8 +119,8 @@ def factors(
     cmap
         Colour map.
     shared_scale
-        Use one colour scale for all panels (from the minimum to the 99.5th percentile of
-        all values); each panel has its own otherwise.
+        Use one colour scale, and one colour bar, for all panels (from the minimum to the
+        99.5th percentile of all values); each panel has its own otherwise.
     size
         Marker size; chosen from the number of cells when ``None``.
     ax
@@ -185,7 +189,7 @@ def scales(
     cmap
         Colour map.
     shared_scale
-        One colour scale for all panels.
+        One colour scale, and one colour bar, for all panels.
     size
         Marker size; chosen from the number of cells when ``None``.
     ax
@@ -218,3 +222,228 @@ def scales(
         show=show,
         return_fig=return_fig,
     )
+
+
+def groupwise_factors(
+    adata: AnnData,
+    *,
+    key: str = "sfact",
+    groups: Sequence[str] | None = None,
+    factors: Sequence[int | str] | None = None,
+    spatial_key: str = "spatial",
+    cmap: str = "viridis",
+    shared_scale: bool = True,
+    size: float | None = None,
+    show: bool | None = None,
+    return_fig: bool = False,
+) -> Figure | None:
+    """Group-wise factor maps of a multi-group fit: rows are groups, columns are factors.
+
+    The first row is the fitted factors (every cell in its own group); each further row shows
+    every cell's factors as if it belonged to that group, from :func:`sfact.tl.groupwise_factors`.
+    The layout is fixed (groups x factors), so there is no ``ncols``; select rows with
+    ``groups`` and columns with ``factors``.
+
+    Parameters
+    ----------
+    adata
+        AnnData after :func:`sfact.tl.fit` and :func:`sfact.tl.groupwise_factors`.
+    key
+        The fit's ``key_added``.
+    groups
+        Groups (rows) to draw; all evaluated groups when ``None``.
+    factors
+        Factor names or indices (columns) to draw; all when ``None``.
+    spatial_key
+        Key of the coordinates in ``adata.obsm``.
+    cmap
+        Colour map.
+    shared_scale
+        One colour scale per factor (column), shared by all its rows, with one colour bar under
+        the column; each panel has its own scale and colour bar otherwise.
+    size
+        Marker size; chosen from the number of cells when ``None``.
+    show
+        Show the figure (default when ``return_fig`` is False).
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+
+    Returns
+    -------
+    The figure when ``return_fig=True``, else ``None``.
+
+    Examples
+    --------
+    >>> sfact.tl.groupwise_factors(adata, model)  # doctest: +SKIP
+    >>> sfact.pl.groupwise_factors(adata, groups=["Microglia", "Pericytes"], factors=[0, 1])  # doctest: +SKIP
+    """
+    import matplotlib.pyplot as plt
+
+    keys = require_fit(adata, key, what="plotting group-wise factors")
+    if keys.groupwise not in adata.obsm or "groupwise_groups" not in adata.uns[keys.uns]:
+        raise KeyError(
+            f"`adata.obsm[{keys.groupwise!r}]` not found: run "
+            f"`sfact.tl.groupwise_factors(adata, model, key_added={key!r})` first (multi-group priors)."
+        )
+    coords = _coords(adata, spatial_key)
+    names = factor_names(adata, key)
+    sel = select_factors(names, factors)
+    all_groups = [str(g) for g in np.atleast_1d(adata.uns[keys.uns]["groupwise_groups"])]
+    if groups is None:
+        gsel = list(range(len(all_groups)))
+    else:
+        groups = [groups] if isinstance(groups, str) else list(groups)
+        unknown = [g for g in groups if str(g) not in all_groups]
+        if unknown:
+            raise KeyError(f"Unknown groups {unknown}; group-wise factors exist for {all_groups}.")
+        gsel = [all_groups.index(str(g)) for g in groups]
+    gw = np.asarray(adata.obsm[keys.groupwise])  # (N, G, L)
+    rows = [np.asarray(adata.obsm[keys.factors], dtype=float)[:, sel]]
+    rows += [np.asarray(gw[:, k, :], dtype=float)[:, sel] for k in gsel]
+    row_labels = ["all groups\n(fitted)"] + [wrap_label(all_groups[k], 18) for k in gsel]
+    nrows, ncols = len(rows), len(sel)
+    w, h = spatial_panel_size(coords, height=2.4, colorbar=not shared_scale)
+    fig, axs = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(w * ncols + 0.6, h * nrows + (0.6 if shared_scale else 0.0)),
+        squeeze=False,
+        layout="constrained",
+    )
+    s = default_size(adata.n_obs) if size is None else size
+    for j, i in enumerate(sel):
+        col = np.stack([r[:, j] for r in rows])
+        lims = robust_limits(col) if shared_scale else None
+        sc = None
+        for r in range(nrows):
+            lo, hi = lims if lims is not None else robust_limits(col[r])
+            title = _moran_title(adata, key, names[i], sep="\n") if r == 0 else None
+            sc = spatial_panel(
+                axs[r, j],
+                coords,
+                col[r],
+                title=title or "",
+                cmap=cmap,
+                vmin=lo,
+                vmax=hi,
+                size=s,
+                colorbar=not shared_scale,
+            )
+            if j == 0:
+                axs[r, j].set_ylabel(row_labels[r], fontsize=9)
+        if shared_scale and sc is not None:
+            from matplotlib.ticker import MaxNLocator
+
+            cb = fig.colorbar(sc, ax=axs[:, j], location="bottom", shrink=0.8, aspect=15, pad=0.01)
+            cb.locator = MaxNLocator(nbins=3)
+            cb.ax.tick_params(labelsize=8)
+    return finish(fig, show=show, return_fig=return_fig)
+
+
+def expression(adata: AnnData, genes: Sequence[str], layer: str | None) -> np.ndarray:
+    """``log1p`` of counts scaled to the median cell total, for a few genes (cells x genes, dense)."""
+    import scipy.sparse as sp
+
+    from .._utils import get_counts
+
+    X = get_counts(adata, layer)
+    idx = [adata.var_names.get_loc(g) for g in genes]
+    totals = np.asarray(X.sum(axis=1)).ravel().astype(float)
+    ref = float(np.median(totals[totals > 0])) if (totals > 0).any() else 1.0
+    sub = X[:, idx]
+    sub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
+    return np.log1p(sub.astype(float) * (ref / np.maximum(totals, 1e-12))[:, None])
+
+
+def factors_with_genes(
+    adata: AnnData,
+    *,
+    key: str = "sfact",
+    factors: Sequence[int | str] | None = None,
+    n_genes: int = 3,
+    by: str = "share",
+    spatial_key: str = "spatial",
+    cmap: str = "viridis",
+    gene_cmap: str = "magma",
+    size: float | None = None,
+    show: bool | None = None,
+    return_fig: bool = False,
+) -> Figure | None:
+    """Each factor's map beside the expression maps of its top genes (one row per factor).
+
+    The layout is fixed (factor, then ``n_genes`` genes per row), so there is no ``ncols``.
+    Gene expression is ``log1p`` of the counts scaled to the median cell total, from the layer
+    the fit used.
+
+    Parameters
+    ----------
+    adata
+        AnnData after :func:`sfact.tl.fit`.
+    key
+        The fit's ``key_added``.
+    factors
+        Factor names or indices (rows); all when ``None``.
+    n_genes
+        Top genes per factor (see :func:`sfact.get.top_genes`).
+    by
+        Rank genes by ``"share"`` (specific to the factor, default) or ``"loading"``.
+    spatial_key
+        Key of the coordinates in ``adata.obsm``.
+    cmap
+        Colour map of the factors.
+    gene_cmap
+        Colour map of the expression.
+    size
+        Marker size; chosen from the number of cells when ``None``.
+    show
+        Show the figure (default when ``return_fig`` is False).
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+
+    Returns
+    -------
+    The figure when ``return_fig=True``, else ``None``.
+
+    Examples
+    --------
+    >>> fig = sfact.pl.factors_with_genes(adata, factors=[0, 1, 2], return_fig=True)  # doctest: +SKIP
+    """
+    import matplotlib.pyplot as plt
+
+    from ..get._get import top_genes
+
+    keys = require_fit(adata, key, what="plotting factors with genes")
+    coords = _coords(adata, spatial_key)
+    names = factor_names(adata, key)
+    sel = select_factors(names, factors)
+    top = top_genes(adata, key=key, n_genes=n_genes, by=by)  # type: ignore[arg-type]
+    layer = adata.uns[keys.uns].get("params", {}).get("layer")
+    F = np.asarray(adata.obsm[keys.factors], dtype=float)
+    w, h = spatial_panel_size(coords, height=2.6)
+    ncols = 1 + n_genes
+    fig, axs = plt.subplots(
+        len(sel), ncols, figsize=(w * ncols, h * len(sel)), squeeze=False, layout="constrained"
+    )
+    s = default_size(adata.n_obs) if size is None else size
+    for r, i in enumerate(sel):
+        lo, hi = robust_limits(F[:, i])
+        spatial_panel(
+            axs[r, 0],
+            coords,
+            F[:, i],
+            title=_moran_title(adata, key, names[i], sep="\n"),
+            cmap=cmap,
+            vmin=lo,
+            vmax=hi,
+            size=s,
+        )
+        genes = top.loc[top["factor"] == names[i], "gene"].tolist()
+        expr = expression(adata, genes, layer)
+        for c in range(n_genes):
+            a = axs[r, c + 1]
+            if c >= len(genes):
+                a.set_axis_off()
+                continue
+            lo, hi = robust_limits(expr[:, c])
+            spatial_panel(a, coords, expr[:, c], title=genes[c], cmap=gene_cmap, vmin=lo, vmax=hi, size=s)
+    return finish(fig, show=show, return_fig=return_fig)

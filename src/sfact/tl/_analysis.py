@@ -112,15 +112,30 @@ def poisson_deviance_sparse(
 def reconstruction_error(
     Y, factors_expected: np.ndarray, W: np.ndarray, s: np.ndarray, *, batch_size: int = 10000
 ) -> float:
-    """Relative Frobenius error ``‖Y − Ŷ‖_F / ‖Y‖_F`` with ``Ŷ = diag(s) E Wᵀ``, in cell batches."""
+    """Relative Frobenius error ``‖Y − Ŷ‖_F / ‖Y‖_F`` with ``Ŷ = diag(s) E Wᵀ``, never forming ``Ŷ``.
+
+    ``‖Y − Ŷ‖² = ‖Y‖² − 2⟨Y, Ŷ⟩ + ‖Ŷ‖²``: the inner product touches only the non-zeros of ``Y``
+    and ``‖Ŷ‖² = Σ_n s_n² e_nᵀ (WᵀW) e_n``, so the cost is O(nnz·L + N·L²) in cell batches.
+    """
     Y = sp.csr_matrix(Y)
-    num = 0.0
-    for start in range(0, Y.shape[0], batch_size):
-        stop = min(start + batch_size, Y.shape[0])
-        Yhat = (factors_expected[start:stop] * s[start:stop, None]) @ W.T
-        diff = Yhat - Y[start:stop].toarray()
-        num += float((diff**2).sum())
+    N = Y.shape[0]
+    W = np.asarray(W, dtype=np.float64)
+    gram = W.T @ W
+    cross = 0.0
+    yhat_sq = 0.0
+    lengths = np.diff(Y.indptr)
+    for start in range(0, N, batch_size):
+        stop = min(start + batch_size, N)
+        E = np.asarray(factors_expected[start:stop], dtype=np.float64) * np.asarray(s[start:stop])[:, None]
+        yhat_sq += float(np.einsum("nl,lk,nk->", E, gram, E))
+        lo, hi = Y.indptr[start], Y.indptr[stop]
+        if hi > lo:
+            cols = Y.indices[lo:hi]
+            En = np.repeat(E, lengths[start:stop], axis=0)
+            yhat_nz = np.einsum("kl,kl->k", En, W[cols])
+            cross += float(np.dot(Y.data[lo:hi].astype(np.float64), yhat_nz))
     den = float(Y.multiply(Y).sum())
+    num = max(den - 2 * cross + yhat_sq, 0.0)
     return float(np.sqrt(num / max(den, 1e-300)))
 
 

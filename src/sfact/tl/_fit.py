@@ -18,25 +18,6 @@ if TYPE_CHECKING:
     from ..models._model import ElboMode, LoadingsMode, PriorName
 
 
-def _plain(d: dict[str, Any]) -> dict[str, Any]:
-    """Drop ``None`` values and turn containers into h5ad-friendly plain values."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if v is None:
-            continue
-        if isinstance(v, dict):
-            out[k] = _plain(v)
-        elif isinstance(v, list | tuple):
-            if len(v) == 0:
-                continue
-            out[k] = np.asarray(v)
-        elif isinstance(v, np.generic):
-            out[k] = v.item()
-        else:
-            out[k] = v
-    return out
-
-
 def fit(
     adata: AnnData,
     *,
@@ -137,7 +118,11 @@ def fit(
         iteration), ``moranI`` (DataFrame with squidpy's columns, indexed by factor name),
         ``metrics`` (deviance, deviance per entry, reconstruction error, iterations,
         convergence, training time), ``factor_names``, ``keys``, and for the GP priors ``gp``
-        (kernel, lengthscale, sigma, group_diff_param, num_inducing).
+        (kernel, lengthscale, sigma, group_diff_param, num_inducing). When the fit has groups
+        (``group_key``, or the one recorded by :func:`sfact.pp.prepare`), also
+        ``group_loadings`` and ``enrichment`` (see :func:`sfact.tl.gene_enrichment`).
+    ``adata.varm['{key}_loadings_{group}']``
+        When the fit has groups: each group's loadings (see :func:`sfact.tl.group_loadings`).
 
     Examples
     --------
@@ -179,7 +164,14 @@ def fit(
     if not copy:
         view_to_actual(adata)
         model.adata = adata
-    write_results(adata, model, key_added=key_added, analyze_batch_size=analyze_batch_size, n_neighs=n_neighs)
+    write_results(
+        adata,
+        model,
+        key_added=key_added,
+        analyze_batch_size=analyze_batch_size,
+        n_neighs=n_neighs,
+        group_key=model._setup["group_key"],
+    )
     if save_model is not None:
         model.save(save_model, overwrite=True)
     keys = Keys(key_added)
@@ -202,81 +194,24 @@ def write_results(
     analyze_batch_size: int = 10000,
     n_neighs: int = 6,
     order_by_moran: bool = True,
+    group_key: str | None = None,
 ) -> None:
     """Order the model's factors by Moran's I and write factors, loadings and diagnostics to ``adata``.
 
     The reorder is applied to the model too, so every factor-indexed output stays aligned.
+    See :func:`sfact.tl.analyze`, which this calls.
     """
-    from .. import __version__
-    from .._keys import factor_names
-    from .._utils import get_coordinates
-    from ._analysis import _adata_counts, morans_i, poisson_deviance_sparse, reconstruction_error
+    from ._analyze import _analyze
 
-    keys = Keys(key_added)
-    mu, var = model.get_log_factors(None, batch_size=analyze_batch_size)
-    factors = np.exp(mu)
-    coords = get_coordinates(adata, model._setup["spatial_key"])
-    names = factor_names(model.n_factors)
-    moran = morans_i(factors, coords, names=names, n_neighs=n_neighs)
-    if order_by_moran:
-        order = np.argsort(-moran["I"].to_numpy(), kind="stable")
-        model.reorder_factors(order)
-        mu, var, factors = mu[:, order], var[:, order], factors[:, order]
-        moran = moran.iloc[order].copy()
-        moran.index = names
-    W = model.get_loadings()
-    Y = _adata_counts(adata, model._setup["layer"])
-    s = model._size_factors(adata, Y)
-    expected = np.exp(mu + 0.5 * var)
-    dev_cell, dev_gene = poisson_deviance_sparse(Y, expected, W, s, batch_size=analyze_batch_size)
-    recon = reconstruction_error(Y, expected, W, s, batch_size=analyze_batch_size)
-
-    adata.obsm[keys.factors] = factors.astype(np.float32)
-    adata.obsm[keys.scales] = np.sqrt(var).astype(np.float32)
-    adata.varm[keys.loadings] = W.astype(np.float32)
-    adata.obs[keys.obs_deviance()] = dev_cell
-    adata.var[keys.var_deviance()] = dev_gene
-    setup = model._setup
-    params = {
-        "prior": setup["prior"],
-        "n_factors": setup["n_factors"],
-        "layer": setup["layer"],
-        "spatial_key": setup["spatial_key"],
-        "group_key": setup["group_key"],
-        "size_factors": setup["size_factors"],
-        "elbo_mode": setup["elbo_mode"],
-        "loadings_mode": setup["loadings_mode"],
-        "random_state": setup["seed"],
-        "device": model.device,
-        "dtype": setup["dtype"],
-        "version": __version__,
-        **{
-            k: v
-            for k, v in model.train_info.items()
-            if k not in ("n_iter", "converged", "train_time_s", "init_time_s")
-        },
-    }
-    n_entries = adata.n_obs * adata.n_vars
-    metrics = {
-        "deviance": float(dev_cell.sum()),
-        "deviance_per_entry": float(dev_cell.sum() / n_entries),
-        "reconstruction_error": recon,
-        "elbo_per_entry": float(model.history_.elbo[-1]) if model.history_.elbo else np.nan,
-        "n_iter": len(model.history_),
-        "converged": bool(model.converged),
-        "train_time_s": float(model.train_info.get("train_time_s", 0.0)),
-        "init_time_s": float(model.train_info.get("init_time_s", 0.0)),
-    }
-    adata.uns[keys.uns] = _plain(
-        {
-            "params": params,
-            "history": {k: v for k, v in model.history_.as_dict().items()},
-            "moranI": moran,
-            "metrics": metrics,
-            "factor_names": np.asarray(names),
-            "gp": model.gp_info(),
-            "keys": keys.as_dict(),
-        }
+    _analyze(
+        adata,
+        model,
+        key_added=key_added,
+        analyze_batch_size=analyze_batch_size,
+        group_key=group_key,
+        n_neighs=n_neighs,
+        order_by_moran=order_by_moran,
+        n_top=10,
     )
 
 
@@ -330,6 +265,6 @@ def groupwise_factors(
         view_to_actual(adata)
     F, names = model.groupwise_factors(adata, groups=groups, batch_size=batch_size)
     keys = Keys(key_added)
-    adata.obsm[f"{keys.factors}_groupwise"] = np.transpose(F, (1, 0, 2)).astype(np.float32)
+    adata.obsm[keys.groupwise] = np.transpose(F, (1, 0, 2)).astype(np.float32)
     adata.uns.setdefault(keys.uns, {})["groupwise_groups"] = np.asarray(names)
     return adata if copy else None

@@ -29,6 +29,8 @@ def refit_loadings(
     max_iter: int = 100,
     tol: float = 1e-5,
     batch_size: int = 10000,
+    prior_strength: float = 0.0,
+    W_prior: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """Loadings of the cells of ``Y`` with the factors fixed, by multiplicative KL-NMF updates.
 
@@ -58,6 +60,15 @@ def refit_loadings(
         Stop when the relative change ``‖ΔW‖_F / ‖W‖_F`` of an update falls below this.
     batch_size
         Cells per batch.
+    prior_strength
+        ``α``: with ``α > 0`` the result is the MAP estimate under ``W_dl ~ Gamma(α + 1, α / W⁰_dl)``
+        (mode ``W⁰``, worth about ``α`` counts per loading), updated by
+        ``W <- (W · Σ_n (y/r) e^{μ} + α) / (Σ_n s e^{μ+σ²/2} + α / W⁰)``. Loadings the group's
+        counts barely determine then stay near ``W⁰`` instead of drifting with the number of
+        updates, and the updates converge; ``W⁰`` itself is still a fixed point when it
+        maximizes the likelihood.
+    W_prior
+        ``W⁰``, the prior's mode; ``W0`` when ``None``.
 
     Returns
     -------
@@ -74,23 +85,32 @@ def refit_loadings(
     W = np.maximum(np.asarray(W0, dtype=np.float64) * np.exp(shift)[None, :], 0.0)
     W = np.maximum(W, _W_FLOOR * np.exp(shift)[None, :])
     floor = _W_FLOOR * np.exp(shift)[None, :]
+    W0s = np.maximum(np.asarray(W0 if W_prior is None else W_prior, dtype=np.float64), _W_FLOOR)
+    W0s = W0s * np.exp(shift)[None, :]
     lengths = np.diff(Y.indptr)
+    P32 = P.astype(np.float32)  # the rates at the non-zeros in float32: half the memory traffic
     n_iter = 0
     for n_iter in range(1, max_iter + 1):  # noqa: B007
         acc = np.zeros_like(W)
+        W32 = W.astype(np.float32)
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             lo, hi = Y.indptr[start], Y.indptr[stop]
             if hi == lo:
                 continue
             cols = Y.indices[lo:hi]
-            Pn = np.repeat(P[start:stop], lengths[start:stop], axis=0)  # (nnz_b, L)
-            r = np.maximum(np.einsum("kl,kl->k", Pn, W[cols]), 1e-300)
+            Pn = np.repeat(P32[start:stop], lengths[start:stop], axis=0)  # (nnz_b, L)
+            r = np.maximum(np.einsum("kl,kl->k", Pn, W32[cols]).astype(np.float64), 1e-300)
             q = sp.csr_matrix(
                 (Y.data[lo:hi] / r, cols, Y.indptr[start : stop + 1] - lo), shape=(stop - start, Y.shape[1])
             )
             acc += q.T @ P[start:stop]
-        W_new = np.maximum(W * acc / np.maximum(den, 1e-300)[None, :], floor)
+        if prior_strength > 0:
+            # MAP under W_dl ~ Gamma(α + 1, α / W⁰_dl) (mode W⁰): (W·acc + α) / (den + α / W⁰)
+            W_new = (W * acc + prior_strength) / (den[None, :] + prior_strength / W0s)
+            W_new = np.maximum(W_new, floor)
+        else:
+            W_new = np.maximum(W * acc / np.maximum(den, 1e-300)[None, :], floor)
         change = np.linalg.norm(W_new - W) / max(np.linalg.norm(W), 1e-300)
         W = W_new
         if change < tol:
@@ -98,7 +118,7 @@ def refit_loadings(
     return W / np.exp(shift)[None, :], n_iter
 
 
-def enrichment_log2fc(W_groups: np.ndarray, W: np.ndarray, *, pseudocount: float = 1e-3) -> np.ndarray:
+def enrichment_log2fc(W_groups: np.ndarray, W: np.ndarray, *, pseudocount: float = 0.05) -> np.ndarray:
     """log2 fold change of row-normalized group loadings against the global ones.
 
     Parameters
@@ -159,7 +179,9 @@ def _drop_group_slots(adata: AnnData, keys: Keys) -> None:
         uns.pop(keys.enrichment, None)
 
 
-def _group_codes(adata: AnnData, group_key: str, groups: list[str] | None) -> tuple[np.ndarray, list[str]]:
+def _group_codes(
+    adata: AnnData, group_key: str, groups: list[str] | None
+) -> tuple[np.ndarray, list[int], list[str]]:
     if group_key not in adata.obs.columns:
         raise KeyError(
             f"`adata.obs[{group_key!r}]` not found: pass an existing `group_key` "
@@ -189,13 +211,16 @@ def group_loadings(
     max_iter: int = 100,
     tol: float = 1e-5,
     min_cells: int = 10,
+    prior_strength: float = 1.0,
     batch_size: int = 10000,
+    progress_bar: bool | None = None,
     copy: bool = False,
 ) -> AnnData | None:
     """Loadings of each group's cells with the factors fixed (how each cell type uses the factors).
 
     For every group, ``W`` is refitted on the group's cells by the multiplicative updates the fit
-    uses (factors ``q(F)`` fixed, read from ``adata.obsm``), starting from the global loadings.
+    uses (factors ``q(F)`` fixed, read from ``adata.obsm``), starting from the global loadings,
+    with a weak prior centred on them (``prior_strength``).
     Works for every prior, also post hoc from any ``group_key`` for priors fitted without groups.
     Sparse throughout: memory scales with the non-zeros, never with cells x genes.
 
@@ -215,8 +240,16 @@ def group_loadings(
         Stop a group when the relative change of its loadings falls below this.
     min_cells
         Groups with fewer cells are skipped (with a note).
+    prior_strength
+        Weight, in counts per loading, of a Gamma prior centred on the global loadings (see
+        :func:`refit_loadings`); ``0`` gives the plain maximum-likelihood refit. Without it,
+        loadings a small group's counts barely determine keep drifting with every update (on
+        osmFISH, log2 fold changes moved by up to 4 between 100 and 1,000 updates), so the
+        result would depend on ``max_iter``; with 1 they agree to 0.003 on average.
     batch_size
         Cells per batch.
+    progress_bar
+        Show progress over the groups; defaults to :attr:`sfact.settings.progress_bar`.
     copy
         Return a modified copy instead of writing to ``adata``.
 
@@ -229,7 +262,7 @@ def group_loadings(
         (n_vars, n_factors) loadings of each group (``/`` in a group name becomes ``_``).
     ``adata.uns['{key}']['group_loadings']``
         ``group_key``, ``groups``, ``varm_keys``, ``n_cells`` and ``n_iter`` per group,
-        ``max_iter``, ``tol``.
+        ``max_iter``, ``tol``, ``prior_strength``.
 
     Examples
     --------
@@ -269,13 +302,28 @@ def group_loadings(
     Y = sp.csr_matrix(Y)
     results: dict[str, tuple[np.ndarray, int, int]] = {}
     skipped = []
-    for code, name in zip(sel, names, strict=True):
+    from tqdm.auto import tqdm
+
+    from .._settings import settings
+
+    show = settings.progress_bar if progress_bar is None else progress_bar
+    for code, name in tqdm(
+        list(zip(sel, names, strict=True)), desc="group loadings", disable=not show, leave=False
+    ):
         idx = np.flatnonzero(codes == code)
         if idx.size < min_cells:
             skipped.append(f"{name} ({idx.size})")
             continue
         Wg, n_iter = refit_loadings(
-            Y[idx], mu[idx], var[idx], s[idx], W, max_iter=max_iter, tol=tol, batch_size=batch_size
+            Y[idx],
+            mu[idx],
+            var[idx],
+            s[idx],
+            W,
+            max_iter=max_iter,
+            tol=tol,
+            batch_size=batch_size,
+            prior_strength=prior_strength,
         )
         results[name] = (Wg, n_iter, idx.size)
     if skipped:
@@ -295,6 +343,7 @@ def group_loadings(
         "n_iter": np.asarray([results[g][1] for g in done], dtype=np.int64),
         "max_iter": int(max_iter),
         "tol": float(tol),
+        "prior_strength": float(prior_strength),
     }
     logg.info(
         "    finished",
@@ -329,7 +378,7 @@ def gene_enrichment(
     group_key: str | None = None,
     key: str = "sfact",
     n_top: int = 10,
-    pseudocount: float = 1e-3,
+    pseudocount: float = 0.05,
     min_counts: int = 10,
     copy: bool = False,
 ) -> AnnData | None:
@@ -353,7 +402,9 @@ def gene_enrichment(
     n_top
         Top enriched genes kept per factor and group in the ``top_genes`` table.
     pseudocount
-        Added to both shares before the ratio (limits the fold change of tiny shares).
+        Added to both shares before the ratio. Shares near 0 are noisy (a gene a factor barely
+        uses); without it they give fold changes of ±10 that drown the real differences. With
+        0.05 a gene must move a visible part of its expression to reach ``|log2fc| > 1``.
     min_counts
         Genes with fewer total counts in a group get ``NaN`` (no evidence either way).
     copy
@@ -369,7 +420,7 @@ def gene_enrichment(
         The labels of its axes.
     ``top_genes``
         DataFrame with columns ``group``, ``factor``, ``rank``, ``gene``, ``log2fc``: the
-        ``n_top`` most enriched genes per group and factor.
+        ``n_top`` most enriched genes (``log2fc > 0``) per group and factor.
     ``group_key``, ``pseudocount``, ``min_counts``
         The settings used.
 
@@ -406,9 +457,9 @@ def gene_enrichment(
     genes = np.asarray(adata.var_names, dtype=object).astype(str)
     rows = []
     for k, g in enumerate(groups):
-        for l, fname in enumerate(names):
-            v = lfc[k, :, l]
-            ok = np.flatnonzero(np.isfinite(v))
+        for j, fname in enumerate(names):
+            v = lfc[k, :, j]
+            ok = np.flatnonzero(np.isfinite(v) & (v > 0))
             top = ok[np.argsort(-v[ok], kind="stable")[:n_top]]
             for rank, d in enumerate(top):
                 rows.append((g, fname, rank, genes[d], float(v[d])))

@@ -1,0 +1,241 @@
+"""Getters: read a fit's results from AnnData as DataFrames or a new AnnData; they never write."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+
+from .._keys import Keys
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+RankBy = Literal["loading", "share"]
+
+
+def require_fit(adata: AnnData, key: str = "sfact", *, what: str = "this") -> Keys:
+    """Raise a clear :class:`KeyError` when :func:`sfact.tl.fit` has not written results under ``key``."""
+    keys = Keys(key)
+    if keys.factors not in adata.obsm or keys.uns not in adata.uns:
+        raise KeyError(
+            f"`adata.obsm[{keys.factors!r}]` not found: run `sfact.tl.fit(adata, key_added={key!r})` "
+            f"(or `sfact.tl.analyze`) before {what}."
+        )
+    return keys
+
+
+def factor_names(adata: AnnData, key: str = "sfact") -> list[str]:
+    """Names of the factors of the fit under ``key``, in their stored (Moran's I) order."""
+    keys = require_fit(adata, key, what="reading its factors")
+    uns = adata.uns[keys.uns]
+    n = np.asarray(adata.obsm[keys.factors]).shape[1]
+    names = uns.get("factor_names")
+    return [str(v) for v in np.atleast_1d(names)] if names is not None else [f"factor_{i}" for i in range(n)]
+
+
+def factors_df(adata: AnnData, *, key: str = "sfact", scales: bool = False) -> pd.DataFrame:
+    """Factors (or their posterior scales) as a cells x factors DataFrame.
+
+    Parameters
+    ----------
+    adata
+        AnnData after :func:`sfact.tl.fit`.
+    key
+        The fit's ``key_added``.
+    scales
+        Return the posterior standard deviations ``σ`` of the log-factors instead.
+
+    Returns
+    -------
+    DataFrame indexed by ``adata.obs_names`` with one column per factor name.
+
+    Examples
+    --------
+    >>> df = sfact.get.factors_df(adata)  # doctest: +SKIP
+    >>> df.idxmax(axis=1).value_counts()  # doctest: +SKIP
+    """
+    keys = require_fit(adata, key, what="`sfact.get.factors_df`")
+    slot = keys.scales if scales else keys.factors
+    if slot not in adata.obsm:
+        raise KeyError(f"`adata.obsm[{slot!r}]` not found: run `sfact.tl.fit(adata, key_added={key!r})`.")
+    return pd.DataFrame(
+        np.array(adata.obsm[slot], copy=True), index=adata.obs_names.copy(), columns=factor_names(adata, key)
+    )
+
+
+def loadings_df(adata: AnnData, *, key: str = "sfact", group: str | None = None) -> pd.DataFrame:
+    """Loadings as a genes x factors DataFrame (global, or one group's).
+
+    Parameters
+    ----------
+    adata
+        AnnData after :func:`sfact.tl.fit`.
+    key
+        The fit's ``key_added``.
+    group
+        A group's loadings (from :func:`sfact.tl.group_loadings`) instead of the global ones.
+
+    Returns
+    -------
+    DataFrame indexed by ``adata.var_names`` with one column per factor name.
+
+    Examples
+    --------
+    >>> sfact.get.loadings_df(adata)["factor_0"].nlargest(5)  # doctest: +SKIP
+    """
+    keys = require_fit(adata, key, what="`sfact.get.loadings_df`")
+    slot = keys.loadings if group is None else keys.group_loadings(group)
+    if slot not in adata.varm:
+        if group is None:
+            raise KeyError(f"`adata.varm[{slot!r}]` not found: run `sfact.tl.fit(adata, key_added={key!r})`.")
+        raise KeyError(
+            f"`adata.varm[{slot!r}]` not found: run `sfact.tl.group_loadings(adata, group_key=..., key={key!r})` "
+            f"first (groups with loadings: {groups_with_loadings(adata, key)})."
+        )
+    return pd.DataFrame(
+        np.array(adata.varm[slot], copy=True), index=adata.var_names.copy(), columns=factor_names(adata, key)
+    )
+
+
+def groups_with_loadings(adata: AnnData, key: str = "sfact") -> list[str]:
+    """Groups whose loadings :func:`sfact.tl.group_loadings` wrote under ``key`` (empty if none)."""
+    keys = Keys(key)
+    info = adata.uns.get(keys.uns, {}).get(keys.group_loadings_info)
+    return [] if info is None else [str(g) for g in np.atleast_1d(info["groups"])]
+
+
+def top_genes(
+    adata: AnnData,
+    *,
+    key: str = "sfact",
+    n_genes: int = 10,
+    by: RankBy = "loading",
+    group: str | None = None,
+) -> pd.DataFrame:
+    """The top genes of each factor, as a long table.
+
+    Parameters
+    ----------
+    adata
+        AnnData after :func:`sfact.tl.fit`.
+    key
+        The fit's ``key_added``.
+    n_genes
+        Genes per factor.
+    by
+        ``"loading"`` ranks by the loading ``W_dl`` (how much of the factor's expression the gene
+        carries); ``"share"`` by ``W_dl / Σ_l W_dl`` (how specific the gene is to the factor).
+    group
+        Rank one group's loadings (from :func:`sfact.tl.group_loadings`).
+
+    Returns
+    -------
+    DataFrame with columns ``factor``, ``rank`` (0 = top), ``gene``, ``loading`` and ``share``,
+    ``n_genes`` rows per factor in factor order.
+
+    Examples
+    --------
+    >>> sfact.get.top_genes(adata, n_genes=5).pivot(index="rank", columns="factor", values="gene")  # doctest: +SKIP
+    """
+    if by not in ("loading", "share"):
+        raise ValueError(f"`by` must be 'loading' or 'share', received {by!r}.")
+    if n_genes < 1:
+        raise ValueError(f"`n_genes` must be positive, received {n_genes}.")
+    W = loadings_df(adata, key=key, group=group)
+    share = W.div(W.sum(axis=1).replace(0, np.nan), axis=0).fillna(0.0)
+    score = W if by == "loading" else share
+    rows = []
+    for name in W.columns:
+        order = np.argsort(-score[name].to_numpy(), kind="stable")[:n_genes]
+        for rank, d in enumerate(order):
+            rows.append((name, rank, str(W.index[d]), float(W[name].iloc[d]), float(share[name].iloc[d])))
+    df = pd.DataFrame(rows, columns=["factor", "rank", "gene", "loading", "share"])
+    df["rank"] = df["rank"].astype(np.int64)
+    return df
+
+
+def factors_adata(adata: AnnData, *, key: str = "sfact") -> AnnData:
+    """A new AnnData whose variables are the factors, for scanpy's and squidpy's plots.
+
+    ``X`` holds the factors (cells x factors) with the factor names as ``var_names``, so
+    ``sc.pl.embedding(fa, basis="spatial", color="factor_0")``,
+    ``sq.pl.spatial_scatter(fa, color="factor_0", shape=None)`` or ``sc.pl.violin(fa, "factor_0",
+    groupby=...)`` work without adding columns to ``adata.obs``. The input is not modified.
+
+    Parameters
+    ----------
+    adata
+        AnnData after :func:`sfact.tl.fit`.
+    key
+        The fit's ``key_added``.
+
+    Returns
+    -------
+    AnnData with ``X`` the factors (float32), ``layers['scales']`` the posterior scales,
+    ``var`` the Moran's I table, and copies of ``obs``, ``obsm`` (all but the fit's own slots),
+    ``obsp``, and the ``spatial`` and ``*_colors`` entries of ``uns``.
+
+    Examples
+    --------
+    >>> import scanpy as sc
+    >>> fa = sfact.get.factors_adata(adata)  # doctest: +SKIP
+    >>> sc.pl.embedding(fa, basis="spatial", color=["factor_0", "factor_1"])  # doctest: +SKIP
+    """
+    import anndata as ad
+
+    keys = require_fit(adata, key, what="`sfact.get.factors_adata`")
+    names = factor_names(adata, key)
+    X = np.array(adata.obsm[keys.factors], dtype=np.float32, copy=True)
+    var = pd.DataFrame(index=pd.Index(names))
+    moran = adata.uns[keys.uns].get("moranI")
+    if isinstance(moran, pd.DataFrame):
+        var = var.join(moran)
+    own = {keys.factors, keys.scales, keys.groupwise}
+    obsm = {
+        k: np.array(v, copy=True) for k, v in adata.obsm.items() if k not in own and isinstance(v, np.ndarray)
+    }
+    obsm.update({k: v.copy() for k, v in adata.obsm.items() if k not in own and isinstance(v, pd.DataFrame)})
+    uns = {k: v for k, v in adata.uns.items() if k == "spatial" or str(k).endswith("_colors")}
+    out = ad.AnnData(X=X, obs=adata.obs.copy(), var=var, obsm=obsm, uns=_deep_copy(uns))
+    for k, v in adata.obsp.items():
+        out.obsp[k] = v.copy()
+    if keys.scales in adata.obsm:
+        out.layers["scales"] = np.array(adata.obsm[keys.scales], dtype=np.float32, copy=True)
+    return out
+
+
+def _deep_copy(obj):
+    import copy
+
+    return copy.deepcopy(obj)
+
+
+def history(adata: AnnData, *, key: str = "sfact") -> pd.DataFrame:
+    """Training history: ELBO per matrix entry, expected log-likelihood, KL and elapsed seconds.
+
+    Parameters
+    ----------
+    adata
+        AnnData after :func:`sfact.tl.fit`.
+    key
+        The fit's ``key_added``.
+
+    Returns
+    -------
+    DataFrame indexed by iteration (from 1), one column per recorded quantity.
+
+    Examples
+    --------
+    >>> sfact.get.history(adata)["elbo"].plot()  # doctest: +SKIP
+    """
+    keys = require_fit(adata, key, what="`sfact.get.history`")
+    hist = adata.uns[keys.uns].get("history")
+    if hist is None or len(hist) == 0:
+        raise KeyError(
+            f"`adata.uns[{keys.uns!r}]['history']` not found: the fit recorded no training history."
+        )
+    data = {str(k): np.asarray(v, dtype=np.float64).ravel() for k, v in hist.items()}
+    n = max(len(v) for v in data.values())
+    return pd.DataFrame(data, index=pd.RangeIndex(1, n + 1, name="iteration"))

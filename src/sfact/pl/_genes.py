@@ -1,0 +1,576 @@
+"""Genes of the factors: top genes, loadings heatmap, and gene enrichment across groups."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._keys import Keys
+from ..get._get import factor_names, loadings_df, require_fit
+from ..get._get import top_genes as _top_genes
+from ._utils import finish, grid, select_factors, wrap_label
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+
+def _bar_panel(
+    ax: Axes,
+    labels: list[str],
+    values: np.ndarray,
+    *,
+    colors: Any,
+    title: str,
+    xlabel: str,
+    fontsize: float = 8,
+    xlim: tuple[float, float] | None = None,
+) -> None:
+    pos = np.arange(len(labels))
+    ax.barh(pos, values, color=colors, height=0.72)
+    ax.set_yticks(pos, labels, fontsize=fontsize)
+    ax.invert_yaxis()
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.tick_params(axis="x", labelsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
+    if xlim is not None:
+        ax.set_xlim(*xlim)
+    if values.size and np.nanmin(values) < 0:
+        ax.axvline(0, color="0.3", lw=0.8)
+
+
+def top_genes(
+    adata: AnnData,
+    *,
+    key: str = "sfact",
+    factors: Sequence[int | str] | None = None,
+    n_genes: int = 10,
+    by: str = "loading",
+    group: str | None = None,
+    ncols: int = 5,
+    color: str = "C0",
+    shared_scale: bool = False,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    return_fig: bool = False,
+) -> Figure | None:
+    """The top genes of each factor as horizontal bars (one panel per factor).
+
+    Parameters
+    ----------
+    adata
+        AnnData after :func:`sfact.tl.fit`.
+    key
+        The fit's ``key_added``.
+    factors
+        Factor names or indices; all when ``None``.
+    n_genes
+        Genes per factor.
+    by
+        ``"loading"`` (the loading ``W_dl``) or ``"share"`` (``W_dl / Σ_l W_dl``, how specific the
+        gene is to the factor); see :func:`sfact.get.top_genes`.
+    group
+        Use one group's loadings (from :func:`sfact.tl.group_loadings`).
+    ncols
+        Panels per row.
+    color
+        Bar colour.
+    shared_scale
+        One x range for all panels (shares always use 0 to 1).
+    ax
+        Draw a single factor into this axes.
+    show
+        Show the figure (default when ``return_fig`` is False).
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+
+    Returns
+    -------
+    The figure when ``return_fig=True``, else ``None``.
+
+    Examples
+    --------
+    >>> fig = sfact.pl.top_genes(adata, n_genes=8, by="share", return_fig=True)  # doctest: +SKIP
+    """
+    require_fit(adata, key, what="plotting top genes")
+    names = factor_names(adata, key)
+    sel = select_factors(names, factors)
+    table = _top_genes(adata, key=key, n_genes=n_genes, by=by, group=group)  # type: ignore[arg-type]
+    column = "loading" if by == "loading" else "share"
+    xmax = float(table.loc[table["factor"].isin([names[i] for i in sel]), column].max()) * 1.05
+    if ax is not None:
+        if len(sel) != 1:
+            raise ValueError(f"`ax` draws one panel; select one factor with `factors=`, received {len(sel)}.")
+        fig, axes = ax.figure, [ax]
+    else:
+        fig, axes = grid(len(sel), ncols, panel_size=(2.5, 0.6 + 0.2 * n_genes))
+    for a, i in zip(axes, sel, strict=True):
+        rows = table[table["factor"] == names[i]]
+        _bar_panel(
+            a,
+            rows["gene"].tolist(),
+            rows[column].to_numpy(dtype=float),
+            colors=color,
+            title=names[i] + (f" ({group})" if group else ""),
+            xlabel="loading" if by == "loading" else "share of the gene",
+            xlim=(0, 1.0) if by == "share" else (0, xmax) if shared_scale else None,
+        )
+    return finish(fig, show=show, return_fig=return_fig)
+
+
+def loadings(
+    adata: AnnData,
+    *,
+    key: str = "sfact",
+    factors: Sequence[int | str] | None = None,
+    n_genes: int = 5,
+    by: str = "share",
+    normalize: bool = True,
+    group: str | None = None,
+    cmap: str = "Purples",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    return_fig: bool = False,
+) -> Figure | None:
+    """Heatmap of the loadings of each factor's top genes (genes x factors).
+
+    Rows are the union of the top ``n_genes`` of every selected factor, grouped by the factor
+    they are top for.
+
+    Parameters
+    ----------
+    adata
+        AnnData after :func:`sfact.tl.fit`.
+    key
+        The fit's ``key_added``.
+    factors
+        Factor names or indices (columns); all when ``None``.
+    n_genes
+        Top genes per factor.
+    by
+        Rank genes by ``"share"`` or ``"loading"`` (see :func:`sfact.get.top_genes`).
+    normalize
+        Show each gene's shares of the factors (rows sum to 1 over all factors) instead of the
+        raw loadings, which scale with the gene's expression.
+    group
+        Use one group's loadings (from :func:`sfact.tl.group_loadings`).
+    cmap
+        Colour map.
+    vmin, vmax
+        Colour limits; the data's range when ``None``.
+    ax
+        Draw into this axes.
+    show
+        Show the figure (default when ``return_fig`` is False).
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+
+    Returns
+    -------
+    The figure when ``return_fig=True``, else ``None``.
+
+    Examples
+    --------
+    >>> fig = sfact.pl.loadings(adata, n_genes=4, return_fig=True)  # doctest: +SKIP
+    """
+    import matplotlib.pyplot as plt
+
+    require_fit(adata, key, what="plotting loadings")
+    names = factor_names(adata, key)
+    sel = select_factors(names, factors)
+    W = loadings_df(adata, key=key, group=group)
+    if normalize:
+        W = W.div(W.sum(axis=1).replace(0, np.nan), axis=0).fillna(0.0)
+    table = _top_genes(adata, key=key, n_genes=n_genes, by=by, group=group)  # type: ignore[arg-type]
+    genes: list[str] = []
+    for i in sel:
+        for g in table.loc[table["factor"] == names[i], "gene"]:
+            if g not in genes:
+                genes.append(g)
+    M = W.loc[genes, [names[i] for i in sel]].to_numpy(dtype=float)
+    # each gene next to the factor it loads most on (a block diagonal), strongest first
+    best = M.argmax(1)
+    order = np.lexsort((-M[np.arange(len(genes)), best], best))
+    genes, M = [genes[k] for k in order], M[order]
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(1.9 + 0.42 * len(sel), 0.9 + 0.2 * len(genes)), layout="constrained")
+    else:
+        fig = ax.figure
+    im = ax.imshow(M, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    ax.set_xticks(np.arange(len(sel)), [names[i] for i in sel], rotation=90, fontsize=8)
+    ax.set_yticks(np.arange(len(genes)), genes, fontsize=8)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title("gene shares" if normalize else "loadings", fontsize=10)
+    fig.colorbar(im, ax=ax, shrink=min(1.0, 6.0 / max(len(genes), 1) + 0.3), aspect=25, pad=0.02)
+    return finish(fig, show=show, return_fig=return_fig)
+
+
+# ---------------------------------------------------------------------------- enrichment
+def _enrichment(adata: AnnData, key: str) -> dict:
+    keys = require_fit(adata, key, what="plotting gene enrichment")
+    enr = adata.uns[keys.uns].get(Keys(key).enrichment)
+    if enr is None:
+        raise KeyError(
+            f"`adata.uns[{key!r}]['enrichment']` not found: run "
+            f"`sfact.tl.gene_enrichment(adata, group_key=..., key={key!r})` first."
+        )
+    return enr
+
+
+def _select_groups(all_groups: list[str], groups: Sequence[str] | str | None) -> list[int]:
+    if groups is None:
+        return list(range(len(all_groups)))
+    groups = [groups] if isinstance(groups, str) else list(groups)
+    unknown = [g for g in groups if str(g) not in all_groups]
+    if unknown:
+        raise KeyError(f"Unknown groups {unknown}; the enrichment covers {all_groups}.")
+    return [all_groups.index(str(g)) for g in groups]
+
+
+def _symmetric_limit(values: np.ndarray, vmax: float | None) -> float:
+    if vmax is not None:
+        return float(vmax)
+    v = np.abs(np.asarray(values, dtype=float))
+    v = v[np.isfinite(v)]
+    return float(max(np.percentile(v, 99), 1e-3)) if v.size else 1.0
+
+
+def gene_enrichment(
+    adata: AnnData,
+    *,
+    key: str = "sfact",
+    factors: Sequence[int | str] | None = None,
+    groups: Sequence[str] | None = None,
+    n_genes: int = 10,
+    ncols: int = 2,
+    cmap: str = "RdBu_r",
+    shared_scale: bool = True,
+    vmax: float | None = None,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    return_fig: bool = False,
+) -> Figure | None:
+    """Heatmaps of gene enrichment (log2 fold change of group vs global loadings), one per factor.
+
+    Each panel shows, for one factor, the ``n_genes`` genes with the largest absolute
+    enrichment in any group (rows) against the groups (columns); red = the group attributes
+    more of the gene to the factor than the tissue overall, blue = less. Grey cells: genes with
+    too few counts in the group.
+
+    Parameters
+    ----------
+    adata
+        AnnData after :func:`sfact.tl.gene_enrichment`.
+    key
+        The fit's ``key_added``.
+    factors
+        Factor names or indices (panels); all when ``None``.
+    groups
+        Groups (columns); all when ``None``.
+    n_genes
+        Genes (rows) per panel.
+    ncols
+        Panels per row.
+    cmap
+        Diverging colour map, centred at 0.
+    shared_scale
+        One symmetric colour scale (and one colour bar) for all panels; per panel otherwise.
+    vmax
+        Colour limit (``±vmax``); the 99th percentile of the absolute values when ``None``.
+    ax
+        Draw a single factor into this axes.
+    show
+        Show the figure (default when ``return_fig`` is False).
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+
+    Returns
+    -------
+    The figure when ``return_fig=True``, else ``None``.
+
+    Examples
+    --------
+    >>> sfact.tl.gene_enrichment(adata, group_key="ClusterName")  # doctest: +SKIP
+    >>> fig = sfact.pl.gene_enrichment(adata, factors=[0, 1], return_fig=True)  # doctest: +SKIP
+    """
+    import matplotlib.pyplot as plt
+
+    enr = _enrichment(adata, key)
+    names = [str(n) for n in np.atleast_1d(enr["factor_names"])]
+    sel = select_factors(names, factors)
+    all_groups = [str(g) for g in np.atleast_1d(enr["groups"])]
+    gsel = _select_groups(all_groups, groups)
+    genes_all = np.asarray(enr["genes"]).astype(str)
+    lfc = np.asarray(enr["log2fc"], dtype=float)[gsel]  # (G, D, L)
+    panels = []
+    for i in sel:
+        block = lfc[:, :, i]  # (G, D)
+        with np.errstate(invalid="ignore"):
+            score = np.nanmax(np.abs(block), axis=0) if block.size else np.zeros(len(genes_all))
+        score = np.where(np.isfinite(score), score, -1.0)
+        top = np.argsort(-score, kind="stable")[: min(n_genes, len(genes_all))]
+        panels.append((i, top, block[:, top].T))  # (genes, groups)
+    lim = _symmetric_limit(np.concatenate([p[2].ravel() for p in panels]), vmax) if shared_scale else None
+    n_rows = max(len(p[1]) for p in panels) if panels else 1
+    label_w = max([len(all_groups[k]) for k in gsel] + [1])
+    width = 1.3 + 0.2 * len(gsel)
+    height = 0.6 + 0.2 * n_rows
+    label_h = 0.065 * min(label_w, 34)  # room for the rotated group names (bottom row only)
+    if ax is not None:
+        if len(sel) != 1:
+            raise ValueError(f"`ax` draws one panel; select one factor with `factors=`, received {len(sel)}.")
+        fig, axes = ax.figure, [ax]
+    else:
+        n_grid_rows = -(-len(sel) // max(1, min(ncols, len(sel))))
+        fig, axes = grid(
+            len(sel),
+            ncols,
+            panel_size=(width + (0 if shared_scale else 0.7), height + label_h / n_grid_rows),
+        )
+    cmap_obj = plt.get_cmap(cmap).copy()
+    cmap_obj.set_bad("0.85")
+    im = None
+    n_cols = max(1, min(ncols, len(panels)))
+    bottom = {max(k for k in range(len(panels)) if k % n_cols == c) for c in range(n_cols)}
+    for k_panel, (a, (i, top, M)) in enumerate(zip(axes, panels, strict=True)):
+        v = lim if lim is not None else _symmetric_limit(M, vmax)
+        im = a.imshow(
+            np.ma.masked_invalid(M), aspect="auto", cmap=cmap_obj, vmin=-v, vmax=v, interpolation="nearest"
+        )
+        if (
+            ax is not None or k_panel in bottom
+        ):  # the groups are the same in every panel: label the bottom row
+            a.set_xticks(np.arange(len(gsel)), [all_groups[k] for k in gsel], rotation=90, fontsize=7)
+        else:
+            a.set_xticks(np.arange(len(gsel)), [""] * len(gsel))
+        a.set_yticks(np.arange(len(top)), genes_all[top], fontsize=8)
+        a.tick_params(length=0)
+        for spine in a.spines.values():
+            spine.set_visible(False)
+        a.set_title(names[i], fontsize=10)
+        if lim is None:
+            fig.colorbar(im, ax=a, shrink=0.6, aspect=20, pad=0.02, label="log2 FC")
+    if lim is not None and im is not None:
+        fig.colorbar(
+            im, ax=axes, shrink=min(0.6, 4.0 / max(height, 1e-3)), aspect=20, pad=0.01, label="log2 FC"
+        )
+    return finish(fig, show=show, return_fig=return_fig)
+
+
+def _pairs_bars(
+    fig: Figure,
+    axes: list[Axes],
+    items: list[tuple[str, list[str], np.ndarray, Any]],
+    *,
+    shared_scale: bool,
+) -> None:
+    finite = [np.abs(v[np.isfinite(v)]) for _, _, v, _ in items]
+    allmax = max([float(f.max()) for f in finite if f.size] + [1e-3])
+    for a, (title, labels, values, colors) in zip(axes, items, strict=True):
+        m = allmax if shared_scale else max(float(np.nanmax(np.abs(values))) if values.size else 1e-3, 1e-3)
+        _bar_panel(
+            a, labels, values, colors=colors, title=title, xlabel="log2 FC", xlim=(-1.08 * m, 1.08 * m)
+        )
+        a.axvline(0, color="0.3", lw=0.8)
+
+
+def _top_pairs(block: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (row, col) of the ``n`` entries of largest absolute value (NaN never), by decreasing value."""
+    flat = np.abs(block).ravel()
+    flat = np.where(np.isfinite(flat), flat, -1.0)
+    order = np.argsort(-flat, kind="stable")[:n]
+    order = order[flat[order] >= 0]
+    order = order[np.argsort(-block.ravel()[order], kind="stable")]  # enriched on top, depleted below
+    return np.unravel_index(order, block.shape)
+
+
+def enrichment_by_group(
+    adata: AnnData,
+    *,
+    key: str = "sfact",
+    groups: Sequence[str] | None = None,
+    factors: Sequence[int | str] | None = None,
+    n_genes: int = 8,
+    ncols: int = 4,
+    shared_scale: bool = True,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    return_fig: bool = False,
+) -> Figure | None:
+    """For each group, its most enriched and depleted genes, as bars coloured by factor.
+
+    Each panel lists the ``n_genes`` (gene, factor) pairs with the largest absolute log2 fold
+    change in the group, labelled ``gene (f<k>)`` for ``factor_<k>``; the bar colour is the
+    factor too (legend at the bottom).
+
+    Parameters
+    ----------
+    adata
+        AnnData after :func:`sfact.tl.gene_enrichment`.
+    key
+        The fit's ``key_added``.
+    groups
+        Groups (panels); all when ``None``.
+    factors
+        Factors considered; all when ``None``.
+    n_genes
+        Bars per panel.
+    ncols
+        Panels per row.
+    shared_scale
+        One x range for all panels.
+    ax
+        Draw a single group into this axes.
+    show
+        Show the figure (default when ``return_fig`` is False).
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+
+    Returns
+    -------
+    The figure when ``return_fig=True``, else ``None``.
+
+    Examples
+    --------
+    >>> fig = sfact.pl.enrichment_by_group(adata, groups=["Microglia"], return_fig=True)  # doctest: +SKIP
+    """
+    from matplotlib.patches import Patch
+
+    enr = _enrichment(adata, key)
+    names = [str(n) for n in np.atleast_1d(enr["factor_names"])]
+    sel = select_factors(names, factors)
+    all_groups = [str(g) for g in np.atleast_1d(enr["groups"])]
+    gsel = _select_groups(all_groups, groups)
+    genes = np.asarray(enr["genes"]).astype(str)
+    lfc = np.asarray(enr["log2fc"], dtype=float)
+    fcolors = {names[i]: f"C{k % 10}" for k, i in enumerate(sel)}
+    items = []
+    for k in gsel:
+        block = lfc[k][:, sel]  # (D, L_sel)
+        d_idx, l_idx = _top_pairs(block, n_genes)
+        labels = [f"{genes[d]} ({_abbrev(names[sel[j]])})" for d, j in zip(d_idx, l_idx, strict=True)]
+        items.append(
+            (
+                wrap_label(all_groups[k], 30),
+                labels,
+                block[d_idx, l_idx],
+                [fcolors[names[sel[j]]] for j in l_idx],
+            )
+        )
+    if ax is not None:
+        if len(items) != 1:
+            raise ValueError(f"`ax` draws one panel; select one group with `groups=`, received {len(items)}.")
+        fig, axes = ax.figure, [ax]
+    else:
+        fig, axes = grid(len(items), ncols, panel_size=(2.6, 0.95 + 0.19 * n_genes))
+    _pairs_bars(fig, axes, items, shared_scale=shared_scale)
+    used = {c for *_, colors in items for c in colors}
+    handles = [Patch(color=c, label=n) for n, c in fcolors.items() if c in used]
+    if ax is None:
+        fig.legend(
+            handles=handles,
+            loc="outside lower center",
+            ncols=min(len(handles), 6),
+            fontsize=8,
+            frameon=False,
+            title="factor",
+            title_fontsize=8,
+        )
+    else:
+        ax.legend(handles=handles, fontsize=7, frameon=False, loc="best")
+    return finish(fig, show=show, return_fig=return_fig)
+
+
+def enrichment_by_factor(
+    adata: AnnData,
+    *,
+    key: str = "sfact",
+    factors: Sequence[int | str] | None = None,
+    groups: Sequence[str] | None = None,
+    n_genes: int = 10,
+    ncols: int = 3,
+    shared_scale: bool = True,
+    colors: tuple[str, str] = ("#c0392b", "#2e6da4"),
+    ax: Axes | None = None,
+    show: bool | None = None,
+    return_fig: bool = False,
+) -> Figure | None:
+    """For each factor, the most enriched and depleted (gene, group) pairs as bars.
+
+    Each panel lists the ``n_genes`` (gene, group) pairs with the largest absolute log2 fold
+    change on the factor, labelled ``gene · group``; positive bars are red, negative blue.
+
+    Parameters
+    ----------
+    adata
+        AnnData after :func:`sfact.tl.gene_enrichment`.
+    key
+        The fit's ``key_added``.
+    factors
+        Factor names or indices (panels); all when ``None``.
+    groups
+        Groups considered; all when ``None``.
+    n_genes
+        Bars per panel.
+    ncols
+        Panels per row.
+    shared_scale
+        One x range for all panels.
+    colors
+        Colours of enriched and depleted bars.
+    ax
+        Draw a single factor into this axes.
+    show
+        Show the figure (default when ``return_fig`` is False).
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+
+    Returns
+    -------
+    The figure when ``return_fig=True``, else ``None``.
+
+    Examples
+    --------
+    >>> fig = sfact.pl.enrichment_by_factor(adata, factors=[0, 1], return_fig=True)  # doctest: +SKIP
+    """
+    enr = _enrichment(adata, key)
+    names = [str(n) for n in np.atleast_1d(enr["factor_names"])]
+    sel = select_factors(names, factors)
+    all_groups = [str(g) for g in np.atleast_1d(enr["groups"])]
+    gsel = _select_groups(all_groups, groups)
+    genes = np.asarray(enr["genes"]).astype(str)
+    lfc = np.asarray(enr["log2fc"], dtype=float)[gsel]  # (G, D, L)
+    items = []
+    for i in sel:
+        block = lfc[:, :, i]  # (G, D)
+        g_idx, d_idx = _top_pairs(block, n_genes)
+        values = block[g_idx, d_idx]
+        labels = [f"{genes[d]} · {_short(all_groups[gsel[g]])}" for g, d in zip(g_idx, d_idx, strict=True)]
+        items.append((names[i], labels, values, [colors[0] if v >= 0 else colors[1] for v in values]))
+    if ax is not None:
+        if len(items) != 1:
+            raise ValueError(
+                f"`ax` draws one panel; select one factor with `factors=`, received {len(items)}."
+            )
+        fig, axes = ax.figure, [ax]
+    else:
+        fig, axes = grid(len(items), ncols, panel_size=(3.6, 0.9 + 0.19 * n_genes))
+    _pairs_bars(fig, axes, items, shared_scale=shared_scale)
+    return finish(fig, show=show, return_fig=return_fig)
+
+
+def _short(text: str, width: int = 24) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _abbrev(factor: str) -> str:
+    """``factor_3`` -> ``f3`` (bar labels); other names unchanged."""
+    return "f" + factor.removeprefix("factor_") if factor.startswith("factor_") else factor
