@@ -25,6 +25,12 @@ class LoaderInfo:
     needs_path: bool
     """The data are read from a local file or folder given as ``path``."""
     description: str
+    accepts_path: bool = False
+    """``path`` is optional (e.g. an already-downloaded file, or where to download it); implied by
+    :attr:`needs_path`."""
+    subsamples: bool = False
+    """``fn`` takes ``subsample=`` and ``random_state=`` and draws the same cells as :func:`load`
+    would, but before reading the counts into memory; :func:`load` then passes them through."""
 
 
 LOADERS: dict[str, LoaderInfo] = {}
@@ -38,22 +44,32 @@ def register(info: LoaderInfo) -> LoaderInfo:
     return info
 
 
-def _subsample(adata: AnnData, subsample: int | float | None, random_state: int) -> AnnData:
+def _check_subsample(subsample: int | float | None) -> None:
     if subsample is None:
-        return adata
-    n = adata.n_obs
-    if isinstance(subsample, float) and not isinstance(subsample, bool) and 0 < subsample <= 1:
-        k = round(subsample * n)
-    elif isinstance(subsample, int | np.integer) and not isinstance(subsample, bool) and subsample > 0:
-        k = int(subsample)
-    else:
+        return
+    if isinstance(subsample, bool) or not (
+        (isinstance(subsample, float) and 0 < subsample <= 1)
+        or (isinstance(subsample, int | np.integer) and subsample > 0)
+    ):
         raise ValueError(
             f"`subsample` must be a number of cells (int > 0) or a fraction in (0, 1], received {subsample!r}."
         )
+
+
+def _subsample_indices(n: int, subsample: int | float | None, random_state: int) -> np.ndarray | None:
+    """Sorted indices of the cells :func:`load` keeps out of ``n``, or ``None`` for all of them."""
+    _check_subsample(subsample)
+    if subsample is None:
+        return None
+    k = round(subsample * n) if isinstance(subsample, float) else int(subsample)
     if k >= n:
-        return adata
-    idx = np.sort(np.random.default_rng(random_state).choice(n, size=k, replace=False))
-    return adata[idx].copy()
+        return None
+    return np.sort(np.random.default_rng(random_state).choice(n, size=k, replace=False))
+
+
+def _subsample(adata: AnnData, subsample: int | float | None, random_state: int) -> AnnData:
+    idx = _subsample_indices(adata.n_obs, subsample, random_state)
+    return adata if idx is None else adata[idx].copy()
 
 
 def load(
@@ -71,10 +87,12 @@ def load(
     name
         A registered loader, e.g. ``"osmfish"`` or ``"visium_prostate"``.
     path
-        Local file or folder, for the loaders that read one (``needs_path``).
+        Local file or folder, for the loaders that read one (``needs_path``), or an optional one
+        for the loaders that can also download their data (``accepts_path``).
     subsample
         Keep this many cells (int) or this fraction of them (float in (0, 1]), drawn without
-        replacement with ``numpy.random.default_rng(random_state)``, in their original order.
+        replacement with ``numpy.random.default_rng(random_state)``, in their original order
+        (loaders with ``subsamples`` draw the same cells before reading the counts).
     random_state
         Seed of the subsample.
     **kwargs
@@ -94,12 +112,17 @@ def load(
     if name not in LOADERS:
         raise KeyError(f"Unknown data set loader {name!r}; available: {sorted(LOADERS)}.")
     info = LOADERS[name]
+    _check_subsample(subsample)
     if info.needs_path:
         if path is None:
             raise ValueError(f"The {name!r} loader reads a local file: pass `path`.")
         kwargs["path"] = path
     elif path is not None:
-        raise ValueError(f"The {name!r} loader takes no `path` (it is bundled or downloaded).")
+        if not info.accepts_path:
+            raise ValueError(f"The {name!r} loader takes no `path` (it is bundled).")
+        kwargs["path"] = path
+    if info.subsamples:
+        return info.fn(subsample=subsample, random_state=random_state, **kwargs)
     adata = info.fn(**kwargs)
     return _subsample(adata, subsample, random_state)
 
@@ -130,7 +153,9 @@ def _register_bundled() -> None:
     from ._datasets import osmfish, visium_dentate_gyrus, visium_prostate
 
     register(LoaderInfo("osmfish", osmfish, "ClusterName", False, "osmFISH mouse cortex, bundled"))
-    register(LoaderInfo("visium_prostate", visium_prostate, "list_ID", False, "Visium prostate pair, bundled"))
+    register(
+        LoaderInfo("visium_prostate", visium_prostate, "list_ID", False, "Visium prostate pair, bundled")
+    )
     register(
         LoaderInfo("visium_dentate_gyrus", visium_dentate_gyrus, None, False, "Visium dentate gyrus, bundled")
     )
