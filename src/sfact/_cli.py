@@ -52,12 +52,119 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_PIPELINE_HELP = {
+    "preprocess": "load the data set and run sfact.pp.prepare -> prepared.h5ad",
+    "train": "train each prior on prepared.h5ad -> <prior>/model/",
+    "analyze": "analyse each trained prior -> <prior>/results.h5ad, arrays, metrics.json",
+    "figures": "draw each analysed prior's figures -> <prior>/figures/*.png",
+}
+
+_EPILOG = """\
+examples:
+  sfact run all -c configs/osmfish/general.yaml          every prior of one data set
+  sfact run all -c configs/ --config-name general.yaml   every data set below configs/
+  sfact run train analyze -c svgp.yaml --resume          continue training, then re-analyse
+  sfact generate -c configs/osmfish/general.yaml         pnmf.yaml, svgp.yaml, ... next to it
+  sfact run all -c general.yaml --dry-run                print the plan, run nothing
+
+Exit status: 0 when every job is done or skipped, 1 when a job failed, 2 for usage or
+config errors.
+"""
+
+
+def _devices(value: str) -> list[str]:
+    import re
+
+    devices = [d.strip() for d in value.split(",") if d.strip()]
+    bad = [d for d in devices if not re.fullmatch(r"cpu|cuda|cuda:\d+", d)]
+    if bad or not devices:
+        raise argparse.ArgumentTypeError(
+            f"devices must be cpu, cuda or cuda:N separated by commas, received {value!r}"
+        )
+    return devices
+
+
+def _add_pipeline_options(p: argparse.ArgumentParser, *, resume: bool) -> None:
+    p.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="config file, or a folder searched for --config-name files (repeatable)",
+    )
+    p.add_argument(
+        "--config-name",
+        default="general.yaml",
+        metavar="NAME",
+        help="file name (glob pattern allowed) searched for below folders given to -c (default: general.yaml)",
+    )
+    p.add_argument(
+        "--prior",
+        action="append",
+        metavar="PRIOR",
+        help="run only these priors (repeatable or comma-separated; default: the config's model.prior, "
+        "or every prior that applies when it has none)",
+    )
+    p.add_argument("--force", action="store_true", help="redo stages whose outputs exist")
+    if resume:
+        p.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue training from the saved model (history appended); train afresh when there is none",
+        )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the plan and exit without running or writing"
+    )
+    p.add_argument(
+        "--executor",
+        choices=("local", "dask", "serial"),
+        default="local",
+        help="local: worker processes, one job per GPU plus one CPU job; dask: a Dask cluster "
+        "(--scheduler); serial: one job after the other in this process (debugging) (default: local)",
+    )
+    p.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler address (with --executor dask)")
+    p.add_argument("--devices", type=_devices, metavar="LIST", help="devices to use, e.g. cpu,cuda:0,cuda:1")
+    p.add_argument("--plain", action="store_true", help="plain progress lines instead of the live table")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``sfact``."""
     p = argparse.ArgumentParser(
-        prog="sfact", description="Spatial factorization of spatial transcriptomics data."
+        prog="sfact",
+        description="Spatial factorization of spatial transcriptomics data.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for stage, help_ in _PIPELINE_HELP.items():
+        s = sub.add_parser(stage, help=help_, description=f"{help_}.")
+        _add_pipeline_options(s, resume=stage == "train")
+        s.set_defaults(func=_pipeline, stages=[stage])
+    r = sub.add_parser(
+        "run",
+        help="run several stages in pipeline order (all: every stage)",
+        description="Run the given stages, sorted into pipeline order; `all` runs every stage. "
+        "Nothing unrequested is added: a stage whose input is missing fails, naming what to run first.",
+    )
+    r.add_argument(
+        "stages", nargs="+", choices=("all", "preprocess", "train", "analyze", "figures"), metavar="STAGE"
+    )
+    _add_pipeline_options(r, resume=True)
+    r.set_defaults(func=_pipeline)
+    g = sub.add_parser(
+        "generate",
+        help="write one config per prior next to a general config",
+        description="Write pnmf.yaml, svgp.yaml, ... next to the general config: each starts from it "
+        "(`base:`) with `model.prior` set.",
+    )
+    g.add_argument("-c", "--config", required=True, metavar="PATH", help="the general config")
+    g.add_argument(
+        "--prior", action="append", metavar="PRIOR", help="only these priors (default: all that apply)"
+    )
+    g.add_argument("--force", action="store_true", help="overwrite existing files")
+    g.add_argument("--dry-run", action="store_true", help="print what would be written")
+    g.set_defaults(func=_generate)
     d = sub.add_parser(
         "demo", help="fit the bundled osmFISH data and write an .h5ad and a PNG of the factors"
     )
@@ -71,10 +178,142 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _priors(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    from .pipeline._config import PRIORS, ConfigError, _suggest
+
+    out = []
+    for v in values:
+        for p in v.split(","):
+            p = p.strip()
+            if p not in PRIORS:
+                raise ConfigError(
+                    f"unknown prior {p!r}{_suggest(p, PRIORS)} (priors: {', '.join(PRIORS)})", key="--prior"
+                )
+            if p not in out:
+                out.append(p)
+    return out
+
+
+def _error(msg: object) -> int:
+    print(f"sfact: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from .pipeline._config import ConfigError
+    from .pipeline._plan import collect_configs, make_plan, print_plan, run_plan, write_summaries
+
+    t0 = time.perf_counter()
+    try:
+        priors = _priors(args.prior)
+        configs = collect_configs(args.config, args.config_name)
+        plan = make_plan(
+            configs,
+            args.stages,
+            priors=priors,
+            force=args.force,
+            resume=getattr(args, "resume", False),
+        )
+    except ConfigError as e:
+        return _error(e)
+    if args.executor != "dask" and args.scheduler:
+        return _error("--scheduler needs --executor dask.")
+    print_plan(plan)
+    if args.dry_run:
+        print("Dry run: nothing was run or written.")
+        return 0
+    if not plan.jobs:
+        print(
+            "Nothing to run: every requested output exists (use --force to redo, --resume to continue training)."
+        )
+    results = run_plan(
+        plan,
+        executor=args.executor,
+        scheduler=args.scheduler,
+        devices=args.devices,
+        live=False if args.plain else None,
+    )
+    summaries = write_summaries(plan, results, command=args.command_line)
+    return _report(results, summaries, time.perf_counter() - t0)
+
+
+def _report(results, summaries, elapsed: float) -> int:
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    parts = [f"{counts[s]} {s}" for s in ("done", "skipped", "failed", "cancelled") if counts.get(s)]
+    print(f"Finished in {elapsed:.1f} s: {', '.join(parts) or 'no jobs'}.")
+    failed = [r for r in results if r.status == "failed"]
+    cancelled = [r for r in results if r.status == "cancelled"]
+    if failed:
+        print("Failed:")
+        for r in failed:
+            print(f"  {r.name}: {r.error}")
+            print(f"    log: {r.log_path}")
+    if cancelled:
+        print("Cancelled (a job they depend on did not finish): " + ", ".join(r.name for r in cancelled))
+    for s in summaries:
+        print(f"Summary: {s}")
+    return 1 if failed or cancelled else 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .pipeline._config import ConfigError, write_prior_configs
+
+    try:
+        if Path(args.config).is_dir():
+            raise ConfigError(
+                "`sfact generate` takes one general config file, not a folder.", file=args.config
+            )
+        paths, notes = write_prior_configs(
+            args.config, priors=_priors(args.prior), force=args.force, dry_run=args.dry_run
+        )
+    except ConfigError as e:
+        return _error(e)
+    except FileExistsError as e:
+        return _error(e)
+    verb = "would write" if args.dry_run else "wrote"
+    for p in paths:
+        print(f"{verb} {p}")
+    for n in notes:
+        print(f"note: {n}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``sfact`` console script."""
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    """Entry point of the ``sfact`` console script.
+
+    Parameters
+    ----------
+    argv
+        Command-line arguments (``sys.argv[1:]`` when ``None``).
+
+    Returns
+    -------
+    The exit status: 0 when every job is done or skipped, 1 when a job failed, 2 for usage or
+    config errors.
+
+    Examples
+    --------
+    >>> from sfact._cli import main
+    >>> main(["run", "all", "-c", "configs/osmfish/general_test.yaml", "--dry-run"])  # doctest: +SKIP
+    0
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # usage errors (2) and --help (0)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    args.command_line = " ".join(["sfact", *argv])
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("sfact: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

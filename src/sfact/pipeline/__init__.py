@@ -5,6 +5,49 @@ Used by the ``sfact`` console script; importing it does not import torch.
 
 from __future__ import annotations
 
+from . import _stages as stages
+from ._config import (
+    FIGURE_KINDS,
+    PRIORS,
+    AnalysisConfig,
+    Config,
+    ConfigError,
+    DatasetConfig,
+    FiguresConfig,
+    ModelConfig,
+    PreprocessingConfig,
+    TrainingConfig,
+    find_configs,
+    load_config,
+    write_prior_configs,
+)
 from ._jobs import STAGES, Job, JobResult
+from ._plan import Plan, collect_configs, make_plan, print_plan, run_plan, write_summaries
+from ._stages import Layout
 
-__all__ = ["STAGES", "Job", "JobResult"]
+__all__ = [
+    "FIGURE_KINDS",
+    "PRIORS",
+    "STAGES",
+    "AnalysisConfig",
+    "Config",
+    "ConfigError",
+    "DatasetConfig",
+    "FiguresConfig",
+    "Job",
+    "JobResult",
+    "Layout",
+    "ModelConfig",
+    "Plan",
+    "PreprocessingConfig",
+    "TrainingConfig",
+    "collect_configs",
+    "find_configs",
+    "load_config",
+    "make_plan",
+    "print_plan",
+    "run_plan",
+    "stages",
+    "write_prior_configs",
+    "write_summaries",
+]
