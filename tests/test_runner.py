@@ -203,6 +203,15 @@ def test_devices_always_include_a_cpu_slot(tmp_path):
     assert [(r.status, r.device) for r in results] == [("done", "cpu"), ("done", "cuda:7")]
 
 
+def test_auto_devices_one_slot_per_gpu_plus_cpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert _runner._auto_devices() == ["cuda:0", "cuda:1", "cpu"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert _runner._auto_devices() == ["cpu"]
+
+
 def test_formatting_and_remaining_time(tmp_path):
     assert _runner._fmt_seconds(None) == ""
     assert _runner._fmt_seconds(42.06) == "42.1s"

@@ -530,35 +530,68 @@ def _info(row: _Row) -> str:
     return ""
 
 
-def _render_table(tracker: _Tracker) -> Table:
-    """The status table: job, task, device, status, epoch, ELBO, elapsed, remaining, info."""
+def _build_table(cells: list[tuple], info_width: int) -> Table:
     from rich import box
     from rich.table import Table
     from rich.text import Text
 
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("job", no_wrap=True)
-    table.add_column("task", no_wrap=True)
-    table.add_column("device", no_wrap=True)
-    table.add_column("status", no_wrap=True)
+    for name in ("job", "task", "device", "status"):
+        table.add_column(name, no_wrap=True)
     for name in ("epoch", "ELBO", "elapsed", "remaining"):
         table.add_column(name, justify="right", no_wrap=True)
-    table.add_column("info", overflow="ellipsis", no_wrap=True, max_width=60)
-    now = time.monotonic()
-    with tracker.lock:
-        for row in tracker.rows:
-            table.add_row(
-                row.job.name,
-                row.job.task,
-                row.device or "",
-                Text(row.status, style=_STATUS_STYLE.get(row.status, "")),
-                _fmt_epoch(row),
-                _fmt_elbo(row.elbo),
-                _fmt_seconds(row.elapsed(now)),
-                _fmt_seconds(row.remaining()),
-                _info(row),
-            )
+    if info_width > 0:
+        table.add_column("info", no_wrap=True, overflow="ellipsis", max_width=info_width)
+    for *first, status, info in cells:
+        extra = [info] if info_width > 0 else []
+        table.add_row(*first[:3], Text(status, style=_STATUS_STYLE.get(status, "")), *first[3:], *extra)
     return table
+
+
+class _StatusTable:
+    """The status table (job, task, device, status, epoch, ELBO, elapsed, remaining, info).
+
+    A renderable that reads the jobs' state when it is drawn; the info column (messages,
+    errors) gets the width the other columns leave, at most 60, and none below 10.
+    """
+
+    def __init__(self, tracker: _Tracker) -> None:
+        self.tracker = tracker
+
+    def _cells(self) -> list[tuple]:
+        now = time.monotonic()
+        with self.tracker.lock:
+            return [
+                (
+                    row.job.name,
+                    row.job.task,
+                    row.device or "",
+                    _fmt_epoch(row),
+                    _fmt_elbo(row.elbo),
+                    _fmt_seconds(row.elapsed(now)),
+                    _fmt_seconds(row.remaining()),
+                    row.status,
+                    _info(row),
+                )
+                for row in self.tracker.rows
+            ]
+
+    def table(self, console, max_width: int) -> Table:
+        from rich.measure import Measurement
+
+        cells = self._cells()
+        core = _build_table(cells, 0)
+        used = Measurement.get(console, console.options.update_width(10_000), core).maximum
+        info_width = min(60, max_width - used - 2)
+        return _build_table(cells, info_width if info_width >= 10 else 0)
+
+    def __rich_console__(self, console, options):
+        yield self.table(console, options.max_width)
+
+    def __rich_measure__(self, console, options):
+        from rich.measure import Measurement
+
+        return Measurement.get(console, options, self.table(console, options.max_width))
 
 
 def _plain_text(renderable) -> str:
@@ -592,7 +625,7 @@ class _Display:
                 console=self.console,
                 refresh_per_second=4,
                 transient=True,
-                get_renderable=lambda: _render_table(self.tracker),
+                get_renderable=lambda: _StatusTable(self.tracker),
             )
             self._live.start()
 
@@ -665,7 +698,7 @@ class _Display:
         if self._live is not None:
             self._live.stop()
             self._live = None
-        table = _render_table(self.tracker)
+        table = _StatusTable(self.tracker)
         if self.console.is_terminal:
             self.console.print(table)
         else:  # plain text, as wide as the table needs (logs have no width)
@@ -798,13 +831,23 @@ class _LocalBackend:
             name=f"sfact-{job.name}",
             daemon=False,
         )
-        # started with SIGINT ignored (inherited through exec), so that a Ctrl-C while the child
-        # boots does not print a traceback: the parent handles Ctrl-C and terminates children
+        # The child starts with SIGINT ignored (inherited through exec), so that a Ctrl-C while
+        # it boots prints no traceback: the parent handles Ctrl-C and terminates children. It
+        # also starts with the thread limits in its environment, before numpy/torch load (a
+        # limit the user set is kept).
+        env = {"OMP_WAIT_POLICY": "PASSIVE"}
+        env.update(
+            dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), str(self.threads))
+        )
+        env = {k: v for k, v in env.items() if k not in os.environ}
         ignore = threading.current_thread() is threading.main_thread()
         old = signal.signal(signal.SIGINT, signal.SIG_IGN) if ignore else None
+        os.environ.update(env)
         try:
             proc.start()
         finally:
+            for k in env:
+                os.environ.pop(k, None)
             if ignore:
                 signal.signal(signal.SIGINT, old)
         self.procs[job.name] = proc
@@ -1068,7 +1111,9 @@ def run_jobs(
         finished or failed with its log, progress every 10 s). Default: whether ``console``
         is a terminal. Either way the final table is printed at the end.
     console
-        Where the display goes; default a :class:`rich.console.Console` on ``sys.stdout``.
+        Where the display goes; default a :class:`rich.console.Console` on ``sys.stdout``. For
+        ``"serial"`` runs give it a fixed file (``Console(file=sys.stdout)``): while a job runs
+        in this process, ``sys.stdout`` is the job's log.
     poll_interval
         Seconds between two looks at the workers.
 
@@ -1084,6 +1129,11 @@ def run_jobs(
 
     Notes
     -----
+    Local workers are started with the ``spawn`` method, so a script that calls this must
+    guard its entry point with ``if __name__ == "__main__":``. Each local job gets the
+    available cores divided by the number of slots as its OpenMP/BLAS/torch threads (unless
+    ``OMP_NUM_THREADS`` is set), and ``OMP_WAIT_POLICY=PASSIVE``.
+
     **Devices on a Dask cluster (with ``scheduler``).** Dask decides where and when each job
     runs (jobs are submitted as soon as their dependencies are met, with priorities in
     pipeline order). A ``use_gpu`` job asks for the worker resource ``GPU=1`` when some
