@@ -170,6 +170,23 @@ def test_missing_input_fails_naming_the_stage_to_run_first(tmp_path, capsys):
     assert f"log: {tmp_path / 'out' / 'logs' / 'pnmf.log'}" in out
     assert "Traceback" in (tmp_path / "out" / "logs" / "pnmf.log").read_text()
     assert not (tmp_path / "out" / "pnmf" / "model").exists()
+    # the job's own error names the command too (not only the plan's note)
+    job = json.loads((tmp_path / "out" / "run_summary.json").read_text())["jobs"]["tiny/pnmf/train"]
+    assert job["status"] == "failed"
+    assert f"run `sfact preprocess -c {cfg}` first" in job["error"]
+
+
+def test_changed_settings_are_noted_not_silently_redone(copy_of_run, capsys):
+    cfg = copy_of_run / "tiny.yaml"
+    cfg.write_text(
+        TINY.replace("min_group_size: 10", "min_group_size: 5").replace("n_neighbors: 8", "n_neighbors: 6")
+    )
+    rc, out, _ = sfact("run", "all", "-c", cfg, "--dry-run", capsys=capsys)
+    assert rc == 0 and "0 jobs to run" in out
+    assert "prepared.h5ad was made with other settings (preprocessing.min_group_size)" in out
+    assert "tiny/lcgp/train: the saved model was trained with other settings" in out
+    assert "model.prior_kwargs.n_neighbors" in out
+    assert "tiny/svgp/train: the saved model" not in out  # n_neighbors is not an svgp option
 
 
 def test_resume_appends_history_and_redoes_the_analysis(copy_of_run, capsys):

@@ -225,9 +225,12 @@ def _pipeline(args: argparse.Namespace) -> int:
         print("Dry run: nothing was run or written.")
         return 0
     if not plan.jobs:
-        print(
-            "Nothing to run: every requested output exists (use --force to redo, --resume to continue training)."
-        )
+        if plan.skipped:
+            print(
+                "Nothing to run: every requested output exists (--force redoes, --resume continues training)."
+            )
+        else:
+            print("Nothing to run.")
     results = run_plan(
         plan,
         executor=args.executor,
@@ -314,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sfact: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `sfact run ... --dry-run | head`
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -259,7 +259,7 @@ def make_plan(
                 name=pre_name,
                 task="preprocess",
                 fn=STAGE_FUNCTIONS["preprocess"],
-                kwargs={"config": cfg0.to_dict(), "force": force},
+                kwargs={"config": cfg0.to_dict(), "config_file": cfg0.source, "force": force},
                 log_path=layout.log(None),
                 dataset=name,
             )
@@ -299,11 +299,22 @@ def make_plan(
                     continue
                 job_name = f"{name}/{prior}/{task}"
                 done = layout.done(task, prior)
-                kwargs: dict[str, Any] = {"config": pc.to_dict(), "prior": prior, "force": force}
+                kwargs: dict[str, Any] = {
+                    "config": pc.to_dict(),
+                    "prior": prior,
+                    "config_file": pc.source,
+                    "force": force,
+                }
                 if task == "train":
                     kwargs["resume"] = resume
                     run = force or resume or not done
                     reason = f"a saved model exists ({layout.model_dir(prior)}); --resume continues it"
+                    stale = _stale_model(layout, prior, pc) if done and not force else []
+                    if stale:
+                        plan.notes.append(
+                            f"{job_name}: the saved model was trained with other settings ({', '.join(stale)}); "
+                            f"it is {'continued' if resume else 'kept'}: use --force to train afresh."
+                        )
                 else:
                     run = force or not done or upstream_runs
                     reason = f"outputs exist ({layout.marker(task, prior)})"
@@ -346,6 +357,22 @@ def _stale_prepared(layout: Layout, cfg: Config) -> list[str]:
     return _differences(old, json.loads(json.dumps(cfg.data_dict())))
 
 
+def _stale_model(layout: Layout, prior: str, cfg: Config) -> list[str]:
+    """``model`` keys whose settings differ from those the saved model was trained with.
+
+    Data settings are checked against ``prepared.json``; ``training`` may differ (training longer
+    or differently is what ``--resume`` is for).
+    """
+    import yaml
+
+    try:
+        old = Config.from_dict(yaml.safe_load(layout.fit_config(prior).read_text()))
+    except (OSError, ValueError, yaml.YAMLError):
+        return []
+    a, b = {"model": old.fit_dict()["model"]}, {"model": cfg.fit_dict()["model"]}
+    return _differences(json.loads(json.dumps(a)), json.loads(json.dumps(b)))
+
+
 # ---------------------------------------------------------------------------------------------
 # printing
 # ---------------------------------------------------------------------------------------------
@@ -365,10 +392,13 @@ def print_plan(plan: Plan, file: IO[str] | None = None) -> None:
         file=file,
     )
     rows: dict[str, list[tuple[str, str]]] = {d: [] for d in plan.datasets}
+    width = max([len(j.name) for j in plan.jobs] + [len(r.name) for r in plan.skipped] + [20])
     for j in plan.jobs:
         extra = []
         if j.depends_on:
-            extra.append(f"after {', '.join(j.depends_on)}")
+            # within a data set and prior, the stage is enough ("after train")
+            deps = [d.rsplit("/", 1)[-1] if d.startswith(f"{j.dataset}/") else d for d in j.depends_on]
+            extra.append(f"after {', '.join(deps)}")
         extra.append("gpu/cpu" if j.use_gpu else "cpu")
         if j.task == "train":
             extra.append(f"max_iter {j.max_epoch}")
@@ -378,9 +408,9 @@ def print_plan(plan: Plan, file: IO[str] | None = None) -> None:
             extra.append(f"redo: outputs exist but {plan.redo[j.name].rsplit('/', 1)[-1]} runs first")
         elif j.kwargs.get("force"):
             extra.append("force")
-        rows[j.dataset].append((j.name, f"run   {j.name:<36s} {'  '.join(extra)}"))
+        rows[j.dataset].append((j.name, f"run   {j.name:<{width}s}  {'  '.join(extra)}"))
     for r in plan.skipped:
-        rows[r.dataset].append((r.name, f"skip  {r.name:<36s} {r.output.get('reason', '')}"))
+        rows[r.dataset].append((r.name, f"skip  {r.name:<{width}s}  {r.output.get('reason', '')}"))
     order = {j.name: i for i, j in enumerate(plan.jobs)}
     order.update({r.name: i for i, r in enumerate(plan.skipped, start=len(order))})
     stage_rank = {s: i for i, s in enumerate(STAGES)}

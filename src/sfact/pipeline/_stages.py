@@ -40,7 +40,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Layout:
-    """Paths of one data set's outputs below ``root`` (the config's ``output_dir``)."""
+    """Paths of one data set's outputs below ``root`` (the config's ``output_dir``).
+
+    Examples
+    --------
+    >>> from pathlib import Path
+    >>> from sfact.pipeline import Layout
+    >>> layout = Layout(Path("outputs/osmfish"))
+    >>> layout.results("svgp"), layout.log("svgp")
+    (PosixPath('outputs/osmfish/svgp/results.h5ad'), PosixPath('outputs/osmfish/logs/svgp.log'))
+    """
 
     root: Path
 
@@ -112,10 +121,13 @@ class Layout:
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def _config(config: dict[str, Any] | Config) -> Config:
+def _config(config: dict[str, Any] | Config, config_file: str | None) -> Config:
     from ._config import Config
 
-    return config if isinstance(config, Config) else Config.from_dict(config)
+    cfg = config if isinstance(config, Config) else Config.from_dict(config)
+    if config_file is not None:
+        cfg.source = config_file
+    return cfg
 
 
 def _tmp_sibling(path: Path, tag: str = "tmp") -> Path:
@@ -247,6 +259,7 @@ def _read_prepared(layout: Layout):
 def preprocess(
     *,
     config: dict[str, Any],
+    config_file: str | None = None,
     force: bool = False,
     device: str | None = None,
     report: Reporter = null_reporter,
@@ -257,6 +270,8 @@ def preprocess(
     ----------
     config
         The config as a dict (:meth:`~sfact.pipeline.Config.to_dict`).
+    config_file
+        The file the config came from (named in error messages).
     force
         Redo it when ``prepared.h5ad`` exists.
     device
@@ -276,7 +291,7 @@ def preprocess(
     >>> stages.preprocess(config=cfg.to_dict())  # doctest: +SKIP
     {'prepared': 'out/prepared.h5ad', 'n_obs': 452, ...}
     """
-    cfg = _config(config)
+    cfg = _config(config, config_file)
     layout = Layout(Path(cfg.output_dir))
     with _job_context(f"{cfg.name}: preprocess"):
         if layout.prepared.exists() and not force:
@@ -351,6 +366,7 @@ def train(
     *,
     config: dict[str, Any],
     prior: str,
+    config_file: str | None = None,
     force: bool = False,
     resume: bool = False,
     device: str | None = None,
@@ -362,6 +378,8 @@ def train(
     ----------
     config
         The config as a dict.
+    config_file
+        The file the config came from (named in error messages).
     prior
         The prior to train.
     force
@@ -383,7 +401,7 @@ def train(
     --------
     >>> stages.train(config=cfg.to_dict(), prior="pnmf")  # doctest: +SKIP
     """
-    cfg = _config(config)
+    cfg = _config(config, config_file)
     layout = Layout(Path(cfg.output_dir))
     model_dir = layout.model_dir(prior)
     with _job_context(f"{cfg.name}/{prior}: train"):
@@ -485,6 +503,7 @@ def analyze(
     *,
     config: dict[str, Any],
     prior: str,
+    config_file: str | None = None,
     force: bool = False,
     device: str | None = None,
     report: Reporter = null_reporter,
@@ -498,6 +517,8 @@ def analyze(
     ----------
     config
         The config as a dict.
+    config_file
+        The file the config came from (named in error messages).
     prior
         The prior to analyse.
     force
@@ -515,7 +536,7 @@ def analyze(
     --------
     >>> stages.analyze(config=cfg.to_dict(), prior="pnmf")  # doctest: +SKIP
     """
-    cfg = _config(config)
+    cfg = _config(config, config_file)
     layout = Layout(Path(cfg.output_dir))
     model_dir = layout.model_dir(prior)
     out_dir = layout.prior_dir(prior)
@@ -654,6 +675,7 @@ def figures(
     *,
     config: dict[str, Any],
     prior: str,
+    config_file: str | None = None,
     force: bool = False,
     device: str | None = None,
     report: Reporter = null_reporter,
@@ -665,6 +687,8 @@ def figures(
     config
         The config as a dict; ``figures.kinds`` selects the figures (all that apply when
         ``null``).
+    config_file
+        The file the config came from (named in error messages).
     prior
         The prior.
     force
@@ -682,7 +706,7 @@ def figures(
     --------
     >>> stages.figures(config=cfg.to_dict(), prior="svgp")  # doctest: +SKIP
     """
-    cfg = _config(config)
+    cfg = _config(config, config_file)
     layout = Layout(Path(cfg.output_dir))
     fig_dir = layout.figures(prior)
     with _job_context(f"{cfg.name}/{prior}: figures"):
