@@ -388,3 +388,28 @@ def test_local_executor_runs_the_stages_in_worker_processes(tmp_path, capsys):
     assert [jobs[n]["status"] for n in ("tiny/preprocess", "tiny/pnmf/train")] == ["done", "done"]
     assert jobs["tiny/pnmf/train"]["device"] == "cpu"
     assert "tiny/pnmf: train" in (tmp_path / "out" / "logs" / "pnmf.log").read_text()
+
+
+@pytest.mark.slow
+def test_dask_executor_gives_the_same_outputs_as_serial(done_run, tmp_path, capsys):
+    """The tiny plan on a Dask ``LocalCluster`` writes the same files and numbers as in-process."""
+    pytest.importorskip("distributed")
+    root, rc0 = done_run
+    assert rc0 == 0
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    priors = ["pnmf", "mggp_svgp"]
+    rc, out, _ = sfact(
+        "run", "all", "-c", cfg, "--prior", ",".join(priors), "--executor", "dask", "--plain",
+        capsys=capsys,
+    )  # fmt: skip
+    assert rc == 0, out
+    jobs = json.loads((tmp_path / "out" / "run_summary.json").read_text())["jobs"]
+    assert {j["status"] for j in jobs.values()} == {"done"}
+    for prior in priors:
+        a, b = root / "out" / prior, tmp_path / "out" / prior
+        for arr in ("factors.npy", "scales.npy", "loadings.npy"):
+            np.testing.assert_allclose(np.load(b / arr), np.load(a / arr), rtol=1e-5, atol=1e-7, err_msg=arr)
+        ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+        assert mb["deviance"] == pytest.approx(ma["deviance"], rel=1e-6)
+        assert sorted(p.name for p in (b / "figures").iterdir()) == sorted(p.name for p in (a / "figures").iterdir())
