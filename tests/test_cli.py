@@ -412,4 +412,6 @@ def test_dask_executor_gives_the_same_outputs_as_serial(done_run, tmp_path, caps
             np.testing.assert_allclose(np.load(b / arr), np.load(a / arr), rtol=1e-5, atol=1e-7, err_msg=arr)
         ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
         assert mb["deviance"] == pytest.approx(ma["deviance"], rel=1e-6)
-        assert sorted(p.name for p in (b / "figures").iterdir()) == sorted(p.name for p in (a / "figures").iterdir())
+        assert sorted(p.name for p in (b / "figures").iterdir()) == sorted(
+            p.name for p in (a / "figures").iterdir()
+        )
