@@ -24,6 +24,14 @@ class SfactSettings:
         Show progress bars during training and long analyses.
     deterministic
         Ask torch for deterministic algorithms (slower on GPU).
+
+    Examples
+    --------
+    >>> import sfact
+    >>> sfact.settings.device = "cpu"
+    >>> sfact.settings.progress_bar = False
+    >>> sfact.settings
+    SfactSettings(device='cpu', dtype='float32', verbosity=1, progress_bar=False, deterministic=False)
     """
 
     def __init__(self) -> None:

@@ -325,8 +325,8 @@ def slideseqv2(
     Examples
     --------
     >>> import sfact
-    >>> adata = sfact.datasets.slideseqv2(path="data/slideseqv2.h5ad")
-    >>> sfact.pp.prepare(adata, group_key="cluster")
+    >>> adata = sfact.datasets.slideseqv2(path="data/slideseqv2.h5ad")  # doctest: +SKIP
+    >>> sfact.pp.prepare(adata, group_key="cluster")  # doctest: +SKIP
     """
     adata = _squidpy_h5ad("slideseqv2", path, download)
     out = _from_raw(adata, use_raw=use_raw, all_genes=all_genes, recover=recover_counts)
@@ -395,8 +395,8 @@ def visium_hne(
     Examples
     --------
     >>> import sfact
-    >>> adata = sfact.datasets.visium_hne(path="data/visium_hne_adata.h5ad")
-    >>> sfact.pp.prepare(adata, group_key="cluster")
+    >>> adata = sfact.datasets.visium_hne(path="data/visium_hne_adata.h5ad")  # doctest: +SKIP
+    >>> sfact.pp.prepare(adata, group_key="cluster")  # doctest: +SKIP
     """
     adata = _squidpy_h5ad("visium_hne_adata", path, download)
     out = _from_raw(adata, use_raw=use_raw, all_genes=all_genes, recover=recover_counts)
@@ -471,8 +471,8 @@ def merfish(
     Examples
     --------
     >>> import sfact
-    >>> adata = sfact.datasets.merfish(path="data/merfish.h5ad", bregma=-9)
-    >>> sfact.pp.prepare(adata, group_key="Cell_class")
+    >>> adata = sfact.datasets.merfish(path="data/merfish.h5ad", bregma=-9)  # doctest: +SKIP
+    >>> sfact.pp.prepare(adata, group_key="Cell_class")  # doctest: +SKIP
     """
     adata = _squidpy_h5ad("merfish", path, download)
     if bregma is not None:
@@ -555,8 +555,8 @@ def sdmbench_dlpfc(
     Examples
     --------
     >>> import sfact
-    >>> adata = sfact.datasets.sdmbench_dlpfc("151673.h5ad")
-    >>> sfact.pp.prepare(adata, group_key="Region")  # drops the unannotated spots
+    >>> adata = sfact.datasets.sdmbench_dlpfc("151673.h5ad")  # doctest: +SKIP
+    >>> sfact.pp.prepare(adata, group_key="Region")  # drops the unannotated spots  # doctest: +SKIP
     """
     return _sdmbench(path, group_key, na_labels, "sdmbench_dlpfc")
 
@@ -607,8 +607,8 @@ def sdmbench_osmfish(
     Examples
     --------
     >>> import sfact
-    >>> adata = sfact.datasets.sdmbench_osmfish("osmfish.h5ad")
-    >>> sfact.pp.prepare(adata, group_key="Region")
+    >>> adata = sfact.datasets.sdmbench_osmfish("osmfish.h5ad")  # doctest: +SKIP
+    >>> sfact.pp.prepare(adata, group_key="Region")  # doctest: +SKIP
     """
     return _sdmbench(path, group_key, na_labels, "sdmbench_osmfish")
 
@@ -711,11 +711,11 @@ def liver_merfish(
     Examples
     --------
     >>> import sfact
-    >>> adata = sfact.datasets.liver_merfish("adata_healthy_merfish.h5ad")
-    >>> sfact.pp.prepare(adata, group_key="Cell_Type")
+    >>> adata = sfact.datasets.liver_merfish("adata_healthy_merfish.h5ad")  # doctest: +SKIP
+    >>> sfact.pp.prepare(adata, group_key="Cell_Type")  # doctest: +SKIP
     >>> fibrotic = sfact.datasets.liver_merfish(
     ...     "adata_healthy_diseased_merfish.h5ad", condition="diseased"
-    ... )
+    ... )  # doctest: +SKIP
     """
     adata = _read_h5ad(path)
     if condition_key in adata.obs.columns:
@@ -877,8 +877,8 @@ def colon_merfish(
     >>> import sfact
     >>> adata = sfact.datasets.colon_merfish(
     ...     "HuColonCa_20220427.h5ad", labels="HuColonCa_20220427_labels.csv", subsample=100_000
-    ... )
-    >>> sfact.pp.prepare(adata, group_key="cl46v1SubShort_ds")
+    ... )  # doctest: +SKIP
+    >>> sfact.pp.prepare(adata, group_key="cl46v1SubShort_ds")  # doctest: +SKIP
     """
     import pandas as pd
 

@@ -15,9 +15,18 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class LoaderInfo:
-    """A named data set loader."""
+    """A named data set loader, an entry of :data:`LOADERS` (see :func:`load`).
+
+    Examples
+    --------
+    >>> import sfact
+    >>> info = sfact.datasets.LOADERS["osmfish"]
+    >>> info.group_key, info.needs_path
+    ('ClusterName', False)
+    """
 
     name: str
+    """The name :func:`load` and the CLI configs use, e.g. ``"osmfish"``."""
     fn: Callable[..., AnnData]
     """Called as ``fn(**kwargs)`` (with ``path=`` when :attr:`needs_path`)."""
     group_key: str | None
@@ -25,6 +34,7 @@ class LoaderInfo:
     needs_path: bool
     """The data are read from a local file or folder given as ``path``."""
     description: str
+    """One line shown by :func:`loaders`."""
     accepts_path: bool = False
     """``path`` is optional (e.g. an already-downloaded file, or where to download it); implied by
     :attr:`needs_path`."""

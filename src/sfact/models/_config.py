@@ -20,6 +20,12 @@ class PNMFConfig:
     ----------
     init_scale
         Initial posterior standard deviation of the log-factors.
+
+    Examples
+    --------
+    >>> model = sfact.models.SpatialFactorization(  # doctest: +SKIP
+    ...     adata, prior="pnmf", prior_kwargs={"init_scale": 0.05}
+    ... )
     """
 
     init_scale: float = 0.1
@@ -58,6 +64,17 @@ class SVGPConfig:
     cache_budget
         Cache ``L_zz⁻¹K_zx`` of all training cells when M·N is at most this many numbers;
         ``None``: 5·10⁷ on the CPU (200 MB), 5·10⁸ on a GPU (2 GB in float32).
+    extra
+        Reserved: not settable through ``prior_kwargs`` and not saved with the model.
+
+    Examples
+    --------
+    >>> model = sfact.models.SpatialFactorization(  # doctest: +SKIP
+    ...     adata,
+    ...     prior="mggp_svgp",
+    ...     group_key="ClusterName",
+    ...     prior_kwargs={"num_inducing": 500, "lengthscale": 8.0},
+    ... )
     """
 
     num_inducing: int | None = None
@@ -114,6 +131,14 @@ class LCGPConfig:
         ``"auto"``: correlation for ``mggp_lcgp``, spatial for ``lcgp``.
     order_seed
         Seed of the random ordering of the cells (the Vecchia factorization's order).
+    extra
+        Reserved: not settable through ``prior_kwargs`` and not saved with the model.
+
+    Examples
+    --------
+    >>> model = sfact.models.SpatialFactorization(  # doctest: +SKIP
+    ...     adata, prior="lcgp", prior_kwargs={"n_neighbors": 20, "nugget": 0.1}
+    ... )
     """
 
     n_neighbors: int = 50

@@ -79,11 +79,31 @@ class SpatialFactorization:
     n_samples
         Monte Carlo samples per step for the ``expanded`` and ``simple`` modes.
     prior_kwargs
-        Extra arguments of the prior (kernel, inducing points, ...).
+        Extra arguments of the prior (kernel, inducing points, ...): the fields of
+        ``PNMFConfig`` (``pnmf``), ``SVGPConfig`` (``svgp``, ``mggp_svgp``) or ``LCGPConfig``
+        (``lcgp``, ``mggp_lcgp``) in ``sfact.models._config``; an unknown name raises a
+        :class:`TypeError` listing the valid ones.
     device
         ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; defaults to :attr:`sfact.settings.device`.
     random_state
         Seed (int) or :class:`numpy.random.Generator` for initialization, batching and sampling.
+
+    Attributes
+    ----------
+    adata
+        The training data (``None`` after :meth:`load` without ``adata``).
+    device
+        The device the model lives on: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (``"auto"`` resolved).
+    module
+        The torch module (prior, variational parameters and loadings); ``None`` until trained.
+    history_
+        The raw training history; :attr:`history` gives it as a DataFrame.
+    is_trained
+        Whether :meth:`train` has run (or the model was loaded).
+    converged
+        Whether the last :meth:`train` call met ``tol``.
+    train_info
+        Settings and timings of the last :meth:`train` call, as plain values.
 
     Examples
     --------
@@ -508,6 +528,16 @@ class SpatialFactorization:
         sfact.models.TrainingError
             If the ELBO becomes non-finite; the message names the iteration and the model keeps
             its last finite parameters.
+
+        Examples
+        --------
+        >>> import sfact
+        >>> adata = sfact.datasets.osmfish()
+        >>> sfact.pp.prepare(adata, group_key="ClusterName")
+        >>> model = sfact.models.SpatialFactorization(adata, prior="mggp_svgp", n_factors=5)
+        >>> model.train(max_iter=200)  # doctest: +SKIP
+        >>> model.train(max_iter=100)  # continues; the history is appended  # doctest: +SKIP
+        >>> model.history["elbo"].tail()  # doctest: +SKIP
         """
         import torch
 
@@ -728,6 +758,17 @@ class SpatialFactorization:
         Returns
         -------
         ``(factors, groups)``: an array (n_groups, n_cells, n_factors) and the group names.
+
+        Raises
+        ------
+        ValueError
+            If the prior is not a multi-group one, or a group is unknown.
+
+        Examples
+        --------
+        >>> F, groups = model.groupwise_factors(groups=["Microglia", "Pericytes"])  # doctest: +SKIP
+        >>> F.shape  # doctest: +SKIP
+        (2, 4839, 5)
         """
         self._require_trained()
         if not self.prior.startswith("mggp"):
@@ -754,7 +795,20 @@ class SpatialFactorization:
         return out, groups
 
     def gp_info(self) -> dict[str, Any]:
-        """Kernel hyperparameters and inducing-point count (spatial priors), as plain values."""
+        """Kernel hyperparameters and inducing-point count (spatial priors), as plain values.
+
+        Returns
+        -------
+        A dict: ``kernel``, ``lengthscale`` and ``sigma`` (lists, one value per kernel),
+        ``group_diff_param`` (multi-group priors), ``num_inducing`` and ``prior``; for the LCGP
+        priors also ``n_neighbors`` and ``nugget``. Empty for ``pnmf``.
+
+        Examples
+        --------
+        >>> model.gp_info()  # doctest: +SKIP
+        {'kernel': 'matern32', 'lengthscale': [5.0], 'sigma': [1.0], 'group_diff_param': [1.0],
+         'num_inducing': 1000, 'prior': 'mggp_svgp'}
+        """
         self._require_trained()
         info = getattr(self.module.prior, "gp_info", None)
         return {} if info is None else info()
@@ -795,23 +849,73 @@ class SpatialFactorization:
         Returns
         -------
         Array (n_cells, n_factors).
+
+        Examples
+        --------
+        >>> F = model.get_factors()  # doctest: +SKIP
+        >>> F.shape  # doctest: +SKIP
+        (4839, 5)
+        >>> F_new = model.get_factors(adata_new)  # doctest: +SKIP
         """
         mu, var = self._marginals(adata, batch_size)
         return np.exp(mu + 0.5 * var) if expected else np.exp(mu)
 
     def get_scales(self, adata: AnnData | None = None, *, batch_size: int = 10000) -> np.ndarray:
-        """Posterior standard deviations σ (N, L) of the log-factors."""
+        """Posterior standard deviations σ (N, L) of the log-factors.
+
+        Parameters
+        ----------
+        adata
+            New cells (see :meth:`get_factors`); the training cells when ``None``.
+        batch_size
+            Cells per batch of the GP forward.
+
+        Returns
+        -------
+        Array (n_cells, n_factors).
+
+        Examples
+        --------
+        >>> sigma = model.get_scales()  # doctest: +SKIP
+        """
         _, var = self._marginals(adata, batch_size)
         return np.sqrt(var)
 
     def get_log_factors(
         self, adata: AnnData | None = None, *, batch_size: int = 10000
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Posterior means ``μ`` and variances ``σ²`` (each N x L) of the log-factors."""
+        """Posterior means ``μ`` and variances ``σ²`` (each N x L) of the log-factors.
+
+        Parameters
+        ----------
+        adata
+            New cells (see :meth:`get_factors`); the training cells when ``None``.
+        batch_size
+            Cells per batch of the GP forward.
+
+        Returns
+        -------
+        ``(mu, var)``, each an array (n_cells, n_factors).
+
+        Examples
+        --------
+        >>> mu, var = model.get_log_factors()  # doctest: +SKIP
+        """
         return self._marginals(adata, batch_size)
 
     def get_loadings(self) -> np.ndarray:
-        """Non-negative loadings ``W`` (D, L)."""
+        """Non-negative loadings ``W`` (D, L).
+
+        Returns
+        -------
+        Array (n_vars, n_factors), rows in the order of :attr:`var_names`.
+
+        Examples
+        --------
+        >>> import pandas as pd
+        >>> W = model.get_loadings()  # doctest: +SKIP
+        >>> pd.DataFrame(W, index=model.var_names, columns=model.factor_names)  # doctest: +SKIP
+        """
         self._require_trained()
         return self.module.loadings().detach().cpu().double().numpy()
 
@@ -821,9 +925,23 @@ class SpatialFactorization:
         From their coordinates (and groups) through the GP predictive for the spatial priors; from
         their counts with the loadings fixed for ``pnmf``.
 
+        Parameters
+        ----------
+        adata_new
+            New cells with the model's genes, coordinates in ``obsm[spatial_key]`` and, for the
+            multi-group priors, groups in ``obs[group_key]`` among the training groups.
+        batch_size
+            Cells per batch of the GP predictive.
+
         Returns
         -------
         ``(factors, scales)``, each (n_new, n_factors): ``exp(μ)`` and ``σ``.
+
+        Examples
+        --------
+        >>> train, test = sfact.tl.heldout_split(adata)  # doctest: +SKIP
+        >>> model = sfact.models.SpatialFactorization(train, prior="svgp").train()  # doctest: +SKIP
+        >>> factors, scales = model.transform(test)  # doctest: +SKIP
         """
         mu, var = self._transform_marginals(adata_new, batch_size=batch_size)
         return np.exp(mu), np.sqrt(var)
@@ -832,6 +950,21 @@ class SpatialFactorization:
         """Expected counts ``E[λ_nd] = s_n Σ_l W_dl e^{μ_nl+σ²_nl/2}`` (dense, n x D).
 
         Size factors of new cells come from their own counts (``"total"``) or ``obs`` column.
+
+        Parameters
+        ----------
+        adata_new
+            New cells (see :meth:`transform`); the training cells when ``None``.
+        batch_size
+            Cells per batch of the GP predictive.
+
+        Returns
+        -------
+        Dense array (n_cells, n_vars) of expected counts.
+
+        Examples
+        --------
+        >>> Y_hat = model.predict(test)  # doctest: +SKIP
         """
         adata = self.adata if adata_new is None else adata_new
         mu, var = self._marginals(adata_new, batch_size)
@@ -842,7 +975,21 @@ class SpatialFactorization:
 
     # ------------------------------------------------------------------ reorder
     def reorder_factors(self, order: np.ndarray) -> None:
-        """Permute the factors everywhere in the model (``order[k]`` is the old index of factor k)."""
+        """Permute the factors everywhere in the model (``order[k]`` is the old index of factor k).
+
+        Loadings, variational parameters and per-factor kernels are permuted together;
+        :func:`sfact.tl.fit` and :func:`sfact.tl.analyze` use it to order the factors by Moran's I.
+        The optimizer state is reset (its moments belong to the old order).
+
+        Parameters
+        ----------
+        order
+            A permutation of ``0..n_factors-1``.
+
+        Examples
+        --------
+        >>> model.reorder_factors([1, 0, 2, 3, 4])  # swap the first two factors  # doctest: +SKIP
+        """
         import torch
 
         self._require_trained()
@@ -867,6 +1014,11 @@ class SpatialFactorization:
             Replace an existing saved model in ``dir_path``.
         save_optimizer
             Also save the optimizer state, so training continues exactly where it stopped.
+
+        Examples
+        --------
+        >>> model.save("model_dir", overwrite=True)  # doctest: +SKIP
+        >>> model = sfact.models.SpatialFactorization.load("model_dir", adata)  # doctest: +SKIP
         """
         import torch
 
@@ -932,6 +1084,11 @@ class SpatialFactorization:
         Returns
         -------
         The model, ready for :meth:`get_factors`, :meth:`transform` or :meth:`train`.
+
+        Examples
+        --------
+        >>> model = sfact.models.SpatialFactorization.load("model_dir", adata)  # doctest: +SKIP
+        >>> model.train(max_iter=100)  # continue training  # doctest: +SKIP
         """
         import torch
 

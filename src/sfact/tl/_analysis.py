@@ -39,6 +39,16 @@ def morans_i(
     -------
     DataFrame indexed by name, with squidpy's columns ``I``, ``pval_norm``, ``var_norm``,
     ``pval_norm_fdr_bh``, in the order of ``values``' columns.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import sfact
+    >>> rng = np.random.default_rng(0)
+    >>> coords = rng.uniform(0, 10, (500, 2))
+    >>> values = np.c_[coords[:, 0], rng.normal(size=500)]  # a gradient and noise
+    >>> sfact.tl.morans_i(values, coords, names=["gradient", "noise"])["I"].round(2).tolist()
+    [0.99, -0.01]
     """
     import logging
     import warnings
@@ -142,7 +152,28 @@ def reconstruction_error(
 def baseline_deviance(Y_train, Y_test) -> float:
     """Mean Poisson deviance per entry of the "cell total × gene share" baseline on ``Y_test``.
 
-    The gene shares come from ``Y_train``; each test cell's own total scales them.
+    The gene shares come from ``Y_train``; each test cell's own total scales them. It is the
+    floor every fit should beat on held-out cells (compare :func:`sfact.tl.heldout_deviance`).
+
+    Parameters
+    ----------
+    Y_train
+        (n_train, D) training counts, sparse or dense: the gene shares.
+    Y_test
+        (n_test, D) held-out counts, sparse or dense, with the same genes.
+
+    Returns
+    -------
+    ``2 Σ [y log(y/λ) − (y − λ)] / (n_test · D)`` with ``λ_nd`` = cell ``n``'s total × gene
+    ``d``'s share of all training counts.
+
+    Examples
+    --------
+    >>> import sfact
+    >>> adata = sfact.datasets.osmfish()
+    >>> train, test = sfact.tl.heldout_split(adata)
+    >>> round(sfact.tl.baseline_deviance(train.X, test.X), 2)
+    8.01
     """
     Y_train = sp.csr_matrix(Y_train)
     Y_test = sp.csr_matrix(Y_test)

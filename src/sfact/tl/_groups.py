@@ -424,6 +424,14 @@ def gene_enrichment(
     ``group_key``, ``pseudocount``, ``min_counts``
         The settings used.
 
+    When :func:`group_loadings` is run first (no per-group loadings under ``key``, or ones for
+    another ``group_key``), also what it sets:
+
+    ``adata.varm['{key}_loadings_{group}']``
+        (n_vars, n_factors) loadings of each group.
+    ``adata.uns['{key}']['group_loadings']``
+        The groups, their ``varm`` keys, cell counts and iterations (see :func:`group_loadings`).
+
     Examples
     --------
     >>> sfact.tl.gene_enrichment(adata, group_key="ClusterName")  # doctest: +SKIP
