@@ -1,12 +1,18 @@
 # Two commands for a fresh machine:
 #   make demo   set up .venv and fit the bundled osmFISH data -> demo_output/
 #   make test   set up .venv and run the test suite
+# Documentation (a separate .venv-docs with the `docs` extra):
+#   make docs       build the site into docs/_build/html (warnings are errors)
+#   make tutorials  re-run the tutorial notebooks in docs/tutorials/ and save their outputs
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sfact-installed
+DOCS_VENV ?= .venv-docs
+DOCS_PY := $(DOCS_VENV)/bin/python
+DOCS_STAMP := $(DOCS_VENV)/.sfact-docs-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench docs tutorials clean
 
 setup: $(STAMP)
 
@@ -28,6 +34,18 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_engine.py
+
+$(DOCS_STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(DOCS_VENV)
+	$(DOCS_PY) -m pip install -q --upgrade pip
+	$(DOCS_PY) -m pip install -q -c constraints.txt -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(DOCS_VENV)/bin/sphinx-build -W -n --keep-going -b html docs docs/_build/html
+
+tutorials: $(DOCS_STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(DOCS_PY) docs/tutorials/run_tutorials.py
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

@@ -15,7 +15,9 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class LoaderInfo:
-    """A named data set loader, an entry of :data:`LOADERS` (see :func:`load`).
+    """A named data set loader: an entry of :data:`~sfact.datasets.LOADERS`.
+
+    :func:`~sfact.datasets.load` calls ``fn`` with the arguments the data set needs.
 
     Examples
     --------
@@ -26,24 +28,27 @@ class LoaderInfo:
     """
 
     name: str
-    """The name :func:`load` and the CLI configs use, e.g. ``"osmfish"``."""
+    """The name :func:`~sfact.datasets.load` and the CLI configs use, e.g. ``"osmfish"``."""
     fn: Callable[..., AnnData]
-    """Called as ``fn(**kwargs)`` (with ``path=`` when :attr:`needs_path`)."""
+    """Called as ``fn(**kwargs)`` (with ``path=`` when ``needs_path``)."""
     group_key: str | None
     """The default group key (cell type / sample column of ``obs``), ``None`` when there is none."""
     needs_path: bool
     """The data are read from a local file or folder given as ``path``."""
     description: str
-    """One line shown by :func:`loaders`."""
+    """One line shown by :func:`~sfact.datasets.loaders`."""
     accepts_path: bool = False
     """``path`` is optional (e.g. an already-downloaded file, or where to download it); implied by
-    :attr:`needs_path`."""
+    ``needs_path``."""
     subsamples: bool = False
-    """``fn`` takes ``subsample=`` and ``random_state=`` and draws the same cells as :func:`load`
-    would, but before reading the counts into memory; :func:`load` then passes them through."""
+    """``fn`` takes ``subsample=`` and ``random_state=`` and draws the same cells as
+    :func:`~sfact.datasets.load` would, but before reading the counts into memory;
+    :func:`~sfact.datasets.load` then passes them through."""
 
 
 LOADERS: dict[str, LoaderInfo] = {}
+"""Every registered loader by name: the bundled and public data sets (as a table:
+:func:`~sfact.datasets.loaders`)."""
 
 
 def register(info: LoaderInfo) -> LoaderInfo:

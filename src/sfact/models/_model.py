@@ -80,9 +80,10 @@ class SpatialFactorization:
         Monte Carlo samples per step for the ``expanded`` and ``simple`` modes.
     prior_kwargs
         Extra arguments of the prior (kernel, inducing points, ...): the fields of
-        ``PNMFConfig`` (``pnmf``), ``SVGPConfig`` (``svgp``, ``mggp_svgp``) or ``LCGPConfig``
-        (``lcgp``, ``mggp_lcgp``) in ``sfact.models._config``; an unknown name raises a
-        :class:`TypeError` listing the valid ones.
+        :class:`~sfact.models._config.PNMFConfig` (``pnmf``),
+        :class:`~sfact.models._config.SVGPConfig` (``svgp``, ``mggp_svgp``) or
+        :class:`~sfact.models._config.LCGPConfig` (``lcgp``, ``mggp_lcgp``); an unknown name
+        raises a :class:`TypeError` listing the valid ones.
     device
         ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; defaults to :attr:`sfact.settings.device`.
     random_state
@@ -509,7 +510,7 @@ class SpatialFactorization:
         init_iter
             Iterations of the KL-NMF used to initialize the factors and loadings (first call
             only). ``0`` starts from random log-factors and random loadings instead; the NMF start
-            reaches a given ELBO several times sooner (``benchmarks/bench_spatial.py --init``).
+            reaches a given ELBO sooner (``benchmarks/bench_init.py``).
         min_iter
             Iterations before convergence is checked.
         device
@@ -1069,7 +1070,7 @@ class SpatialFactorization:
     def load(
         cls, dir_path: str | os.PathLike, adata: AnnData | None = None, *, device: str | None = None
     ) -> SpatialFactorization:
-        """Load a model saved with :meth:`save`.
+        """Load a model saved with :meth:`~sfact.models.SpatialFactorization.save`.
 
         Parameters
         ----------

@@ -85,7 +85,7 @@ def fit(
     loadings_mode
         ``"multiplicative"`` or ``"projected"``.
     prior_kwargs
-        Extra arguments of the prior.
+        Extra arguments of the prior (see :class:`~sfact.models.SpatialFactorization`).
     analyze_batch_size
         Cells per batch when computing the factors of all cells.
     n_neighs

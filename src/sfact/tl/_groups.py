@@ -241,11 +241,12 @@ def group_loadings(
     min_cells
         Groups with fewer cells are skipped (with a note).
     prior_strength
-        Weight, in counts per loading, of a Gamma prior centred on the global loadings (see
-        :func:`refit_loadings`); ``0`` gives the plain maximum-likelihood refit. Without it,
-        loadings a small group's counts barely determine keep drifting with every update (on
-        osmFISH, log2 fold changes moved by up to 4 between 100 and 1,000 updates), so the
-        result would depend on ``max_iter``; with 1 they agree to 0.003 on average.
+        Weight ``α``, in counts per loading, of a Gamma prior centred on the global loadings
+        ``W⁰``: the refit is the MAP estimate under ``W_dl ~ Gamma(α + 1, α / W⁰_dl)``; ``0``
+        gives the plain maximum-likelihood refit. Without it, loadings a small group's counts
+        barely determine keep drifting with every update (on osmFISH, log2 fold changes moved
+        by up to 4 between 100 and 1,000 updates), so the result would depend on ``max_iter``;
+        with 1 they agree to 0.003 on average.
     batch_size
         Cells per batch.
     progress_bar
