@@ -361,3 +361,24 @@ def test_cuda_matches_cpu(adata, tmp_path):
     gpu.save(tmp_path / "m")
     on_cpu = SpatialFactorization.load(tmp_path / "m", adata, device="cpu")
     np.testing.assert_allclose(on_cpu.get_factors(), gpu.get_factors(), rtol=1e-5)
+
+
+def test_settings_verbosity_drives_sfacts_messages():
+    """``sfact.settings.verbosity`` is scanpy's: at 2 the info messages of ``fit`` appear, at 1 not."""
+    import io
+
+    import scanpy as sc
+
+    old, old_file = sc.settings.verbosity, sc.settings.logfile
+    adata = sfact.datasets.simulate(n_obs=60, n_vars=8, n_factors=2, random_state=0)
+    try:
+        for level, expect in ((1, False), (2, True)):
+            sfact.settings.verbosity = level
+            assert int(sc.settings.verbosity) == level == sfact.settings.verbosity
+            sc.settings.logfile = buf = io.StringIO()
+            sfact.tl.fit(adata.copy(), prior="pnmf", n_factors=2, max_iter=3, progress_bar=False)
+            assert ("fitting sfact" in buf.getvalue()) is expect, buf.getvalue()
+        with pytest.raises(ValueError, match="verbosity"):
+            sfact.settings.verbosity = 9
+    finally:
+        sc.settings.verbosity, sc.settings.logfile = old, old_file

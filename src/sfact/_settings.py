@@ -19,7 +19,8 @@ class SfactSettings:
     dtype
         Floating-point type of the model parameters: ``"float32"`` (default) or ``"float64"``.
     verbosity
-        0 errors, 1 warnings, 2 info, 3 hints, 4 debug; used for sfact's own messages.
+        0 errors, 1 warnings, 2 info, 3 hints, 4 debug. sfact logs through scanpy's logging, as
+        squidpy does, so this is :attr:`scanpy.settings.verbosity` (setting either sets both).
     progress_bar
         Show progress bars during training and long analyses.
     deterministic
@@ -28,16 +29,16 @@ class SfactSettings:
     Examples
     --------
     >>> import sfact
-    >>> sfact.settings.device = "cpu"
-    >>> sfact.settings.progress_bar = False
-    >>> sfact.settings
-    SfactSettings(device='cpu', dtype='float32', verbosity=1, progress_bar=False, deterministic=False)
+    >>> sfact.settings.device = "cpu"  # doctest: +SKIP
+    >>> sfact.settings.progress_bar = False  # doctest: +SKIP
+    >>> sfact.settings.verbosity = 2  # info messages (timings, clamped parameters)  # doctest: +SKIP
+    >>> sfact.settings.dtype
+    'float32'
     """
 
     def __init__(self) -> None:
         self._device: str = "auto"
         self._dtype: str = "float32"
-        self.verbosity: int = 1
         self.progress_bar: bool = True
         self.deterministic: bool = False
 
@@ -50,6 +51,21 @@ class SfactSettings:
     def device(self, value: str) -> None:
         _check_device(value)
         self._device = value
+
+    @property
+    def verbosity(self) -> int:
+        """The verbosity of sfact's messages, an int from 0 to 4; it is scanpy's verbosity."""
+        import scanpy as sc
+
+        return int(sc.settings.verbosity)
+
+    @verbosity.setter
+    def verbosity(self, value: int) -> None:
+        import scanpy as sc
+
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 4:
+            raise ValueError(f"`verbosity` must be an int from 0 to 4, received {value!r}.")
+        sc.settings.verbosity = value
 
     @property
     def dtype(self) -> str:

@@ -182,6 +182,16 @@ class SVGPPrior(Prior):
             return self._A(inp.X, inp.groups)
         N = inp.X_all.shape[0]
         if self.n_inducing * N * self.kernel.n_sets > self.cache_budget:
+            if not getattr(self, "_budget_noted", False):
+                from scanpy import logging as logg
+
+                need = self.n_inducing * N * self.kernel.n_sets
+                logg.info(
+                    f"    `L_zz⁻¹K_zx` of all {N} cells ({need:.2g} numbers) exceeds "
+                    f"`cache_budget={self.cache_budget:.2g}`: recomputed every step (slower); "
+                    f"raise `prior_kwargs['cache_budget']` if memory allows"
+                )
+                self._budget_noted = True
             return self._A(inp.X, inp.groups)
         # valid for these very tensors (identity, not address) at their current versions
         g_all = inp.groups_all

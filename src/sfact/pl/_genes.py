@@ -335,6 +335,9 @@ def gene_enrichment(
             ncols,
             panel_size=(width + (0 if shared_scale else 0.7), height + label_h / n_grid_rows),
         )
+        if shared_scale:  # room for the one colour bar beside the grid
+            w, h = fig.get_size_inches()
+            fig.set_size_inches(w + 0.9, h)
     cmap_obj = plt.get_cmap(cmap).copy()
     cmap_obj.set_bad("0.85")
     im = None

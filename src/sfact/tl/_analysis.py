@@ -21,7 +21,8 @@ def morans_i(
 ) -> pd.DataFrame:
     """Moran's I of each column of ``values`` on a k-nearest-neighbour graph of ``coords``.
 
-    Uses :func:`squidpy.gr.spatial_neighbors` and :func:`squidpy.gr.spatial_autocorr` (analytic
+    Uses squidpy's k-nearest-neighbour graph (``squidpy.gr.spatial_neighbors_knn``;
+    ``spatial_neighbors`` on squidpy < 1.7) and :func:`squidpy.gr.spatial_autocorr` (analytic
     p-values, no permutations).
 
     Parameters
@@ -73,7 +74,11 @@ def morans_i(
             lg.setLevel(logging.WARNING)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            sq.gr.spatial_neighbors(tmp, coord_type="generic", n_neighs=n_neighs)
+            knn = getattr(sq.gr, "spatial_neighbors_knn", None)  # squidpy >= 1.7
+            if knn is not None:
+                knn(tmp, n_neighs=n_neighs)
+            else:  # older squidpy; deprecated in 1.7, removed in 1.9
+                sq.gr.spatial_neighbors(tmp, coord_type="generic", n_neighs=n_neighs)
             df = sq.gr.spatial_autocorr(
                 tmp, mode="moran", genes=names, n_perms=None, copy=True, show_progress_bar=False
             )
