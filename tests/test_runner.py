@@ -301,6 +301,19 @@ def test_live_table_renders(tmp_path):
     assert "2 jobs in" in out
 
 
+def test_plain_mode_on_a_terminal_stays_plain(tmp_path):
+    """``live=False`` (``--plain``) on a terminal-like console (e.g. Jupyter with FORCE_COLOR):
+    progress lines and a final table without colour codes, never cut to the console width."""
+    console = Console(file=io.StringIO(), force_terminal=True, width=40, color_system="truecolor")
+    long = "a_rather_long_data_set_name/preprocess"
+    results = run_jobs([_job(tmp_path, long, "preprocess")], executor="serial", live=False, console=console)
+    assert [r.status for r in results] == ["done"]
+    out = console.file.getvalue()
+    assert "\x1b[" not in out
+    assert "started" in out  # plain progress lines
+    assert any(long in line and "done" in line for line in out.splitlines())  # the table row, whole
+
+
 # ---------------------------------------------------------------------------------------------
 # local worker processes and Dask
 # ---------------------------------------------------------------------------------------------

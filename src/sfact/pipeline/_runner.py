@@ -699,7 +699,7 @@ class _Display:
             self._live.stop()
             self._live = None
         table = _StatusTable(self.tracker)
-        if self.console.is_terminal:
+        if self.live and self.console.is_terminal:  # plain mode (`--plain`, logs) stays plain
             self.console.print(table)
         else:  # plain text, as wide as the table needs (logs have no width)
             self.console.out(_plain_text(table), highlight=False)
