@@ -48,4 +48,4 @@ tutorials: $(DOCS_STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(DOCS_PY) docs/tutorials/run_tutorials.py
 
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache
+	rm -rf $(VENV) $(DOCS_VENV) demo_output .pytest_cache docs/_build docs/generated
