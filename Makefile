@@ -14,13 +14,18 @@ DOCS_STAMP := $(DOCS_VENV)/.sfact-docs-installed
 
 .PHONY: setup demo test lint bench docs tutorials clean
 
+# $(call make_venv,VENV_DIR,EXTRAS,STAMP): a virtual environment with sfact[EXTRAS] and the pins
+define make_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q -c constraints.txt -e ".[$(2)]"
+	touch $(3)
+endef
+
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
-	touch $(STAMP)
+	$(call make_venv,$(VENV),dev,$(STAMP))
 
 demo: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/sfact demo --output demo_output
@@ -36,10 +41,7 @@ bench: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_engine.py
 
 $(DOCS_STAMP): pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(DOCS_VENV)
-	$(DOCS_PY) -m pip install -q --upgrade pip
-	$(DOCS_PY) -m pip install -q -c constraints.txt -e ".[docs]"
-	touch $(DOCS_STAMP)
+	$(call make_venv,$(DOCS_VENV),docs,$(DOCS_STAMP))
 
 docs: $(DOCS_STAMP)
 	$(DOCS_VENV)/bin/sphinx-build -W -n --keep-going -b html docs docs/_build/html

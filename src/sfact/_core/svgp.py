@@ -118,6 +118,7 @@ class SVGPPrior(Prior):
         self.n_inducing = M
         self.diagonal_only = bool(diagonal_only)
         self.cache_budget = int(cache_budget)
+        self._budget_noted = False  # the "over cache_budget" note is logged once per model
         self.beta = nn.Parameter(torch.zeros(n_factors))
         self.m = nn.Parameter(torch.zeros(n_factors, M))
         if self.diagonal_only:
@@ -182,7 +183,7 @@ class SVGPPrior(Prior):
             return self._A(inp.X, inp.groups)
         N = inp.X_all.shape[0]
         if self.n_inducing * N * self.kernel.n_sets > self.cache_budget:
-            if not getattr(self, "_budget_noted", False):
+            if not self._budget_noted:
                 from scanpy import logging as logg
 
                 need = self.n_inducing * N * self.kernel.n_sets
