@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
+from ._constants import check_device as _check_device
+
 Device = Literal["auto", "cpu", "cuda"] | str
 Dtype = Literal["float32", "float64"]
 
@@ -85,12 +87,6 @@ class SfactSettings:
         )
 
 
-def _check_device(value: str) -> None:
-    ok = value in ("auto", "cpu", "cuda") or (
-        isinstance(value, str) and value.startswith("cuda:") and value[5:].isdigit()
-    )
-    if not ok:
-        raise ValueError(f"`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N', received {value!r}.")
 
 
 settings = SfactSettings()
