@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ._model import SpatialFactorization
+from ._setup import ModelSetup
 
 if TYPE_CHECKING:
     from .._core.train import TrainingError
@@ -18,4 +19,4 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["SpatialFactorization", "TrainingError"]
+__all__ = ["ModelSetup", "SpatialFactorization", "TrainingError"]

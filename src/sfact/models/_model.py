@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
     from anndata import AnnData
 
+    from ._setup import ModelSetup
+
 PriorName = Literal["pnmf", "svgp", "mggp_svgp", "lcgp", "mggp_lcgp"]
 ElboMode = Literal["lower-bound", "expanded", "simple"]
 LoadingsMode = Literal["multiplicative", "projected"]
@@ -256,6 +258,92 @@ class SpatialFactorization:
         self._train_inputs = None
 
     # ------------------------------------------------------------------ set-up
+    @property
+    def setup(self) -> ModelSetup:
+        """The model's set-up (:class:`~sfact.models.ModelSetup`): prior, genes, scaling, groups, ..."""
+        from ._setup import ModelSetup
+
+        cached = getattr(self, "_setup_obj", None)
+        if cached is None:
+            cached = ModelSetup.from_dict(self._setup)
+            self._setup_obj = cached
+        return cached
+
+    def size_factors(self, adata: AnnData, X=None) -> np.ndarray:
+        """Size factors of the cells of ``adata`` as the model computes them (``X``: their counts, if at hand).
+
+        Parameters
+        ----------
+        adata
+            Cells with the model's genes.
+        X
+            Their counts (read from ``adata`` when ``None``).
+
+        Returns
+        -------
+        One positive value per cell.
+        """
+        if X is None and self._setup["size_factors"] == "total":
+            X = get_counts(adata, self._setup["layer"])
+        return self._size_factors(adata, X)
+
+    def check_vars(self, adata: AnnData) -> None:
+        """Raise :class:`ValueError` unless ``adata`` has the model's genes in the model's order.
+
+        Parameters
+        ----------
+        adata
+            Cells to check.
+        """
+        self._check_vars(adata)
+
+    def inducing_points(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Inducing points in the data's coordinate units, and their group codes (multi-group priors).
+
+        Returns
+        -------
+        ``(coords, groups)``: an (M, 2) array and an (M,) array of group codes or ``None``.
+        """
+        if self.module is None:
+            raise RuntimeError(
+                "The model is not trained yet: call `model.train()` (or fit with "
+                "`sfact.tl.fit(adata, save_model=dir)` and load it with `SpatialFactorization.load(dir, adata)`)."
+            )
+        prior = self.module.prior
+        Z = getattr(prior, "Z", None)
+        if Z is None:
+            raise ValueError(f"The {self.prior!r} prior has no inducing points; only the SVGP priors do.")
+        Z = Z.detach().cpu().double().numpy()
+        scaling = self._setup["scaling"]
+        coords = Z * float(scaling["factor"]) + np.asarray(scaling["offset"], dtype=float)[None, :]
+        groups = None
+        if getattr(prior, "multigroup", False) and getattr(prior, "Z_groups", None) is not None:
+            groups = prior.Z_groups.detach().cpu().numpy().astype(np.int64)
+        return coords, groups
+
+    def to_device(self, device: str | None = None) -> SpatialFactorization:
+        """Move the model (and its optimizer state) to ``device``; returns the model.
+
+        Parameters
+        ----------
+        device
+            ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; :attr:`sfact.settings.device` when ``None``.
+
+        Returns
+        -------
+        The model itself.
+        """
+        device = resolve_device(device)
+        if device != self.device:
+            if self.module is not None:
+                self.module.to(device=device)
+            if self._optimizer is not None:
+                self._optimizer_state = _to_cpu(self._optimizer.state_dict())
+                self._optimizer = None
+            self._data = None
+            self.device = device
+        return self
+
     @property
     def prior(self) -> str:
         """Name of the prior."""
@@ -549,14 +637,7 @@ class SpatialFactorization:
         if learning_rate is None:
             learning_rate = 0.05 if self.prior == "pnmf" else 0.1
         if device is not None:
-            new_device = resolve_device(device)
-            if new_device != self.device:
-                self.device = new_device
-                self._data = None
-                if self.module is not None:
-                    self.module.to(new_device)
-                    self._optimizer_state = self._optimizer.state_dict() if self._optimizer else None
-                    self._optimizer = None
+            self.to_device(device)
         N, D = self._setup["n_obs"], len(self._setup["var_names"])
         if batch_size is not None and batch_size > N:
             logg.info(f"    `batch_size={batch_size}` is more than the {N} cells; using {N}.")
