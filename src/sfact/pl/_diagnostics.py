@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..get._get import factor_names, history, require_fit
+from ..get._get import history
+from ..get._view import FitView
 from ._utils import finish
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ def elbo(
     --------
     >>> fig = sfact.pl.elbo(adata, return_fig=True)  # doctest: +SKIP
     """
-    require_fit(adata, key, what="plotting the ELBO")
+    fit = FitView.from_adata(adata, key, what="plotting the ELBO")
     hist = history(adata, key=key)
     y = hist["elbo"].to_numpy()
     x = hist.index.to_numpy()
@@ -79,8 +80,7 @@ def elbo(
         lo, hi = float(rest.min()), float(rest.max())
         pad = 0.08 * max(hi - lo, 1e-12)
         ax.set_ylim(lo - pad, hi + pad)
-    metrics = adata.uns[key].get("metrics", {})
-    converged = bool(metrics.get("converged", False))
+    converged = bool(fit.metrics.get("converged", False))
     ax.set_xlabel("iteration")
     ax.set_ylabel("ELBO per entry")
     ax.set_title(f"ELBO ({n} iterations, {'converged' if converged else 'not converged'})", fontsize=10)
@@ -138,11 +138,11 @@ def moran(
     """
     from matplotlib.colors import to_rgba
 
-    require_fit(adata, key, what="plotting Moran's I")
-    table = adata.uns[key].get("moranI")
+    fit = FitView.from_adata(adata, key, what="plotting Moran's I")
+    table = fit.moran
     if table is None:
         raise KeyError(f"`adata.uns[{key!r}]['moranI']` not found: run `sfact.tl.fit` or `sfact.tl.analyze`.")
-    names = [n for n in factor_names(adata, key) if n in table.index]
+    names = [n for n in fit.factor_names if n in table.index]
     values = table.loc[names, "I"].to_numpy(dtype=float)
     fdr = table.loc[names, "pval_norm_fdr_bh"].to_numpy(dtype=float) if "pval_norm_fdr_bh" in table else None
     colors = [

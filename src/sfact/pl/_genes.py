@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._keys import Keys
-from ..get._get import factor_names, loadings_df, require_fit
+from ..get._get import loadings_df
 from ..get._get import top_genes as _top_genes
+from ..get._view import FitView
 from ._utils import finish, grid, select_factors, wrap_label
 
 if TYPE_CHECKING:
@@ -96,8 +96,7 @@ def top_genes(
     --------
     >>> fig = sfact.pl.top_genes(adata, n_genes=8, by="share", return_fig=True)  # doctest: +SKIP
     """
-    require_fit(adata, key, what="plotting top genes")
-    names = factor_names(adata, key)
+    names = FitView.from_adata(adata, key, what="plotting top genes").factor_names
     sel = select_factors(names, factors)
     table = _top_genes(adata, key=key, n_genes=n_genes, by=by, group=group)  # type: ignore[arg-type]
     column = "loading" if by == "loading" else "share"
@@ -181,8 +180,7 @@ def loadings(
     """
     import matplotlib.pyplot as plt
 
-    require_fit(adata, key, what="plotting loadings")
-    names = factor_names(adata, key)
+    names = FitView.from_adata(adata, key, what="plotting loadings").factor_names
     sel = select_factors(names, factors)
     W = loadings_df(adata, key=key, group=group)
     if normalize:
@@ -215,14 +213,7 @@ def loadings(
 
 # ---------------------------------------------------------------------------- enrichment
 def _enrichment(adata: AnnData, key: str) -> dict:
-    keys = require_fit(adata, key, what="plotting gene enrichment")
-    enr = adata.uns[keys.uns].get(Keys(key).enrichment)
-    if enr is None:
-        raise KeyError(
-            f"`adata.uns[{key!r}]['enrichment']` not found: run "
-            f"`sfact.tl.gene_enrichment(adata, group_key=..., key={key!r})` first."
-        )
-    return enr
+    return FitView.from_adata(adata, key, what="plotting gene enrichment").enrichment
 
 
 def _select_groups(all_groups: list[str], groups: Sequence[str] | str | None) -> list[int]:
