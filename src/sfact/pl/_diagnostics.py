@@ -8,6 +8,7 @@ import numpy as np
 
 from ..get._get import history
 from ..get._view import FitView
+from ._docs import doc_params
 from ._utils import finish
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ def _single_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure,
     return fig, ax
 
 
+@doc_params
 def elbo(
     adata: AnnData,
     *,
@@ -42,25 +44,20 @@ def elbo(
 
     Parameters
     ----------
-    adata
-        AnnData after :func:`sfact.tl.fit`.
-    key
-        The fit's ``key_added``.
+    {adata}
+    {key}
     skip
         Iterations left out of the y range; 5% of them (at least 1 when there are more than
         10) when ``None``, ``0`` for the full range.
     color
         Line colour.
-    ax
-        Draw into this axes.
-    show
-        Show the figure (default when ``return_fig`` is False).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+    {ax}
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The figure when ``return_fig=True``, else ``None``.
+    {returns_fig}
 
     Examples
     --------
@@ -99,6 +96,7 @@ def elbo(
     return finish(fig, show=show, return_fig=return_fig)
 
 
+@doc_params
 def moran(
     adata: AnnData,
     *,
@@ -113,24 +111,18 @@ def moran(
 
     Parameters
     ----------
-    adata
-        AnnData after :func:`sfact.tl.fit`.
-    key
-        The fit's ``key_added``.
+    {adata}
+    {key}
     alpha
         Bars of factors whose FDR-adjusted p-value is at least ``alpha`` are drawn pale.
-    color
-        Bar colour.
-    ax
-        Draw into this axes.
-    show
-        Show the figure (default when ``return_fig`` is False).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+    {color}
+    {ax}
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The figure when ``return_fig=True``, else ``None``.
+    {returns_fig}
 
     Examples
     --------

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..get._view import FitView
+from ._docs import doc_params
 from ._utils import (
     default_size,
     finish,
@@ -84,6 +85,7 @@ def _spatial_maps(
     return finish(fig, show=show, return_fig=return_fig)
 
 
+@doc_params
 def factors(
     adata: AnnData,
     *,
@@ -102,33 +104,24 @@ def factors(
 
     Parameters
     ----------
-    adata
-        AnnData after :func:`sfact.tl.fit`.
-    key
-        The fit's ``key_added``.
+    {adata}
+    {key}
     factors
         Factor names or indices to draw; all when ``None``.
-    spatial_key
-        Key of the coordinates in ``adata.obsm``.
-    ncols
-        Panels per row.
-    cmap
-        Colour map.
+    {spatial_key}
+    {ncols}
+    {cmap}
     shared_scale
         Use one colour scale, and one colour bar, for all panels (from the minimum to the
         99.5th percentile of all values); each panel has its own otherwise.
-    size
-        Marker size; chosen from the number of cells when ``None``.
-    ax
-        Draw a single factor into this axes.
-    show
-        Show the figure (default when ``return_fig`` is False).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+    {size}
+    {ax_factor}
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The figure when ``return_fig=True``, else ``None``.
+    {returns_fig}
 
     Examples
     --------
@@ -154,6 +147,7 @@ def factors(
     )
 
 
+@doc_params
 def scales(
     adata: AnnData,
     *,
@@ -172,32 +166,23 @@ def scales(
 
     Parameters
     ----------
-    adata
-        AnnData after :func:`sfact.tl.fit`.
-    key
-        The fit's ``key_added``.
+    {adata}
+    {key}
     factors
         Factor names or indices to draw; all when ``None``.
-    spatial_key
-        Key of the coordinates in ``adata.obsm``.
-    ncols
-        Panels per row.
-    cmap
-        Colour map.
+    {spatial_key}
+    {ncols}
+    {cmap}
     shared_scale
         One colour scale, and one colour bar, for all panels.
-    size
-        Marker size; chosen from the number of cells when ``None``.
-    ax
-        Draw a single factor into this axes.
-    show
-        Show the figure (default when ``return_fig`` is False).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+    {size}
+    {ax_factor}
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The figure when ``return_fig=True``, else ``None``.
+    {returns_fig}
 
     Examples
     --------
@@ -220,6 +205,7 @@ def scales(
     )
 
 
+@doc_params
 def groupwise_factors(
     adata: AnnData,
     *,
@@ -244,29 +230,23 @@ def groupwise_factors(
     ----------
     adata
         AnnData after :func:`sfact.tl.fit` and :func:`sfact.tl.groupwise_factors`.
-    key
-        The fit's ``key_added``.
+    {key}
     groups
         Groups (rows) to draw; all evaluated groups when ``None``.
     factors
         Factor names or indices (columns) to draw; all when ``None``.
-    spatial_key
-        Key of the coordinates in ``adata.obsm``.
-    cmap
-        Colour map.
+    {spatial_key}
+    {cmap}
     shared_scale
         One colour scale per factor (column), shared by all its rows, with one colour bar under
         the column; each panel has its own scale and colour bar otherwise.
-    size
-        Marker size; chosen from the number of cells when ``None``.
-    show
-        Show the figure (default when ``return_fig`` is False).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+    {size}
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The figure when ``return_fig=True``, else ``None``.
+    {returns_fig}
 
     Examples
     --------
@@ -346,6 +326,7 @@ def expression(adata: AnnData, genes: Sequence[str], layer: str | None) -> np.nd
     return np.log1p(sub.astype(float) * (ref / np.maximum(totals, 1e-12))[:, None])
 
 
+@doc_params
 def factors_with_genes(
     adata: AnnData,
     *,
@@ -368,32 +349,26 @@ def factors_with_genes(
 
     Parameters
     ----------
-    adata
-        AnnData after :func:`sfact.tl.fit`.
-    key
-        The fit's ``key_added``.
+    {adata}
+    {key}
     factors
         Factor names or indices (rows); all when ``None``.
     n_genes
         Top genes per factor (see :func:`sfact.get.top_genes`).
     by
         Rank genes by ``"share"`` (specific to the factor, default) or ``"loading"``.
-    spatial_key
-        Key of the coordinates in ``adata.obsm``.
+    {spatial_key}
     cmap
         Colour map of the factors.
     gene_cmap
         Colour map of the expression.
-    size
-        Marker size; chosen from the number of cells when ``None``.
-    show
-        Show the figure (default when ``return_fig`` is False).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+    {size}
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The figure when ``return_fig=True``, else ``None``.
+    {returns_fig}
 
     Examples
     --------

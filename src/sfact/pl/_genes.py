@@ -10,6 +10,7 @@ import numpy as np
 from ..get._get import loadings_df
 from ..get._get import top_genes as _top_genes
 from ..get._view import FitView
+from ._docs import doc_params
 from ._utils import finish, grid, select_factors, wrap_label
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ def _bar_panel(
         ax.axvline(0, color="0.3", lw=0.8)
 
 
+@doc_params
 def top_genes(
     adata: AnnData,
     *,
@@ -62,10 +64,8 @@ def top_genes(
 
     Parameters
     ----------
-    adata
-        AnnData after :func:`sfact.tl.fit`.
-    key
-        The fit's ``key_added``.
+    {adata}
+    {key}
     factors
         Factor names or indices; all when ``None``.
     n_genes
@@ -73,24 +73,18 @@ def top_genes(
     by
         ``"loading"`` (the loading ``W_dl``) or ``"share"`` (``W_dl / Σ_l W_dl``, how specific the
         gene is to the factor); see :func:`sfact.get.top_genes`.
-    group
-        Use one group's loadings (from :func:`sfact.tl.group_loadings`).
-    ncols
-        Panels per row.
-    color
-        Bar colour.
+    {group}
+    {ncols}
+    {color}
     shared_scale
         One x range for all panels (shares always use 0 to 1).
-    ax
-        Draw a single factor into this axes.
-    show
-        Show the figure (default when ``return_fig`` is False).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+    {ax_factor}
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The figure when ``return_fig=True``, else ``None``.
+    {returns_fig}
 
     Examples
     --------
@@ -121,6 +115,7 @@ def top_genes(
     return finish(fig, show=show, return_fig=return_fig)
 
 
+@doc_params
 def loadings(
     adata: AnnData,
     *,
@@ -144,10 +139,8 @@ def loadings(
 
     Parameters
     ----------
-    adata
-        AnnData after :func:`sfact.tl.fit`.
-    key
-        The fit's ``key_added``.
+    {adata}
+    {key}
     factors
         Factor names or indices (columns); all when ``None``.
     n_genes
@@ -157,22 +150,17 @@ def loadings(
     normalize
         Show each gene's shares of the factors (rows sum to 1 over all factors) instead of the
         raw loadings, which scale with the gene's expression.
-    group
-        Use one group's loadings (from :func:`sfact.tl.group_loadings`).
-    cmap
-        Colour map.
+    {group}
+    {cmap}
     vmin, vmax
         Colour limits; the data's range when ``None``.
-    ax
-        Draw into this axes.
-    show
-        Show the figure (default when ``return_fig`` is False).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+    {ax}
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The figure when ``return_fig=True``, else ``None``.
+    {returns_fig}
 
     Examples
     --------
@@ -234,6 +222,7 @@ def _symmetric_limit(values: np.ndarray, vmax: float | None) -> float:
     return float(max(np.percentile(v, 99), 1e-3)) if v.size else 1.0
 
 
+@doc_params
 def gene_enrichment(
     adata: AnnData,
     *,
@@ -258,34 +247,28 @@ def gene_enrichment(
 
     Parameters
     ----------
-    adata
-        AnnData after :func:`sfact.tl.gene_enrichment`.
-    key
-        The fit's ``key_added``.
+    {adata_enrichment}
+    {key}
     factors
         Factor names or indices (panels); all when ``None``.
     groups
         Groups (columns); all when ``None``.
     n_genes
         Genes (rows) per panel.
-    ncols
-        Panels per row.
+    {ncols}
     cmap
         Diverging colour map, centred at 0.
     shared_scale
         One symmetric colour scale (and one colour bar) for all panels; per panel otherwise.
     vmax
         Colour limit (``±vmax``); the 99th percentile of the absolute values when ``None``.
-    ax
-        Draw a single factor into this axes.
-    show
-        Show the figure (default when ``return_fig`` is False).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+    {ax_factor}
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The figure when ``return_fig=True``, else ``None``.
+    {returns_fig}
 
     Examples
     --------
@@ -386,6 +369,7 @@ def _top_pairs(block: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.unravel_index(order, block.shape)
 
 
+@doc_params
 def enrichment_by_group(
     adata: AnnData,
     *,
@@ -407,30 +391,25 @@ def enrichment_by_group(
 
     Parameters
     ----------
-    adata
-        AnnData after :func:`sfact.tl.gene_enrichment`.
-    key
-        The fit's ``key_added``.
+    {adata_enrichment}
+    {key}
     groups
         Groups (panels); all when ``None``.
     factors
         Factors considered; all when ``None``.
     n_genes
         Bars per panel.
-    ncols
-        Panels per row.
+    {ncols}
     shared_scale
         One x range for all panels.
     ax
         Draw a single group into this axes.
-    show
-        Show the figure (default when ``return_fig`` is False).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The figure when ``return_fig=True``, else ``None``.
+    {returns_fig}
 
     Examples
     --------
@@ -483,6 +462,7 @@ def enrichment_by_group(
     return finish(fig, show=show, return_fig=return_fig)
 
 
+@doc_params
 def enrichment_by_factor(
     adata: AnnData,
     *,
@@ -504,32 +484,26 @@ def enrichment_by_factor(
 
     Parameters
     ----------
-    adata
-        AnnData after :func:`sfact.tl.gene_enrichment`.
-    key
-        The fit's ``key_added``.
+    {adata_enrichment}
+    {key}
     factors
         Factor names or indices (panels); all when ``None``.
     groups
         Groups considered; all when ``None``.
     n_genes
         Bars per panel.
-    ncols
-        Panels per row.
+    {ncols}
     shared_scale
         One x range for all panels.
     colors
         Colours of enriched and depleted bars.
-    ax
-        Draw a single factor into this axes.
-    show
-        Show the figure (default when ``return_fig`` is False).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+    {ax_factor}
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The figure when ``return_fig=True``, else ``None``.
+    {returns_fig}
 
     Examples
     --------

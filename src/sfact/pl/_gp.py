@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ._docs import doc_params
 from ._utils import (
     default_size,
     finish,
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from ..models import SpatialFactorization
 
 
+@doc_params
 def inducing_points(
     adata: AnnData,
     model: SpatialFactorization,
@@ -76,14 +78,12 @@ def inducing_points(
         Draw a legend of the groups (single panel).
     ax
         Draw the single panel into this axes.
-    show
-        Show the figure (default when ``return_fig`` is False).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The figure when ``return_fig=True``, else ``None``.
+    {returns_fig}
 
     Examples
     --------
