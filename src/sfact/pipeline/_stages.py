@@ -564,6 +564,7 @@ def analyze(
         import numpy as np
 
         import sfact
+        from sfact.get._view import FitView
         from sfact.models import SpatialFactorization
 
         dev = _device(device, cfg)
@@ -585,9 +586,9 @@ def analyze(
         if prior.startswith("mggp") and an.groupwise:
             report(message="group-wise factors")
             sfact.tl.groupwise_factors(adata, model, batch_size=an.batch_size)
-        uns = adata.uns["sfact"]
-        names = [str(n) for n in uns["factor_names"]]
-        moran = uns["moranI"]
+        fit = FitView.from_adata(adata)
+        names = fit.factor_names
+        moran = fit.moran
         metrics = {
             "dataset": cfg.name,
             "prior": prior,
@@ -595,17 +596,17 @@ def analyze(
             "n_vars": adata.n_vars,
             "n_factors": len(names),
             "group_key": group_key,
-            **uns["metrics"],
+            **fit.metrics,
             "moranI": {n: float(v) for n, v in zip(moran.index, moran["I"], strict=True)},
-            "gp": dict(uns.get("gp", {})),
+            "gp": dict(fit.uns.get("gp", {})),
             "device": str(model.device),
         }
         report(message="writing results")
         with _tmp_dir(out_dir / "results") as tmp:
             adata.write_h5ad(tmp / "results.h5ad")
-            np.save(tmp / "factors.npy", np.asarray(adata.obsm["X_sfact"]))
-            np.save(tmp / "scales.npy", np.asarray(adata.obsm["X_sfact_scales"]))
-            np.save(tmp / "loadings.npy", np.asarray(adata.varm["sfact_loadings"]))
+            np.save(tmp / "factors.npy", np.asarray(fit.factors))
+            np.save(tmp / "scales.npy", np.asarray(fit.scales))
+            np.save(tmp / "loadings.npy", np.asarray(fit.loadings))
             (tmp / "names.json").write_text(
                 json.dumps(
                     {
@@ -628,7 +629,7 @@ def analyze(
                 os.replace(tmp / f, out_dir / f)
         shutil.rmtree(_tmp_sibling(out_dir / "results"), ignore_errors=True)
         _say(f"wrote {layout.results(prior)} and the arrays, {layout.metrics(prior)}")
-        m = uns["metrics"]
+        m = fit.metrics
         return {
             "results": str(layout.results(prior)),
             "metrics": str(layout.metrics(prior)),

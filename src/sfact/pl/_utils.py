@@ -59,12 +59,7 @@ def spatial_panel(
         linewidths=0,
         rasterized=True,
     )
-    ax.set_aspect("equal")
-    ax.set_title(title, fontsize=10)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(False)
+    style_spatial_axes(ax, title)
     if colorbar:
         ax.figure.colorbar(sc, ax=ax, shrink=0.7, pad=0.02)
     return sc
