@@ -303,12 +303,11 @@ def analyze(
     """(Re)compute every analysis of a fitted model and write it to ``adata``.
 
     Factors and scales of all cells are computed in batches of ``analyze_batch_size`` cells
-    (the GP forward never holds all cells at once), in the model's factor order: the model is
-    not changed. Models from :func:`sfact.tl.fit` and the pipeline are already ordered by
-    descending Moran's I (the order is set once, right after training, by
-    :func:`sfact.tl.fit`). Deviance and reconstruction error
-    touch only the non-zeros of the counts: no cells x genes matrix is formed. With a
-    ``group_key``, per-group loadings and gene enrichment follow
+    (the GP forward never holds all cells at once), in the model's factor order; the model is
+    not changed. Models from :func:`sfact.tl.fit` and from the pipeline are already ordered by
+    descending Moran's I (the order is set once, right after training). Deviance and
+    reconstruction error touch only the non-zeros of the counts: no cells x genes matrix is
+    formed. With a ``group_key``, per-group loadings and gene enrichment follow
     (:func:`sfact.tl.group_loadings`, :func:`sfact.tl.gene_enrichment`).
 
     Parameters
