@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _priors(values: list[str] | None) -> list[str] | None:
     if not values:
         return None
-    from .pipeline._config import PRIORS, ConfigError, _suggest
+    from .pipeline._config_schema import PRIORS, ConfigError, _suggest
 
     out = []
     for v in values:
