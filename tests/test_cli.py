@@ -375,7 +375,6 @@ def test_python_m_sfact_help():
 @pytest.mark.slow
 def test_local_executor_runs_the_stages_in_worker_processes(tmp_path, capsys):
     """The stage functions and their config dicts survive spawned workers (the parallel runner)."""
-    pytest.importorskip("sfact.pipeline._runner")
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY)
     rc, out, _ = sfact(

@@ -72,11 +72,20 @@ config errors.
 """
 
 
-def _devices(value: str) -> list[str]:
-    import re
+def _device_ok(device: str) -> bool:
+    """Whether ``device`` names a worker slot: ``cpu``, ``cuda`` or ``cuda:N`` (not ``auto``)."""
+    from ._constants import check_device
 
+    try:
+        check_device(device)
+    except ValueError:
+        return False
+    return device != "auto"
+
+
+def _devices(value: str) -> list[str]:
     devices = [d.strip() for d in value.split(",") if d.strip()]
-    bad = [d for d in devices if not re.fullmatch(r"cpu|cuda|cuda:\d+", d)]
+    bad = [d for d in devices if not _device_ok(d)]
     if bad or not devices:
         raise argparse.ArgumentTypeError(
             f"devices must be cpu, cuda or cuda:N separated by commas, received {value!r}"
@@ -181,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _priors(values: list[str] | None) -> list[str] | None:
     if not values:
         return None
-    from .pipeline._config_schema import PRIORS, ConfigError, _suggest
+    from .pipeline import PRIORS, ConfigError
+    from .pipeline._config_schema import _suggest
 
     out = []
     for v in values:
@@ -202,8 +212,7 @@ def _error(msg: object) -> int:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    from .pipeline._config import ConfigError
-    from .pipeline._plan import collect_configs, make_plan, print_plan, run_plan, write_summaries
+    from .pipeline import ConfigError, collect_configs, make_plan, print_plan, run_plan, write_summaries
 
     t0 = time.perf_counter()
     try:
@@ -265,7 +274,7 @@ def _report(results, summaries, elapsed: float) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .pipeline._config import ConfigError, write_prior_configs
+    from .pipeline import ConfigError, write_prior_configs
 
     try:
         if Path(args.config).is_dir():
@@ -275,9 +284,7 @@ def _generate(args: argparse.Namespace) -> int:
         paths, notes = write_prior_configs(
             args.config, priors=_priors(args.prior), force=args.force, dry_run=args.dry_run
         )
-    except ConfigError as e:
-        return _error(e)
-    except FileExistsError as e:
+    except (ConfigError, FileExistsError) as e:
         return _error(e)
     verb = "would write" if args.dry_run else "wrote"
     for p in paths:

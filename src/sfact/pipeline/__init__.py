@@ -6,7 +6,8 @@ Used by the ``sfact`` console script; importing it does not import torch.
 from __future__ import annotations
 
 from . import _stages as stages
-from ._config import (
+from ._config_files import find_configs, load_config, write_prior_configs
+from ._config_schema import (
     FIGURE_KINDS,
     PRIORS,
     AnalysisConfig,
@@ -17,12 +18,10 @@ from ._config import (
     ModelConfig,
     PreprocessingConfig,
     TrainingConfig,
-    find_configs,
-    load_config,
-    write_prior_configs,
 )
 from ._jobs import STAGES, Job, JobResult
-from ._plan import Plan, collect_configs, make_plan, print_plan, run_plan, write_summaries
+from ._plan import Plan, collect_configs, make_plan, run_plan
+from ._report import print_plan, write_summaries
 from ._stages import Layout
 
 __all__ = [
