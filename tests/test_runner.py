@@ -210,6 +210,8 @@ def test_auto_devices_one_slot_per_gpu_plus_cpu(monkeypatch):
     assert _backends.worker_devices() == ["cuda:0", "cuda:1", "cpu"]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert _backends.worker_devices() == ["cpu"]
+    assert _backends.worker_devices(["cuda:1"]) == ["cuda:1", "cpu"]  # a CPU slot is added
+    assert _backends.worker_devices(["cpu", "cuda", "cpu"]) == ["cpu", "cuda", "cpu"]
 
 
 def test_formatting_and_remaining_time(tmp_path):

@@ -20,9 +20,9 @@ from ._config_schema import (
     TrainingConfig,
 )
 from ._jobs import STAGES, Job, JobResult
+from ._layout import Layout
 from ._plan import Plan, collect_configs, make_plan, run_plan
 from ._report import print_plan, write_summaries
-from ._stages import Layout
 
 __all__ = [
     "FIGURE_KINDS",

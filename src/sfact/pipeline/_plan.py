@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 from ._config_files import find_configs, load_config
 from ._config_schema import MULTIGROUP_PRIORS, PRIORS, Config, ConfigError
 from ._jobs import STAGES, Job, JobResult
+from ._layout import Layout
 from ._runner import run_jobs
-from ._stages import STAGE_FUNCTIONS, Layout
+from ._stages import STAGE_FUNCTIONS
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -11,7 +11,7 @@ from typing import IO, TYPE_CHECKING
 
 from ._config_schema import PRIORS
 from ._jobs import STAGES
-from ._stages import Layout, _jsonable, _write_json
+from ._layout import Layout, _jsonable, _write_json
 
 if TYPE_CHECKING:
     from ._jobs import JobResult
