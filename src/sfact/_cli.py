@@ -6,6 +6,10 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import get_args
+
+from .pipeline._jobs import STAGES
+from .pipeline._runner import Executor
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -127,7 +131,7 @@ def _add_pipeline_options(p: argparse.ArgumentParser, *, resume: bool) -> None:
     )
     p.add_argument(
         "--executor",
-        choices=("local", "dask", "serial"),
+        choices=get_args(Executor),
         default="local",
         help="local: worker processes, one job per GPU plus one CPU job; dask: a Dask cluster "
         "(--scheduler); serial: one job after the other in this process (debugging) (default: local)",
@@ -156,9 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the given stages, sorted into pipeline order; `all` runs every stage. "
         "Nothing unrequested is added: a stage whose input is missing fails, naming what to run first.",
     )
-    r.add_argument(
-        "stages", nargs="+", choices=("all", "preprocess", "train", "analyze", "figures"), metavar="STAGE"
-    )
+    r.add_argument("stages", nargs="+", choices=("all", *STAGES), metavar="STAGE")
     _add_pipeline_options(r, resume=True)
     r.set_defaults(func=_pipeline)
     g = sub.add_parser(
@@ -272,8 +274,6 @@ def _report(results, summaries, elapsed: float) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .pipeline import ConfigError, write_prior_configs
 
     try:

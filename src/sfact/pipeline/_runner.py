@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pickle
 import sys
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 from ._backends import (
     DaskBackend,
@@ -152,7 +152,7 @@ def run_jobs(
 
     jobs = list(jobs)
     _check_plan(jobs)
-    if executor not in ("local", "dask", "serial"):
+    if executor not in get_args(Executor):
         raise ValueError(f"`executor` must be 'local', 'dask' or 'serial', received {executor!r}.")
     devices = worker_devices(devices)
     if executor != "serial":

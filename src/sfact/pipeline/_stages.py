@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._constants import is_multigroup
 from ._jobs import null_reporter
 from ._layout import Layout, _jsonable, _swap_dir, _tmp_dir, _tmp_sibling, _write_json, _write_text
 from ._stage_figures import figures
@@ -318,7 +317,7 @@ def analyze(
             n_top=an.n_top,
             progress_bar=False,
         )
-        if is_multigroup(prior) and an.groupwise:
+        if prior.startswith("mggp") and an.groupwise:
             report(message="group-wise factors")
             sfact.tl.groupwise_factors(adata, model, batch_size=an.batch_size)
         reordered = not np.array_equal(W_before, model.get_loadings())
