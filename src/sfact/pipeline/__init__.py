@@ -6,12 +6,12 @@ Used by the ``sfact`` console script; importing it does not import torch.
 from __future__ import annotations
 
 from . import _stages as stages
+from ._config import Config
 from ._config_files import find_configs, load_config, write_prior_configs
 from ._config_schema import (
     FIGURE_KINDS,
     PRIORS,
     AnalysisConfig,
-    Config,
     ConfigError,
     DatasetConfig,
     FiguresConfig,

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ._config_schema import MULTIGROUP_PRIORS, PRIORS, Config, ConfigError
+from ._config import Config
+from ._config_schema import MULTIGROUP_PRIORS, PRIORS, ConfigError
 from ._config_validate import validate
 
 
@@ -122,7 +123,7 @@ def load_config(path: str | os.PathLike) -> Config:
     """
     path = Path(path)
     merged, origins, base_dirs = _load_raw(path)
-    return validate(merged, origins, base_dirs, source=path)
+    return Config(**validate(merged, origins, base_dirs, source=path))
 
 
 def find_configs(folder: str | os.PathLike, config_name: str = "general.yaml") -> list[Path]:

@@ -1,4 +1,4 @@
-"""Pipeline configuration: the typed sections of a config file and the :class:`Config` itself.
+"""Pipeline configuration: the typed sections of a config file, its vocabulary and its error.
 
 A config describes one data set and (optionally) one prior::
 
@@ -11,7 +11,8 @@ A config describes one data set and (optionally) one prior::
     figures: {kinds: [factors, elbo, moran], dpi: 110}
     output_dir: outputs/osmfish                  # relative to this file's folder
 
-``base: other.yaml`` starts from another config and overrides it key by key
+Each section is a dataclass here; :class:`~sfact.pipeline.Config` (:mod:`._config`) holds
+them. ``base: other.yaml`` starts from another config and overrides it key by key
 (:mod:`._config_files`). Every key is checked: an unknown key, a wrong type
 (:mod:`._config_coerce`) or a bad value (:mod:`._config_validate`) raises :class:`ConfigError`
 naming the key (``model.n_factors``) and the file, with a suggestion for misspelt keys.
@@ -22,9 +23,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 from .._constants import PRIOR_NAMES, ElboMode, LoadingsMode, PriorName, is_multigroup
@@ -280,112 +279,6 @@ class FiguresConfig:
     kinds: list[FigureKind] | None = None
     dpi: int = 110
     groups: list[str] | None = None
-
-
-@dataclass
-class Config:
-    """A validated pipeline config: one data set and (optionally) one prior.
-
-    Build it with :func:`load_config` (from YAML) or :meth:`from_dict`.
-    """
-
-    name: str
-    dataset: DatasetConfig
-    output_dir: str
-    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
-    figures: FiguresConfig = field(default_factory=FiguresConfig)
-    source: str | None = None
-    """The config file (not a key of the YAML)."""
-
-    # -- derived -------------------------------------------------------------------------
-    @property
-    def group_key(self) -> str | None:
-        """The group key (``dataset.group_key``)."""
-        return self.dataset.group_key
-
-    def priors(self) -> list[str]:
-        """The priors this config plans: ``model.prior``, or every prior that applies."""
-        if self.model.prior is not None:
-            return [self.model.prior]
-        return [p for p in PRIORS if self.group_key is not None or p not in MULTIGROUP_PRIORS]
-
-    def with_prior(self, prior: str) -> Config:
-        """A copy with ``model.prior`` set and only that prior's options (mggp priors need a group key)."""
-        d = self.to_dict()
-        d["model"]["prior"] = prior
-        d["model"]["prior_kwargs"] = self.model.prior_kwargs_for(prior)
-        return Config.from_dict(d, file=self.source)
-
-    def data_dict(self) -> dict[str, Any]:
-        """The sections that determine the prepared data (``dataset`` and ``preprocessing``)."""
-        d = self.to_dict()
-        return {"dataset": d["dataset"], "preprocessing": d["preprocessing"]}
-
-    def fit_dict(self) -> dict[str, Any]:
-        """The sections that determine a trained model (data, ``model`` with its prior's options, ``training``)."""
-        d = self.to_dict()
-        model = dict(d["model"])
-        if self.model.prior is not None:
-            model["prior_kwargs"] = self.model.prior_kwargs_for(self.model.prior)
-        return {**self.data_dict(), "model": model, "training": d["training"]}
-
-    def model_kwargs(self, prior: str | None = None) -> dict[str, Any]:
-        """Keyword arguments of :class:`sfact.models.SpatialFactorization` but ``adata`` and ``device``.
-
-        :meth:`ModelConfig.model_kwargs` plus ``layer`` and ``spatial_key`` (``preprocessing``),
-        ``group_key`` (``dataset``) and ``random_state`` (``training``).
-        """
-        return {
-            **self.model.model_kwargs(prior),
-            "layer": self.preprocessing.layer,
-            "spatial_key": self.preprocessing.spatial_key,
-            "group_key": self.group_key,
-            "random_state": self.training.random_state,
-        }
-
-    # -- conversion ------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-valued dict (paths absolute), accepted by :meth:`from_dict`; ``source`` is left out."""
-        d = dataclasses.asdict(self)
-        d.pop("source")
-        return d
-
-    @classmethod
-    def from_dict(
-        cls, data: Mapping[str, Any], *, file: str | os.PathLike | None = None, base_dir: str | None = None
-    ) -> Config:
-        """Validate a dict into a :class:`Config`.
-
-        Parameters
-        ----------
-        data
-            The config as parsed from YAML (without ``base``).
-        file
-            The file it came from, for error messages.
-        base_dir
-            Folder that relative paths are relative to; the file's folder (or the working
-            directory) when ``None``.
-
-        Returns
-        -------
-        The validated config.
-
-        Examples
-        --------
-        >>> from sfact.pipeline import Config
-        >>> cfg = Config.from_dict({"dataset": {"loader": "osmfish"}, "model": {"n_factors": 5}})
-        >>> cfg.name, cfg.group_key, cfg.model.n_factors
-        ('osmfish', 'ClusterName', 5)
-        """
-        if base_dir is None:
-            base_dir = str(Path(file).resolve().parent) if file is not None else os.getcwd()
-        origins = {"": str(file)} if file is not None else {}
-        from ._config_validate import validate
-
-        return validate(dict(data), origins, {"": base_dir}, source=file)
 
 
 _SECTIONS: dict[str, type] = {

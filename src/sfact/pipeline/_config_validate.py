@@ -1,6 +1,7 @@
 """The checks of a config's values, section by section, after their types were coerced.
 
-:func:`validate` turns the merged mapping of a config file (or a dict) into a :class:`Config`:
+:func:`validate` turns the merged mapping of a config file (or a dict) into the fields of a
+:class:`~sfact.pipeline.Config`:
 unknown keys and wrong types fail in :func:`._config_coerce.section`; here, values out of
 range, a loader that does not exist, options no prior takes, and so on. Relative paths are
 resolved against the folder of the file that set them.
@@ -22,7 +23,6 @@ from ._config_schema import (
     MULTIGROUP_PRIORS,
     PRIORS,
     AnalysisConfig,
-    Config,
     ConfigError,
     DatasetConfig,
     FiguresConfig,
@@ -45,8 +45,8 @@ def validate(
     base_dirs: Mapping[str, str],
     *,
     source: str | os.PathLike | None,
-) -> Config:
-    """Validate a merged config mapping into a :class:`Config`.
+) -> dict[str, Any]:
+    """Validate a merged config mapping into the fields of a :class:`~sfact.pipeline.Config`.
 
     Parameters
     ----------
@@ -57,11 +57,11 @@ def validate(
     base_dirs
         The folder relative paths of each dotted key are relative to.
     source
-        The config file, recorded as :attr:`Config.source`.
+        The config file, recorded as ``Config.source``.
 
     Returns
     -------
-    The validated config.
+    The keyword arguments of ``Config``: ``name``, ``output_dir``, ``source`` and the sections.
 
     Raises
     ------
@@ -89,12 +89,12 @@ def validate(
     _check_model(sections["model"], ds, err)
     _check_training(sections["training"], err)
     _check_analysis_and_figures(sections["analysis"], sections["figures"], err)
-    return Config(
-        name=name,
-        output_dir=output_dir,
-        source=None if source is None else str(source),
+    return {
+        "name": name,
+        "output_dir": output_dir,
+        "source": None if source is None else str(source),
         **sections,
-    )
+    }
 
 
 def _check_dataset(

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._config import Config
 from ._config_files import find_configs, load_config
-from ._config_schema import MULTIGROUP_PRIORS, PRIORS, Config, ConfigError
+from ._config_schema import MULTIGROUP_PRIORS, PRIORS, ConfigError
 from ._jobs import STAGES, Job, JobResult
 from ._layout import Layout
 from ._runner import run_jobs

@@ -12,7 +12,7 @@ from ._layout import Layout, _swap_dir, _tmp_dir
 from ._stage_utils import _config, _job_context, _require, _say, _skipped
 
 if TYPE_CHECKING:
-    from ._config_schema import Config
+    from ._config import Config
     from ._jobs import Reporter
 
 

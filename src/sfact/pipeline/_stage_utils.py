@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from ._config_schema import Config
+    from ._config import Config
     from ._layout import Layout
 
 
 def _config(config: dict[str, Any] | Config, config_file: str | None) -> Config:
-    from ._config_schema import Config
+    from ._config import Config
 
     cfg = config if isinstance(config, Config) else Config.from_dict(config)
     if config_file is not None:
