@@ -1,6 +1,6 @@
 # Two commands for a fresh machine:
 #   make demo   set up .venv and fit the bundled osmFISH data -> demo_output/
-#   make test   set up .venv and run the test suite
+#   make test   set up .venv and run the test suite (make test-fast: without the slow tests)
 # Documentation (a separate .venv-docs with the `docs` extra):
 #   make docs       build the site into docs/_build/html (warnings are errors)
 #   make tutorials  re-run the tutorial notebooks in docs/tutorials/ and save their outputs
@@ -12,7 +12,7 @@ DOCS_VENV ?= .venv-docs
 DOCS_PY := $(DOCS_VENV)/bin/python
 DOCS_STAMP := $(DOCS_VENV)/.sfact-docs-installed
 
-.PHONY: setup demo test lint bench docs tutorials clean
+.PHONY: setup demo test test-fast lint bench docs tutorials clean
 
 # $(call make_venv,VENV_DIR,EXTRAS,STAMP): a virtual environment with sfact[EXTRAS] and the pins
 define make_venv
@@ -32,6 +32,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE MPLBACKEND=Agg $(PY) -m pytest -q tests
+
+# the suite without the tests marked `slow`, for quick iterations
+test-fast: $(STAMP)
+	OMP_WAIT_POLICY=PASSIVE MPLBACKEND=Agg $(PY) -m pytest -q -m "not slow" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -254,13 +254,13 @@ def run_sfact(dataset: str, prior: str, max_iter: int, prior_kwargs: dict, train
         s_per_iter=float(np.diff(times).mean()) if len(times) > 1 else float("nan"),
         iters_s=float(times[-1]) if len(times) else 0.0,
         device=str(model.device),
-        prior_setup=model._setup["prior_kwargs"],
+        prior_setup=model.setup.prior_kwargs,
     )
     rec["init_s"] = rec["total_s"] - rec["iters_s"]
 
     W = model.get_loadings()
     mu, var = model.get_log_factors()
-    s_tr = model._size_factors(train, Ytr)
+    s_tr = model.size_factors(train, Ytr)
     rec["train_dev"] = deviance_sparse(Ytr, np.exp(mu + 0.5 * var), W, s_tr)
     rec["morans_i"] = mean_morans_i(model.get_factors(), train.obsm["spatial"])
 
@@ -270,7 +270,7 @@ def run_sfact(dataset: str, prior: str, max_iter: int, prior_kwargs: dict, train
         tree = cKDTree(np.asarray(train.obsm["spatial"], np.float64))
         _, nn = tree.query(np.asarray(test.obsm["spatial"], np.float64), k=KNN_FACTORS)
         mu_te, var_te = mu[nn].mean(axis=1), var[nn].mean(axis=1)
-        s_te = tot_te / model._setup["size_factor_reference"]
+        s_te = tot_te / model.setup.size_factor_reference
         E_te = np.exp(mu_te + 0.5 * var_te)
         rec["heldout_dev"] = deviance_sparse(Yte, E_te, W, s_te)
         # for reference only: sfact's own held-out path for pnmf fits the factors to the held-out
@@ -279,7 +279,7 @@ def run_sfact(dataset: str, prior: str, max_iter: int, prior_kwargs: dict, train
     else:
         rec["heldout_dev"] = float(sfact.tl.heldout_deviance(model, test))
         mu_te, var_te = model.get_log_factors(test)
-        s_te = model._size_factors(test, Yte)
+        s_te = model.size_factors(test, Yte)
         E_te = np.exp(mu_te + 0.5 * var_te)
         rec["heldout_dev_check"] = deviance_sparse(Yte, E_te, W, s_te)
     rates = E_te @ W.T

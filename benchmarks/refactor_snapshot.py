@@ -58,7 +58,9 @@ def _fits(max_iter: int) -> dict:
             "loadings_sum": float(np.sum(W)),
             "fit_s": fit_s,
         }
-        print(f"{prior:10s} iters={len(out[prior]['elbo']):4d} heldout={dev:.6f} fit={fit_s:.1f}s", flush=True)
+        print(
+            f"{prior:10s} iters={len(out[prior]['elbo']):4d} heldout={dev:.6f} fit={fit_s:.1f}s", flush=True
+        )
     return out
 
 
@@ -105,7 +107,9 @@ def _compare(a: dict, b: dict) -> int:
             bad += 1
     if "cli" in a and "cli" in b:
         fa, fb = set(a["cli"]["files"]), set(b["cli"]["files"])
-        print(f"\nCLI files: {len(fa)} before, {len(fb)} after; only before: {sorted(fa - fb)}; only after: {sorted(fb - fa)}")
+        print(
+            f"\nCLI files: {len(fa)} before, {len(fb)} after; only before: {sorted(fa - fb)}; only after: {sorted(fb - fa)}"
+        )
         bad += fa != fb
         diffs = []
         for k in sorted(set(a["cli"]["arrays"]) | set(b["cli"]["arrays"])):

@@ -1,4 +1,4 @@
-"""``sfact.tl`` analysis: reorder alignment, deviance, reconstruction error, group loadings, enrichment."""
+"""``sfact.tl`` analysis: Moran's I order, compute/write, deviance, reconstruction error, group loadings, enrichment."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 import sfact
 from sfact.models import SpatialFactorization
+from sfact.tl._analyze import compute_analysis, order_by_moran, write_analysis
 from sfact.tl._groups import enrichment_log2fc, refit_loadings
 
 N_FACTORS = 4
@@ -54,16 +55,51 @@ def _expected(adata, key="sfact"):
 
 
 # ---------------------------------------------------------------------------- reorder
-def test_analyze_reorder_keeps_factors_loadings_scales_aligned(osmfish_fit):
-    adata, _ = osmfish_fit
-    adata = adata.copy()
+def _unordered_model(adata):
+    """A trained pnmf model whose factors are not in Moran's I order (as ``model.train`` leaves them)."""
     model = SpatialFactorization(adata, prior="pnmf", n_factors=N_FACTORS, random_state=3)
     model.train(max_iter=15, progress_bar=False)
+    return model
+
+
+def test_analyze_leaves_the_model_untouched(osmfish_fit):
+    adata, _ = osmfish_fit
+    adata = adata.copy()
+    model = _unordered_model(adata)
+    W, F, S = model.get_loadings(), model.get_factors(), model.get_scales()
+    sfact.tl.analyze(adata, model, key_added="re")
+    np.testing.assert_array_equal(model.get_loadings(), W)
+    np.testing.assert_array_equal(model.get_factors(), F)
+    np.testing.assert_array_equal(model.get_scales(), S)
+    # the results are in the model's factor order, whatever their Moran's I
+    np.testing.assert_allclose(adata.obsm["X_re"], F, rtol=1e-5)
+    np.testing.assert_allclose(adata.obsm["X_re_scales"], S, rtol=1e-5)
+    np.testing.assert_allclose(adata.varm["re_loadings"], W, rtol=1e-5)
+    moran = adata.uns["re"]["moranI"]
+    assert list(moran.index) == [f"factor_{i}" for i in range(N_FACTORS)]
+    again = sfact.tl.morans_i(adata.obsm["X_re"], adata.obsm["spatial"])
+    np.testing.assert_allclose(again["I"].to_numpy(), moran["I"].to_numpy(), rtol=1e-4)
+    assert not np.all(np.diff(moran["I"].to_numpy()) <= 1e-12)  # this seed is not in order
+
+
+def test_order_by_moran_keeps_factors_loadings_scales_aligned(osmfish_fit):
+    adata, _ = osmfish_fit
+    adata = adata.copy()
+    model = _unordered_model(adata)
     mu, var = model.get_log_factors()
     before = np.exp(mu + 0.5 * var) @ model.get_loadings().T
+    W_before = model.get_loadings()
+    ordered = order_by_moran(model, adata)
+    assert sorted(ordered.order.tolist()) == list(range(N_FACTORS))
+    assert not np.array_equal(ordered.order, np.arange(N_FACTORS))
+    np.testing.assert_array_equal(model.get_loadings(), W_before[:, ordered.order])
+    np.testing.assert_array_equal(ordered.mu, mu[:, ordered.order])
+    assert np.all(np.diff(ordered.moran["I"].to_numpy()) <= 1e-12)
+    assert list(ordered.moran.index) == [f"factor_{i}" for i in range(N_FACTORS)]
     sfact.tl.analyze(adata, model, key_added="re")
     moran = adata.uns["re"]["moranI"]
     assert np.all(np.diff(moran["I"].to_numpy()) <= 1e-12)
+    np.testing.assert_allclose(moran["I"].to_numpy(), ordered.moran["I"].to_numpy(), rtol=1e-6)
     # the written slots reconstruct the same rates as the unordered model
     after = _expected(adata, "re") @ adata.varm["re_loadings"].astype(np.float64).T
     np.testing.assert_allclose(after, before, rtol=2e-4, atol=1e-6)
@@ -74,10 +110,73 @@ def test_analyze_reorder_keeps_factors_loadings_scales_aligned(osmfish_fit):
     # Moran's I of the written factors agrees with the table (same order)
     again = sfact.tl.morans_i(adata.obsm["X_re"], adata.obsm["spatial"])
     np.testing.assert_allclose(again["I"].to_numpy(), moran["I"].to_numpy(), rtol=1e-4)
-    # analysing again is a no-op for the order
-    F = adata.obsm["X_re"].copy()
-    sfact.tl.analyze(adata, model, key_added="re")
-    np.testing.assert_allclose(adata.obsm["X_re"], F, rtol=1e-6)
+    # ordering again is a no-op
+    W = model.get_loadings()
+    assert np.array_equal(order_by_moran(model, adata).order, np.arange(N_FACTORS))
+    np.testing.assert_array_equal(model.get_loadings(), W)
+
+
+def test_fit_orders_the_model_by_moran(osmfish_fit):
+    """``tl.fit`` orders once, where the fit is made: the saved model is in the written order."""
+    adata, model_dir = osmfish_fit
+    moran = adata.uns["sfact"]["moranI"]
+    assert np.all(np.diff(moran["I"].to_numpy()) <= 1e-12)
+    model = SpatialFactorization.load(model_dir, adata)
+    np.testing.assert_allclose(model.get_loadings(), adata.varm["sfact_loadings"], rtol=1e-5)
+    assert np.array_equal(order_by_moran(model, adata).order, np.arange(N_FACTORS))
+
+
+# ---------------------------------------------------------------------------- compute / write
+def test_compute_then_write(osmfish_fit):
+    adata, model_dir = osmfish_fit
+    target = adata.copy()
+    model = SpatialFactorization.load(model_dir, target)  # its training cells: no refit of pnmf's factors
+    W = model.get_loadings()
+    snapshot = target.copy()
+    result = compute_analysis(target, model)
+    # computing changes neither the model nor the AnnData
+    np.testing.assert_array_equal(model.get_loadings(), W)
+    _assert_same_adata(target, snapshot)
+    write_analysis(target, result)
+    # what is written is the result, and equals what tl.fit wrote for the same model
+    np.testing.assert_array_equal(target.obsm["X_sfact"], result.factors)
+    np.testing.assert_array_equal(target.varm["sfact_loadings"], result.loadings)
+    np.testing.assert_allclose(target.obsm["X_sfact"], adata.obsm["X_sfact"], rtol=1e-5)
+    pd.testing.assert_frame_equal(target.uns["sfact"]["moranI"], result.moran)
+    assert target.uns["sfact"]["metrics"] == pytest.approx(result.metrics)
+    # writing the same result again gives the same AnnData
+    once = target.copy()
+    write_analysis(target, result)
+    _assert_same_adata(target, once)
+    # the result is not tied to the AnnData it was written to
+    target.obsm["X_sfact"][0, 0] = -1.0
+    assert result.factors[0, 0] != -1.0
+
+
+def _assert_same_adata(a, b):
+    assert set(a.obsm) == set(b.obsm) and set(a.varm) == set(b.varm) and set(a.uns) == set(b.uns)
+    for k in a.obsm:
+        np.testing.assert_array_equal(np.asarray(a.obsm[k]), np.asarray(b.obsm[k]))
+    for k in a.varm:
+        np.testing.assert_array_equal(np.asarray(a.varm[k]), np.asarray(b.varm[k]))
+    pd.testing.assert_frame_equal(a.obs, b.obs)
+    pd.testing.assert_frame_equal(a.var, b.var)
+    _assert_same_tree(dict(a.uns), dict(b.uns))
+
+
+def _assert_same_tree(x, y):
+    if isinstance(x, dict):
+        assert isinstance(y, dict) and set(x) == set(y)
+        for k in x:
+            _assert_same_tree(x[k], y[k])
+    elif isinstance(x, pd.DataFrame):
+        pd.testing.assert_frame_equal(x, y)
+    elif isinstance(x, np.ndarray):
+        np.testing.assert_array_equal(x, y)
+    elif isinstance(x, float) and np.isnan(x):
+        assert np.isnan(y)
+    else:
+        assert x == y
 
 
 # ---------------------------------------------------------------------------- deviance, error

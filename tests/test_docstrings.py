@@ -449,3 +449,27 @@ def test_docstring_examples_run(module):
     for test in finder.find(mod, module):  # globals: a copy of the module's
         runner.run(test, out=problems.append)
     assert runner.failures == 0, "".join(problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# the shared docstring fragments of ``sfact.pl``
+def test_pl_docstrings_are_filled():
+    """Every plot's docstring has its fragments filled in: no whole-line ``{name}`` is left."""
+    for name in sfact.pl.__all__:
+        doc = getattr(sfact.pl, name).__doc__
+        left = [line.strip() for line in doc.splitlines() if re.fullmatch(r"\s*\{\w+\}\s*", line)]
+        assert not left, f"sfact.pl.{name}: unfilled {left}"
+        assert "The fit's ``key_added``." in doc or name == "inducing_points"
+
+
+def test_fill_doc_indents_and_leaves_other_braces():
+    from sfact.pl._docs import fill_doc
+
+    doc = "Summary.\n\n    Parameters\n    ----------\n    {key}\n    x\n        In ``uns['{key}']``.\n"
+    out = fill_doc(doc, {"key": "key\n    The key."})
+    assert (
+        out
+        == "Summary.\n\n    Parameters\n    ----------\n    key\n        The key.\n    x\n        In ``uns['{key}']``.\n"
+    )
+    with pytest.raises(KeyError, match="nope"):
+        fill_doc("    {nope}\n", {})

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import sfact
+from sfact._keys import Keys
+from sfact.get._view import FitView
 
 N_FACTORS = 4
 
@@ -159,3 +161,54 @@ def test_key(fitted):
     assert list(df.columns) == ["a", "b", "c", "d"]
     np.testing.assert_array_equal(df.to_numpy(), other.obsm["X_alt"])
     assert isinstance(sfact.get.loadings_df(other, key="alt"), pd.DataFrame)
+
+
+# ---------------------------------------------------------------------------- FitView
+def test_fit_view_missing_fit():
+    raw = sfact.datasets.osmfish()
+    with pytest.raises(
+        KeyError, match=r"No sfact fit under key 'sfact'.*sfact\.tl\.fit\(adata, key_added='sfact'\)"
+    ):
+        FitView.from_adata(raw)
+    with pytest.raises(KeyError, match=r"key 'other'.*before plotting things\."):
+        FitView.from_adata(raw, "other", what="plotting things")
+    # the same error from every reader of a fit: getters, plots, tools
+    with pytest.raises(KeyError, match="No sfact fit under key 'sfact'"):
+        sfact.get.factors_df(raw)
+    with pytest.raises(KeyError, match="No sfact fit under key 'sfact'"):
+        sfact.pl.factors(raw, return_fig=True)
+    with pytest.raises(KeyError, match="No sfact fit under key 'sfact'"):
+        sfact.tl.group_loadings(raw, group_key="ClusterName")
+
+
+def test_fit_view_values_are_the_slots(fitted):
+    before = _snapshot(fitted)
+    fit = FitView.from_adata(fitted)
+    uns = fitted.uns["sfact"]
+    assert fit.key == "sfact" and fit.keys == Keys("sfact")
+    assert fit.factors is fitted.obsm["X_sfact"]
+    assert fit.scales is fitted.obsm["X_sfact_scales"] and fit.has_scales
+    assert fit.loadings is fitted.varm["sfact_loadings"]
+    assert fit.uns is uns and fit.params is uns["params"] and fit.metrics is uns["metrics"]
+    assert fit.history is uns["history"] and fit.moran is uns["moranI"]
+    assert (
+        fit.factor_names == [str(n) for n in uns["factor_names"]] == [f"factor_{i}" for i in range(N_FACTORS)]
+    )
+    assert fit.n_factors == N_FACTORS
+    assert fit.layer is None and fit.group_key == "ClusterName" == uns["params"]["group_key"]
+    # size factors as the fit defined them ("total" over the recorded reference)
+    totals = np.asarray(fitted.X.sum(1)).ravel()
+    np.testing.assert_allclose(fit.size_factors(), totals / uns["params"]["size_factor_reference"])
+    # per-group loadings and enrichment (tl.fit computes them when the fit has groups)
+    groups = fit.groups_with_loadings
+    assert groups == [str(g) for g in uns["group_loadings"]["groups"]] and groups
+    assert fit.group_loadings(groups[0]) is fitted.varm[f"sfact_loadings_{groups[0]}"]
+    stacked, names = fit.stacked_group_loadings()
+    assert names == groups and stacked.shape == (len(groups), fitted.n_vars, N_FACTORS)
+    np.testing.assert_array_equal(stacked[-1], fitted.varm[f"sfact_loadings_{groups[-1]}"])
+    assert fit.enrichment is uns["enrichment"]
+    with pytest.raises(KeyError, match=r"sfact\.tl\.group_loadings"):
+        fit.group_loadings("no such group")
+    with pytest.raises(KeyError, match=r"sfact\.tl\.groupwise_factors"):
+        fit.groupwise  # noqa: B018
+    _assert_same(_snapshot(fitted), before)  # reading never writes

@@ -7,32 +7,12 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 
-from .._keys import Keys
+from ._view import FitView
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
 RankBy = Literal["loading", "share"]
-
-
-def require_fit(adata: AnnData, key: str = "sfact", *, what: str = "this") -> Keys:
-    """Raise a clear :class:`KeyError` when :func:`sfact.tl.fit` has not written results under ``key``."""
-    keys = Keys(key)
-    if keys.factors not in adata.obsm or keys.uns not in adata.uns:
-        raise KeyError(
-            f"`adata.obsm[{keys.factors!r}]` not found: run `sfact.tl.fit(adata, key_added={key!r})` "
-            f"(or `sfact.tl.analyze`) before {what}."
-        )
-    return keys
-
-
-def factor_names(adata: AnnData, key: str = "sfact") -> list[str]:
-    """Names of the factors of the fit under ``key``, in their stored (Moran's I) order."""
-    keys = require_fit(adata, key, what="reading its factors")
-    uns = adata.uns[keys.uns]
-    n = np.asarray(adata.obsm[keys.factors]).shape[1]
-    names = uns.get("factor_names")
-    return [str(v) for v in np.atleast_1d(names)] if names is not None else [f"factor_{i}" for i in range(n)]
 
 
 def factors_df(adata: AnnData, *, key: str = "sfact", scales: bool = False) -> pd.DataFrame:
@@ -56,13 +36,9 @@ def factors_df(adata: AnnData, *, key: str = "sfact", scales: bool = False) -> p
     >>> df = sfact.get.factors_df(adata)  # doctest: +SKIP
     >>> df.idxmax(axis=1).value_counts()  # doctest: +SKIP
     """
-    keys = require_fit(adata, key, what="`sfact.get.factors_df`")
-    slot = keys.scales if scales else keys.factors
-    if slot not in adata.obsm:
-        raise KeyError(f"`adata.obsm[{slot!r}]` not found: run `sfact.tl.fit(adata, key_added={key!r})`.")
-    return pd.DataFrame(
-        np.array(adata.obsm[slot], copy=True), index=adata.obs_names.copy(), columns=factor_names(adata, key)
-    )
+    fit = FitView.from_adata(adata, key, what="`sfact.get.factors_df`")
+    values = fit.scales if scales else fit.factors
+    return pd.DataFrame(np.array(values, copy=True), index=adata.obs_names.copy(), columns=fit.factor_names)
 
 
 def loadings_df(adata: AnnData, *, key: str = "sfact", group: str | None = None) -> pd.DataFrame:
@@ -85,25 +61,9 @@ def loadings_df(adata: AnnData, *, key: str = "sfact", group: str | None = None)
     --------
     >>> sfact.get.loadings_df(adata)["factor_0"].nlargest(5)  # doctest: +SKIP
     """
-    keys = require_fit(adata, key, what="`sfact.get.loadings_df`")
-    slot = keys.loadings if group is None else keys.group_loadings(group)
-    if slot not in adata.varm:
-        if group is None:
-            raise KeyError(f"`adata.varm[{slot!r}]` not found: run `sfact.tl.fit(adata, key_added={key!r})`.")
-        raise KeyError(
-            f"`adata.varm[{slot!r}]` not found: run `sfact.tl.group_loadings(adata, group_key=..., key={key!r})` "
-            f"first (groups with loadings: {groups_with_loadings(adata, key)})."
-        )
-    return pd.DataFrame(
-        np.array(adata.varm[slot], copy=True), index=adata.var_names.copy(), columns=factor_names(adata, key)
-    )
-
-
-def groups_with_loadings(adata: AnnData, key: str = "sfact") -> list[str]:
-    """Groups whose loadings :func:`sfact.tl.group_loadings` wrote under ``key`` (empty if none)."""
-    keys = Keys(key)
-    info = adata.uns.get(keys.uns, {}).get(keys.group_loadings_info)
-    return [] if info is None else [str(g) for g in np.atleast_1d(info["groups"])]
+    fit = FitView.from_adata(adata, key, what="`sfact.get.loadings_df`")
+    values = fit.loadings if group is None else fit.group_loadings(group)
+    return pd.DataFrame(np.array(values, copy=True), index=adata.var_names.copy(), columns=fit.factor_names)
 
 
 def top_genes(
@@ -185,11 +145,11 @@ def factors_adata(adata: AnnData, *, key: str = "sfact") -> AnnData:
     """
     import anndata as ad
 
-    keys = require_fit(adata, key, what="`sfact.get.factors_adata`")
-    names = factor_names(adata, key)
-    X = np.array(adata.obsm[keys.factors], dtype=np.float32, copy=True)
-    var = pd.DataFrame(index=pd.Index(names))
-    moran = adata.uns[keys.uns].get("moranI")
+    fit = FitView.from_adata(adata, key, what="`sfact.get.factors_adata`")
+    keys = fit.keys
+    X = np.array(fit.factors, dtype=np.float32, copy=True)
+    var = pd.DataFrame(index=pd.Index(fit.factor_names))
+    moran = fit.moran
     if isinstance(moran, pd.DataFrame):
         var = var.join(moran)
     own = {keys.factors, keys.scales, keys.groupwise}
@@ -201,8 +161,8 @@ def factors_adata(adata: AnnData, *, key: str = "sfact") -> AnnData:
     out = ad.AnnData(X=X, obs=adata.obs.copy(), var=var, obsm=obsm, uns=_deep_copy(uns))
     for k, v in adata.obsp.items():
         out.obsp[k] = v.copy()
-    if keys.scales in adata.obsm:
-        out.layers["scales"] = np.array(adata.obsm[keys.scales], dtype=np.float32, copy=True)
+    if fit.has_scales:
+        out.layers["scales"] = np.array(fit.scales, dtype=np.float32, copy=True)
     return out
 
 
@@ -230,11 +190,11 @@ def history(adata: AnnData, *, key: str = "sfact") -> pd.DataFrame:
     --------
     >>> sfact.get.history(adata)["elbo"].plot()  # doctest: +SKIP
     """
-    keys = require_fit(adata, key, what="`sfact.get.history`")
-    hist = adata.uns[keys.uns].get("history")
+    fit = FitView.from_adata(adata, key, what="`sfact.get.history`")
+    hist = fit.history
     if hist is None or len(hist) == 0:
         raise KeyError(
-            f"`adata.uns[{keys.uns!r}]['history']` not found: the fit recorded no training history."
+            f"`adata.uns[{fit.keys.uns!r}]['history']` not found: the fit recorded no training history."
         )
     data = {str(k): np.asarray(v, dtype=np.float64).ravel() for k, v in hist.items()}
     n = max(len(v) for v in data.values())

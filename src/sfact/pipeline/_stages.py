@@ -147,7 +147,10 @@ def train(
     device: str | None = None,
     report: Reporter = null_reporter,
 ) -> dict[str, Any]:
-    """Train one prior on ``prepared.h5ad`` and save the model to ``<prior>/model``.
+    """Train one prior on ``prepared.h5ad``, order its factors, and save the model to ``<prior>/model``.
+
+    The factors are ordered by descending Moran's I (:func:`sfact.tl.fit` does the same) before
+    the model is saved, so the ``analyze`` stage and every later use see one order.
 
     Parameters
     ----------
@@ -170,7 +173,7 @@ def train(
     Returns
     -------
     ``{"model_dir", "n_iter", "n_iter_run", "converged", "elbo_per_entry", "train_time_s",
-    "resumed", "device"}``, or ``{"skipped": True, ...}``.
+    "resumed", "reordered", "device"}``, or ``{"skipped": True, ...}``.
 
     Examples
     --------
@@ -224,11 +227,23 @@ def train(
         model.train(**tr.train_kwargs(), progress_bar=False, callback=callback)
         n_run = len(model.history_) - n0
         elbo = float(model.history_.elbo[-1]) if len(model.history_) else None
-        report(epoch=n_run, max_epoch=tr.max_iter, elbo=elbo, message="saving the model")
         _say(
             f"trained {n_run} iterations ({len(model.history_)} in all), "
             f"{'converged' if model.converged else 'not converged'}, ELBO per entry {elbo}"
         )
+        # the factor order is set once, here, before the model is saved: by descending Moran's I
+        report(epoch=n_run, max_epoch=tr.max_iter, elbo=elbo, message="ordering the factors by Moran's I")
+        import numpy as np
+
+        from sfact.tl._analyze import order_by_moran
+
+        order = order_by_moran(
+            model, adata, n_neighs=cfg.analysis.n_neighs, batch_size=cfg.analysis.batch_size
+        ).order
+        reordered = not np.array_equal(order, np.arange(len(order)))
+        if reordered:
+            _say(f"factors reordered by Moran's I: {order.tolist()}")
+        report(epoch=n_run, max_epoch=tr.max_iter, elbo=elbo, message="saving the model")
         model_dir.parent.mkdir(parents=True, exist_ok=True)
         with _tmp_dir(model_dir) as tmp:
             model.save(tmp, overwrite=True)
@@ -245,6 +260,7 @@ def train(
             "elbo_per_entry": elbo,
             "train_time_s": float(model.train_info.get("train_time_s", 0.0)),
             "resumed": resumed,
+            "reordered": reordered,
             "device": str(model.device),
         }
 
@@ -260,8 +276,8 @@ def analyze(
 ) -> dict[str, Any]:
     """Analyse a trained prior (:func:`sfact.tl.analyze`) and write results, arrays and metrics.
 
-    Factors are ordered by descending Moran's I; when that reorders them, the saved model is
-    replaced by the reordered one (same fit), so the model and the results agree.
+    The results are in the saved model's factor order (by descending Moran's I: the ``train``
+    stage orders the factors before it saves the model); the model is not changed.
 
     Parameters
     ----------
@@ -298,6 +314,7 @@ def analyze(
         import numpy as np
 
         import sfact
+        from sfact.get._view import FitView
         from sfact.models import SpatialFactorization
 
         dev = _device(device, cfg)
@@ -305,7 +322,6 @@ def analyze(
         report(message="loading the model")
         model = SpatialFactorization.load(model_dir, adata, device=dev)
         group_key = model.setup.group_key
-        W_before = model.get_loadings()
         an = cfg.analysis
         report(message="analysing")
         sfact.tl.analyze(
@@ -320,10 +336,9 @@ def analyze(
         if prior.startswith("mggp") and an.groupwise:
             report(message="group-wise factors")
             sfact.tl.groupwise_factors(adata, model, batch_size=an.batch_size)
-        reordered = not np.array_equal(W_before, model.get_loadings())
-        uns = adata.uns["sfact"]
-        names = [str(n) for n in uns["factor_names"]]
-        moran = uns["moranI"]
+        fit = FitView.from_adata(adata)
+        names = fit.factor_names
+        moran = fit.moran
         metrics = {
             "dataset": cfg.name,
             "prior": prior,
@@ -331,17 +346,17 @@ def analyze(
             "n_vars": adata.n_vars,
             "n_factors": len(names),
             "group_key": group_key,
-            **uns["metrics"],
+            **fit.metrics,
             "moranI": {n: float(v) for n, v in zip(moran.index, moran["I"], strict=True)},
-            "gp": dict(uns.get("gp", {})),
+            "gp": dict(fit.uns.get("gp", {})),
             "device": str(model.device),
         }
         report(message="writing results")
         with _tmp_dir(out_dir / "results") as tmp:
             adata.write_h5ad(tmp / "results.h5ad")
-            np.save(tmp / "factors.npy", np.asarray(adata.obsm["X_sfact"]))
-            np.save(tmp / "scales.npy", np.asarray(adata.obsm["X_sfact_scales"]))
-            np.save(tmp / "loadings.npy", np.asarray(adata.varm["sfact_loadings"]))
+            np.save(tmp / "factors.npy", np.asarray(fit.factors))
+            np.save(tmp / "scales.npy", np.asarray(fit.scales))
+            np.save(tmp / "loadings.npy", np.asarray(fit.loadings))
             (tmp / "names.json").write_text(
                 json.dumps(
                     {
@@ -352,12 +367,7 @@ def analyze(
                 )
             )
             (tmp / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1) + "\n")
-            if reordered:
-                model.save(tmp / "model", overwrite=True)
-            # everything is written: move it into place, the model first and metrics.json last
-            if reordered:
-                _swap_dir(tmp / "model", model_dir)
-                _say(f"factors reordered by Moran's I: saved the reordered model to {model_dir}")
+            # everything is written: move it into place, metrics.json last
             for f in (
                 "results.h5ad",
                 "factors.npy",
@@ -369,14 +379,13 @@ def analyze(
                 os.replace(tmp / f, out_dir / f)
         shutil.rmtree(_tmp_sibling(out_dir / "results"), ignore_errors=True)
         _say(f"wrote {layout.results(prior)} and the arrays, {layout.metrics(prior)}")
-        m = uns["metrics"]
+        m = fit.metrics
         return {
             "results": str(layout.results(prior)),
             "metrics": str(layout.metrics(prior)),
             "deviance_per_entry": float(m["deviance_per_entry"]),
             "reconstruction_error": float(m["reconstruction_error"]),
             "moranI_max": float(moran["I"].max()),
-            "reordered": reordered,
         }
 
 

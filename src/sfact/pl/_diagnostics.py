@@ -6,7 +6,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..get._get import factor_names, history, require_fit
+from ..get._get import history
+from ..get._view import FitView
+from ._docs import doc_params
 from ._utils import finish
 
 if TYPE_CHECKING:
@@ -24,6 +26,7 @@ def _single_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure,
     return fig, ax
 
 
+@doc_params
 def elbo(
     adata: AnnData,
     *,
@@ -41,31 +44,26 @@ def elbo(
 
     Parameters
     ----------
-    adata
-        AnnData after :func:`sfact.tl.fit`.
-    key
-        The fit's ``key_added``.
+    {adata}
+    {key}
     skip
         Iterations left out of the y range; 5% of them (at least 1 when there are more than
         10) when ``None``, ``0`` for the full range.
     color
         Line colour.
-    ax
-        Draw into this axes.
-    show
-        Show the figure (default when ``return_fig`` is False).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+    {ax}
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The figure when ``return_fig=True``, else ``None``.
+    {returns_fig}
 
     Examples
     --------
     >>> fig = sfact.pl.elbo(adata, return_fig=True)  # doctest: +SKIP
     """
-    require_fit(adata, key, what="plotting the ELBO")
+    fit = FitView.from_adata(adata, key, what="plotting the ELBO")
     hist = history(adata, key=key)
     y = hist["elbo"].to_numpy()
     x = hist.index.to_numpy()
@@ -79,8 +77,7 @@ def elbo(
         lo, hi = float(rest.min()), float(rest.max())
         pad = 0.08 * max(hi - lo, 1e-12)
         ax.set_ylim(lo - pad, hi + pad)
-    metrics = adata.uns[key].get("metrics", {})
-    converged = bool(metrics.get("converged", False))
+    converged = bool(fit.metrics.get("converged", False))
     ax.set_xlabel("iteration")
     ax.set_ylabel("ELBO per entry")
     ax.set_title(f"ELBO ({n} iterations, {'converged' if converged else 'not converged'})", fontsize=10)
@@ -99,6 +96,7 @@ def elbo(
     return finish(fig, show=show, return_fig=return_fig)
 
 
+@doc_params
 def moran(
     adata: AnnData,
     *,
@@ -113,24 +111,18 @@ def moran(
 
     Parameters
     ----------
-    adata
-        AnnData after :func:`sfact.tl.fit`.
-    key
-        The fit's ``key_added``.
+    {adata}
+    {key}
     alpha
         Bars of factors whose FDR-adjusted p-value is at least ``alpha`` are drawn pale.
-    color
-        Bar colour.
-    ax
-        Draw into this axes.
-    show
-        Show the figure (default when ``return_fig`` is False).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+    {color}
+    {ax}
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The figure when ``return_fig=True``, else ``None``.
+    {returns_fig}
 
     Examples
     --------
@@ -138,11 +130,11 @@ def moran(
     """
     from matplotlib.colors import to_rgba
 
-    require_fit(adata, key, what="plotting Moran's I")
-    table = adata.uns[key].get("moranI")
+    fit = FitView.from_adata(adata, key, what="plotting Moran's I")
+    table = fit.moran
     if table is None:
         raise KeyError(f"`adata.uns[{key!r}]['moranI']` not found: run `sfact.tl.fit` or `sfact.tl.analyze`.")
-    names = [n for n in factor_names(adata, key) if n in table.index]
+    names = [n for n in fit.factor_names if n in table.index]
     values = table.loc[names, "I"].to_numpy(dtype=float)
     fdr = table.loc[names, "pval_norm_fdr_bh"].to_numpy(dtype=float) if "pval_norm_fdr_bh" in table else None
     colors = [

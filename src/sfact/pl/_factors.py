@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._keys import Keys
-from ..get._get import factor_names, require_fit
+from ..get._view import FitView
+from ._docs import doc_params
 from ._utils import (
     default_size,
     finish,
@@ -34,8 +34,8 @@ def _coords(adata: AnnData, spatial_key: str) -> np.ndarray:
     return np.asarray(adata.obsm[spatial_key], dtype=float)
 
 
-def _moran_title(adata: AnnData, key: str, name: str, prefix: str = "", *, sep: str = "  ") -> str:
-    moran = adata.uns[Keys(key).uns].get("moranI")
+def _moran_title(fit: FitView, name: str, prefix: str = "", *, sep: str = "  ") -> str:
+    moran = fit.moran
     title = f"{prefix}{name}"
     if moran is not None and name in moran.index:
         title += f"{sep}(I = {float(moran.loc[name, 'I']):.2f})"
@@ -44,7 +44,7 @@ def _moran_title(adata: AnnData, key: str, name: str, prefix: str = "", *, sep: 
 
 def _spatial_maps(
     adata: AnnData,
-    slot: str,
+    scales: bool,
     label: str,
     *,
     key: str,
@@ -58,15 +58,12 @@ def _spatial_maps(
     show: bool | None,
     return_fig: bool,
 ) -> Figure | None:
-    require_fit(adata, key, what="plotting factors")
-    if slot not in adata.obsm:
-        raise KeyError(
-            f"`adata.obsm[{slot!r}]` not found: run `sfact.tl.fit(adata, key_added={key!r})` first."
-        )
+    fit = FitView.from_adata(adata, key, what="plotting factors")
+    stored = fit.scales if scales else fit.factors
     coords = _coords(adata, spatial_key)
-    names = factor_names(adata, key)
+    names = fit.factor_names
     sel = select_factors(names, factors)
-    values = np.asarray(adata.obsm[slot], dtype=float)[:, sel]
+    values = np.asarray(stored, dtype=float)[:, sel]
     shared = robust_limits(values) if shared_scale else None
     if ax is not None:
         if len(sel) != 1:
@@ -79,7 +76,7 @@ def _spatial_maps(
     sc = None
     for j, (a, i) in enumerate(zip(axes, sel, strict=True)):
         lo, hi = shared if shared is not None else robust_limits(values[:, j])
-        title = _moran_title(adata, key, names[i], label)
+        title = _moran_title(fit, names[i], label)
         sc = spatial_panel(
             a, coords, values[:, j], title=title, cmap=cmap, vmin=lo, vmax=hi, size=s, colorbar=not one_bar
         )
@@ -88,6 +85,7 @@ def _spatial_maps(
     return finish(fig, show=show, return_fig=return_fig)
 
 
+@doc_params
 def factors(
     adata: AnnData,
     *,
@@ -106,33 +104,24 @@ def factors(
 
     Parameters
     ----------
-    adata
-        AnnData after :func:`sfact.tl.fit`.
-    key
-        The fit's ``key_added``.
+    {adata}
+    {key}
     factors
         Factor names or indices to draw; all when ``None``.
-    spatial_key
-        Key of the coordinates in ``adata.obsm``.
-    ncols
-        Panels per row.
-    cmap
-        Colour map.
+    {spatial_key}
+    {ncols}
+    {cmap}
     shared_scale
         Use one colour scale, and one colour bar, for all panels (from the minimum to the
         99.5th percentile of all values); each panel has its own otherwise.
-    size
-        Marker size; chosen from the number of cells when ``None``.
-    ax
-        Draw a single factor into this axes.
-    show
-        Show the figure (default when ``return_fig`` is False).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+    {size}
+    {ax_factor}
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The figure when ``return_fig=True``, else ``None``.
+    {returns_fig}
 
     Examples
     --------
@@ -143,7 +132,7 @@ def factors(
     """
     return _spatial_maps(
         adata,
-        Keys(key).factors,
+        False,
         "",
         key=key,
         factors=factors,
@@ -158,6 +147,7 @@ def factors(
     )
 
 
+@doc_params
 def scales(
     adata: AnnData,
     *,
@@ -176,32 +166,23 @@ def scales(
 
     Parameters
     ----------
-    adata
-        AnnData after :func:`sfact.tl.fit`.
-    key
-        The fit's ``key_added``.
+    {adata}
+    {key}
     factors
         Factor names or indices to draw; all when ``None``.
-    spatial_key
-        Key of the coordinates in ``adata.obsm``.
-    ncols
-        Panels per row.
-    cmap
-        Colour map.
+    {spatial_key}
+    {ncols}
+    {cmap}
     shared_scale
         One colour scale, and one colour bar, for all panels.
-    size
-        Marker size; chosen from the number of cells when ``None``.
-    ax
-        Draw a single factor into this axes.
-    show
-        Show the figure (default when ``return_fig`` is False).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+    {size}
+    {ax_factor}
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The figure when ``return_fig=True``, else ``None``.
+    {returns_fig}
 
     Examples
     --------
@@ -209,7 +190,7 @@ def scales(
     """
     return _spatial_maps(
         adata,
-        Keys(key).scales,
+        True,
         "σ ",
         key=key,
         factors=factors,
@@ -224,6 +205,7 @@ def scales(
     )
 
 
+@doc_params
 def groupwise_factors(
     adata: AnnData,
     *,
@@ -248,29 +230,23 @@ def groupwise_factors(
     ----------
     adata
         AnnData after :func:`sfact.tl.fit` and :func:`sfact.tl.groupwise_factors`.
-    key
-        The fit's ``key_added``.
+    {key}
     groups
         Groups (rows) to draw; all evaluated groups when ``None``.
     factors
         Factor names or indices (columns) to draw; all when ``None``.
-    spatial_key
-        Key of the coordinates in ``adata.obsm``.
-    cmap
-        Colour map.
+    {spatial_key}
+    {cmap}
     shared_scale
         One colour scale per factor (column), shared by all its rows, with one colour bar under
         the column; each panel has its own scale and colour bar otherwise.
-    size
-        Marker size; chosen from the number of cells when ``None``.
-    show
-        Show the figure (default when ``return_fig`` is False).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+    {size}
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The figure when ``return_fig=True``, else ``None``.
+    {returns_fig}
 
     Examples
     --------
@@ -279,16 +255,11 @@ def groupwise_factors(
     """
     import matplotlib.pyplot as plt
 
-    keys = require_fit(adata, key, what="plotting group-wise factors")
-    if keys.groupwise not in adata.obsm or "groupwise_groups" not in adata.uns[keys.uns]:
-        raise KeyError(
-            f"`adata.obsm[{keys.groupwise!r}]` not found: run "
-            f"`sfact.tl.groupwise_factors(adata, model, key_added={key!r})` first (multi-group priors)."
-        )
+    fit = FitView.from_adata(adata, key, what="plotting group-wise factors")
+    gw, all_groups = fit.groupwise  # (N, G, L)
     coords = _coords(adata, spatial_key)
-    names = factor_names(adata, key)
+    names = fit.factor_names
     sel = select_factors(names, factors)
-    all_groups = [str(g) for g in np.atleast_1d(adata.uns[keys.uns]["groupwise_groups"])]
     if groups is None:
         gsel = list(range(len(all_groups)))
     else:
@@ -297,8 +268,8 @@ def groupwise_factors(
         if unknown:
             raise KeyError(f"Unknown groups {unknown}; group-wise factors exist for {all_groups}.")
         gsel = [all_groups.index(str(g)) for g in groups]
-    gw = np.asarray(adata.obsm[keys.groupwise])  # (N, G, L)
-    rows = [np.asarray(adata.obsm[keys.factors], dtype=float)[:, sel]]
+    gw = np.asarray(gw)
+    rows = [np.asarray(fit.factors, dtype=float)[:, sel]]
     rows += [np.asarray(gw[:, k, :], dtype=float)[:, sel] for k in gsel]
     row_labels = ["all groups\n(fitted)"] + [wrap_label(all_groups[k], 18) for k in gsel]
     nrows, ncols = len(rows), len(sel)
@@ -317,7 +288,7 @@ def groupwise_factors(
         sc = None
         for r in range(nrows):
             lo, hi = lims if lims is not None else robust_limits(col[r])
-            title = _moran_title(adata, key, names[i], sep="\n") if r == 0 else None
+            title = _moran_title(fit, names[i], sep="\n") if r == 0 else None
             sc = spatial_panel(
                 axs[r, j],
                 coords,
@@ -355,6 +326,7 @@ def expression(adata: AnnData, genes: Sequence[str], layer: str | None) -> np.nd
     return np.log1p(sub.astype(float) * (ref / np.maximum(totals, 1e-12))[:, None])
 
 
+@doc_params
 def factors_with_genes(
     adata: AnnData,
     *,
@@ -377,32 +349,26 @@ def factors_with_genes(
 
     Parameters
     ----------
-    adata
-        AnnData after :func:`sfact.tl.fit`.
-    key
-        The fit's ``key_added``.
+    {adata}
+    {key}
     factors
         Factor names or indices (rows); all when ``None``.
     n_genes
         Top genes per factor (see :func:`sfact.get.top_genes`).
     by
         Rank genes by ``"share"`` (specific to the factor, default) or ``"loading"``.
-    spatial_key
-        Key of the coordinates in ``adata.obsm``.
+    {spatial_key}
     cmap
         Colour map of the factors.
     gene_cmap
         Colour map of the expression.
-    size
-        Marker size; chosen from the number of cells when ``None``.
-    show
-        Show the figure (default when ``return_fig`` is False).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+    {size}
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The figure when ``return_fig=True``, else ``None``.
+    {returns_fig}
 
     Examples
     --------
@@ -412,13 +378,13 @@ def factors_with_genes(
 
     from ..get._get import top_genes
 
-    keys = require_fit(adata, key, what="plotting factors with genes")
+    fit = FitView.from_adata(adata, key, what="plotting factors with genes")
     coords = _coords(adata, spatial_key)
-    names = factor_names(adata, key)
+    names = fit.factor_names
     sel = select_factors(names, factors)
     top = top_genes(adata, key=key, n_genes=n_genes, by=by)  # type: ignore[arg-type]
-    layer = adata.uns[keys.uns].get("params", {}).get("layer")
-    F = np.asarray(adata.obsm[keys.factors], dtype=float)
+    layer = fit.layer
+    F = np.asarray(fit.factors, dtype=float)
     w, h = spatial_panel_size(coords, height=2.6)
     ncols = 1 + n_genes
     fig, axs = plt.subplots(
@@ -431,7 +397,7 @@ def factors_with_genes(
             axs[r, 0],
             coords,
             F[:, i],
-            title=_moran_title(adata, key, names[i], sep="\n"),
+            title=_moran_title(fit, names[i], sep="\n"),
             cmap=cmap,
             vmin=lo,
             vmax=hi,

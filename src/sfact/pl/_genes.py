@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._keys import Keys
-from ..get._get import factor_names, loadings_df, require_fit
+from ..get._get import loadings_df
 from ..get._get import top_genes as _top_genes
+from ..get._view import FitView
+from ._docs import doc_params
 from ._utils import finish, grid, select_factors, wrap_label
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ def _bar_panel(
         ax.axvline(0, color="0.3", lw=0.8)
 
 
+@doc_params
 def top_genes(
     adata: AnnData,
     *,
@@ -62,10 +64,8 @@ def top_genes(
 
     Parameters
     ----------
-    adata
-        AnnData after :func:`sfact.tl.fit`.
-    key
-        The fit's ``key_added``.
+    {adata}
+    {key}
     factors
         Factor names or indices; all when ``None``.
     n_genes
@@ -73,31 +73,24 @@ def top_genes(
     by
         ``"loading"`` (the loading ``W_dl``) or ``"share"`` (``W_dl / Σ_l W_dl``, how specific the
         gene is to the factor); see :func:`sfact.get.top_genes`.
-    group
-        Use one group's loadings (from :func:`sfact.tl.group_loadings`).
-    ncols
-        Panels per row.
-    color
-        Bar colour.
+    {group}
+    {ncols}
+    {color}
     shared_scale
         One x range for all panels (shares always use 0 to 1).
-    ax
-        Draw a single factor into this axes.
-    show
-        Show the figure (default when ``return_fig`` is False).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+    {ax_factor}
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The figure when ``return_fig=True``, else ``None``.
+    {returns_fig}
 
     Examples
     --------
     >>> fig = sfact.pl.top_genes(adata, n_genes=8, by="share", return_fig=True)  # doctest: +SKIP
     """
-    require_fit(adata, key, what="plotting top genes")
-    names = factor_names(adata, key)
+    names = FitView.from_adata(adata, key, what="plotting top genes").factor_names
     sel = select_factors(names, factors)
     table = _top_genes(adata, key=key, n_genes=n_genes, by=by, group=group)  # type: ignore[arg-type]
     column = "loading" if by == "loading" else "share"
@@ -122,6 +115,7 @@ def top_genes(
     return finish(fig, show=show, return_fig=return_fig)
 
 
+@doc_params
 def loadings(
     adata: AnnData,
     *,
@@ -145,10 +139,8 @@ def loadings(
 
     Parameters
     ----------
-    adata
-        AnnData after :func:`sfact.tl.fit`.
-    key
-        The fit's ``key_added``.
+    {adata}
+    {key}
     factors
         Factor names or indices (columns); all when ``None``.
     n_genes
@@ -158,22 +150,17 @@ def loadings(
     normalize
         Show each gene's shares of the factors (rows sum to 1 over all factors) instead of the
         raw loadings, which scale with the gene's expression.
-    group
-        Use one group's loadings (from :func:`sfact.tl.group_loadings`).
-    cmap
-        Colour map.
+    {group}
+    {cmap}
     vmin, vmax
         Colour limits; the data's range when ``None``.
-    ax
-        Draw into this axes.
-    show
-        Show the figure (default when ``return_fig`` is False).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+    {ax}
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The figure when ``return_fig=True``, else ``None``.
+    {returns_fig}
 
     Examples
     --------
@@ -181,8 +168,7 @@ def loadings(
     """
     import matplotlib.pyplot as plt
 
-    require_fit(adata, key, what="plotting loadings")
-    names = factor_names(adata, key)
+    names = FitView.from_adata(adata, key, what="plotting loadings").factor_names
     sel = select_factors(names, factors)
     W = loadings_df(adata, key=key, group=group)
     if normalize:
@@ -215,14 +201,7 @@ def loadings(
 
 # ---------------------------------------------------------------------------- enrichment
 def _enrichment(adata: AnnData, key: str) -> dict:
-    keys = require_fit(adata, key, what="plotting gene enrichment")
-    enr = adata.uns[keys.uns].get(Keys(key).enrichment)
-    if enr is None:
-        raise KeyError(
-            f"`adata.uns[{key!r}]['enrichment']` not found: run "
-            f"`sfact.tl.gene_enrichment(adata, group_key=..., key={key!r})` first."
-        )
-    return enr
+    return FitView.from_adata(adata, key, what="plotting gene enrichment").enrichment
 
 
 def _select_groups(all_groups: list[str], groups: Sequence[str] | str | None) -> list[int]:
@@ -243,6 +222,7 @@ def _symmetric_limit(values: np.ndarray, vmax: float | None) -> float:
     return float(max(np.percentile(v, 99), 1e-3)) if v.size else 1.0
 
 
+@doc_params
 def gene_enrichment(
     adata: AnnData,
     *,
@@ -267,34 +247,28 @@ def gene_enrichment(
 
     Parameters
     ----------
-    adata
-        AnnData after :func:`sfact.tl.gene_enrichment`.
-    key
-        The fit's ``key_added``.
+    {adata_enrichment}
+    {key}
     factors
         Factor names or indices (panels); all when ``None``.
     groups
         Groups (columns); all when ``None``.
     n_genes
         Genes (rows) per panel.
-    ncols
-        Panels per row.
+    {ncols}
     cmap
         Diverging colour map, centred at 0.
     shared_scale
         One symmetric colour scale (and one colour bar) for all panels; per panel otherwise.
     vmax
         Colour limit (``±vmax``); the 99th percentile of the absolute values when ``None``.
-    ax
-        Draw a single factor into this axes.
-    show
-        Show the figure (default when ``return_fig`` is False).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+    {ax_factor}
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The figure when ``return_fig=True``, else ``None``.
+    {returns_fig}
 
     Examples
     --------
@@ -395,6 +369,7 @@ def _top_pairs(block: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.unravel_index(order, block.shape)
 
 
+@doc_params
 def enrichment_by_group(
     adata: AnnData,
     *,
@@ -416,30 +391,25 @@ def enrichment_by_group(
 
     Parameters
     ----------
-    adata
-        AnnData after :func:`sfact.tl.gene_enrichment`.
-    key
-        The fit's ``key_added``.
+    {adata_enrichment}
+    {key}
     groups
         Groups (panels); all when ``None``.
     factors
         Factors considered; all when ``None``.
     n_genes
         Bars per panel.
-    ncols
-        Panels per row.
+    {ncols}
     shared_scale
         One x range for all panels.
     ax
         Draw a single group into this axes.
-    show
-        Show the figure (default when ``return_fig`` is False).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The figure when ``return_fig=True``, else ``None``.
+    {returns_fig}
 
     Examples
     --------
@@ -492,6 +462,7 @@ def enrichment_by_group(
     return finish(fig, show=show, return_fig=return_fig)
 
 
+@doc_params
 def enrichment_by_factor(
     adata: AnnData,
     *,
@@ -513,32 +484,26 @@ def enrichment_by_factor(
 
     Parameters
     ----------
-    adata
-        AnnData after :func:`sfact.tl.gene_enrichment`.
-    key
-        The fit's ``key_added``.
+    {adata_enrichment}
+    {key}
     factors
         Factor names or indices (panels); all when ``None``.
     groups
         Groups considered; all when ``None``.
     n_genes
         Bars per panel.
-    ncols
-        Panels per row.
+    {ncols}
     shared_scale
         One x range for all panels.
     colors
         Colours of enriched and depleted bars.
-    ax
-        Draw a single factor into this axes.
-    show
-        Show the figure (default when ``return_fig`` is False).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+    {ax_factor}
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The figure when ``return_fig=True``, else ``None``.
+    {returns_fig}
 
     Examples
     --------

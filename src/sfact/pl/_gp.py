@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ._docs import doc_params
 from ._utils import (
     default_size,
     finish,
@@ -25,26 +26,7 @@ if TYPE_CHECKING:
     from ..models import SpatialFactorization
 
 
-def _inducing_points(model: SpatialFactorization) -> tuple[np.ndarray, np.ndarray | None]:
-    """Inducing points in the data's coordinate units, and their group codes (multi-group priors)."""
-    if getattr(model, "module", None) is None:
-        raise RuntimeError(
-            "The model is not trained yet: call `model.train()` (or fit with "
-            "`sfact.tl.fit(adata, save_model=dir)` and load it with `SpatialFactorization.load(dir, adata)`)."
-        )
-    prior = model.module.prior
-    Z = getattr(prior, "Z", None)
-    if Z is None:
-        raise ValueError(f"The {model.prior!r} prior has no inducing points; only the SVGP priors do.")
-    Z = Z.detach().cpu().double().numpy()
-    scaling = model._setup["scaling"]
-    coords = Z * float(scaling["factor"]) + np.asarray(scaling["offset"], dtype=float)[None, :]
-    groups = None
-    if getattr(prior, "multigroup", False) and getattr(prior, "Z_groups", None) is not None:
-        groups = prior.Z_groups.detach().cpu().numpy().astype(np.int64)
-    return coords, groups
-
-
+@doc_params
 def inducing_points(
     adata: AnnData,
     model: SpatialFactorization,
@@ -96,14 +78,12 @@ def inducing_points(
         Draw a legend of the groups (single panel).
     ax
         Draw the single panel into this axes.
-    show
-        Show the figure (default when ``return_fig`` is False).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure` instead of showing it.
+    {show}
+    {return_fig}
 
     Returns
     -------
-    The figure when ``return_fig=True``, else ``None``.
+    {returns_fig}
 
     Examples
     --------
@@ -112,12 +92,13 @@ def inducing_points(
     """
     from matplotlib.lines import Line2D
 
-    Z, Zg = _inducing_points(model)
-    spatial_key = model._setup["spatial_key"] if spatial_key is None else spatial_key
+    Z, Zg = model.inducing_points()
+    setup = model.setup
+    spatial_key = setup.spatial_key if spatial_key is None else spatial_key
     if spatial_key not in adata.obsm:
         raise KeyError(f"`adata.obsm[{spatial_key!r}]` not found: pass `spatial_key=`.")
     coords = np.asarray(adata.obsm[spatial_key], dtype=float)
-    group_key = model._setup["group_key"] if group_key is None else group_key
+    group_key = setup.group_key if group_key is None else group_key
     if group_key is not None and group_key not in adata.obs.columns:
         raise KeyError(f"`adata.obs[{group_key!r}]` not found: pass an existing `group_key`.")
     cats: list[str] = []
@@ -126,9 +107,9 @@ def inducing_points(
         col = adata.obs[group_key].astype("category")
         cats = [str(c) for c in col.cat.categories]
         cell_groups = col.astype(str).to_numpy()
-    model_cats = model._setup.get("group_categories") or []
+    model_cats = list(setup.group_categories or [])
     z_names = None
-    if Zg is not None and model_cats and group_key == model._setup["group_key"]:
+    if Zg is not None and model_cats and group_key == setup.group_key:
         z_names = np.asarray(model_cats, dtype=object)[Zg]
         cats = list(dict.fromkeys([*cats, *model_cats]))
     colors = group_colors(adata, group_key, cats) if group_key is not None else {}

@@ -12,17 +12,6 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from .._keys import Keys
-
-
-def require_fit(adata: AnnData, keys: Keys, *, what: str = "factors") -> None:
-    """Raise a clear error when ``tl.fit`` has not written its results under ``keys``."""
-    if keys.factors not in adata.obsm or keys.uns not in adata.uns:
-        raise KeyError(
-            f"`adata.obsm[{keys.factors!r}]` not found: run `sfact.tl.fit(adata, key_added={keys.key!r})` "
-            f"before plotting {what}."
-        )
-
 
 def grid(
     n_panels: int, ncols: int, *, panel_size: tuple[float, float] = (3.2, 3.0)
@@ -70,12 +59,7 @@ def spatial_panel(
         linewidths=0,
         rasterized=True,
     )
-    ax.set_aspect("equal")
-    ax.set_title(title, fontsize=10)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(False)
+    style_spatial_axes(ax, title)
     if colorbar:
         ax.figure.colorbar(sc, ax=ax, shrink=0.7, pad=0.02)
     return sc

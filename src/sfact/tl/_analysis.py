@@ -195,3 +195,18 @@ def _adata_counts(adata: AnnData, layer: str | None):
 
     X = get_counts(adata, layer)
     return X if sp.issparse(X) else sp.csr_matrix(np.asarray(X))
+
+
+def moran_order(moran: pd.DataFrame) -> np.ndarray:
+    """The factor order by descending Moran's I (stable: ties keep their order).
+
+    Parameters
+    ----------
+    moran
+        Table from :func:`morans_i` (column ``I``), one row per factor in the current order.
+
+    Returns
+    -------
+    ``order``, a permutation: ``order[k]`` is the current index of the factor to put at ``k``.
+    """
+    return np.argsort(-moran["I"].to_numpy(), kind="stable")

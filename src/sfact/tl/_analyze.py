@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -11,6 +12,9 @@ from .._keys import Keys
 from .._utils import view_to_actual
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import pandas as pd
     from anndata import AnnData
 
     from ..models import SpatialFactorization
@@ -35,6 +39,255 @@ def _plain(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True)
+class LogFactors:
+    """Log-factors of all cells and the Moran's I of their factors, in the model's factor order."""
+
+    mu: np.ndarray
+    """Posterior means of the log-factors (n_obs, n_factors)."""
+    var: np.ndarray
+    """Posterior variances of the log-factors (n_obs, n_factors)."""
+    moran: pd.DataFrame
+    """Moran's I of ``exp(mu)``, indexed by factor name."""
+    order: np.ndarray
+    """The permutation applied to the model (``order[k]``: old index of factor k); identity if none."""
+
+
+def _log_factors(
+    adata: AnnData, model: SpatialFactorization, *, n_neighs: int, batch_size: int
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """``(mu, var, moran)`` of the cells of ``adata`` in the model's current factor order."""
+    from .._keys import factor_names
+    from .._utils import get_coordinates
+    from ._analysis import morans_i
+
+    mu, var = model.get_log_factors(None if adata is model.adata else adata, batch_size=batch_size)
+    coords = get_coordinates(adata, model.setup.spatial_key)
+    moran = morans_i(np.exp(mu), coords, names=factor_names(model.n_factors), n_neighs=n_neighs)
+    return mu, var, moran
+
+
+def order_by_moran(
+    model: SpatialFactorization,
+    adata: AnnData | None = None,
+    *,
+    n_neighs: int = 6,
+    batch_size: int = 10000,
+) -> LogFactors:
+    """Order a freshly trained model's factors by descending Moran's I, in place.
+
+    The one place the order is set: :func:`sfact.tl.fit` and the pipeline's ``train`` stage call
+    it right after training, before anything is written or saved; :func:`sfact.tl.analyze`
+    never reorders. The factors of all cells are computed (in batches), their Moran's I on the
+    spatial graph of ``adata``, and :meth:`~sfact.models.SpatialFactorization.reorder_factors`
+    applies the permutation (loadings, variational parameters, per-factor kernels together).
+
+    Parameters
+    ----------
+    model
+        A trained model; permuted in place.
+    adata
+        The cells for Moran's I (their coordinates under the model's ``spatial_key``); the
+        model's training data when ``None``.
+    n_neighs
+        Neighbours per cell of the spatial graph.
+    batch_size
+        Cells per batch of the factors.
+
+    Returns
+    -------
+    The log-factors and the Moran's I table in the new order (pass them on to
+    :func:`compute_analysis` to save computing the factors again).
+    """
+    from ._analysis import moran_order
+
+    adata = model.adata if adata is None else adata
+    mu, var, moran = _log_factors(adata, model, n_neighs=n_neighs, batch_size=batch_size)
+    order = moran_order(moran)
+    if not np.array_equal(order, np.arange(len(order))):
+        model.reorder_factors(order)
+        names = list(moran.index)
+        mu, var = mu[:, order], var[:, order]
+        moran = moran.iloc[order].copy()
+        moran.index = names
+    return LogFactors(mu=mu, var=var, moran=moran, order=order)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Everything :func:`sfact.tl.analyze` computes, before it is written to an AnnData.
+
+    Made by :func:`compute_analysis` (which changes neither the model nor the AnnData) and
+    written by :func:`write_analysis`; the arrays are the values written (``float32`` where the
+    slots are).
+    """
+
+    factors: np.ndarray
+    """Factors ``exp(μ)`` (n_obs, n_factors), float32."""
+    scales: np.ndarray
+    """Posterior standard deviations ``σ`` of the log-factors (n_obs, n_factors), float32."""
+    loadings: np.ndarray
+    """Loadings (n_vars, n_factors), float32."""
+    deviance_cell: np.ndarray
+    """Poisson deviance per cell."""
+    deviance_gene: np.ndarray
+    """Poisson deviance per gene."""
+    moran: pd.DataFrame
+    """Moran's I table, indexed by factor name."""
+    factor_names: list[str]
+    """Names of the factors."""
+    params: dict[str, Any]
+    """The model's settings and the analysis'."""
+    metrics: dict[str, Any]
+    """Deviance, reconstruction error, ELBO, iterations, convergence, times."""
+    history: dict[str, Any]
+    """Training history, one list per recorded quantity."""
+    gp: dict[str, Any]
+    """Kernel hyperparameters (:meth:`~sfact.models.SpatialFactorization.gp_info`)."""
+
+    def uns(self, keys: Keys) -> dict[str, Any]:
+        """The entry of ``adata.uns[key]`` (plain values; ``moranI`` a copy)."""
+        return _plain(
+            {
+                "params": self.params,
+                "history": dict(self.history),
+                "moranI": self.moran.copy(),
+                "metrics": self.metrics,
+                "factor_names": np.asarray(self.factor_names),
+                "gp": self.gp,
+                "keys": keys.as_dict(),
+            }
+        )
+
+
+def compute_analysis(
+    adata: AnnData,
+    model: SpatialFactorization,
+    *,
+    batch_size: int = 10000,
+    n_neighs: int = 6,
+    log_factors: LogFactors | None = None,
+    step: Callable[[str], None] | None = None,
+) -> Analysis:
+    """Compute every analysis of ``model`` on the cells of ``adata``, changing neither.
+
+    Parameters
+    ----------
+    adata
+        The cells: the training data, or new cells with the model's genes.
+    model
+        A trained model; the results are in its factor order.
+    batch_size
+        Cells per batch.
+    n_neighs
+        Neighbours per cell of the spatial graph used for Moran's I.
+    log_factors
+        The log-factors and Moran's I of these cells in the model's current order (from
+        :func:`order_by_moran`); computed when ``None``.
+    step
+        Called with the name of each step as it starts (progress).
+
+    Returns
+    -------
+    The :class:`Analysis`.
+    """
+    from .. import __version__
+    from ._analysis import _adata_counts, poisson_deviance_sparse, reconstruction_error
+
+    step = step or (lambda name: None)
+    setup = model.setup
+    step("factors")
+    if log_factors is None:
+        mu, var, moran = _log_factors(adata, model, n_neighs=n_neighs, batch_size=batch_size)
+    else:
+        mu, var, moran = log_factors.mu, log_factors.var, log_factors.moran
+    step("Moran's I")
+    W = model.get_loadings()
+    Y = _adata_counts(adata, setup.layer)
+    s = model.size_factors(adata, Y)
+    expected = np.exp(mu + 0.5 * var)
+    step("deviance")
+    dev_cell, dev_gene = poisson_deviance_sparse(Y, expected, W, s, batch_size=batch_size)
+    step("reconstruction error")
+    recon = reconstruction_error(Y, expected, W, s, batch_size=batch_size)
+    params = {
+        "prior": setup.prior,
+        "n_factors": setup.n_factors,
+        "layer": setup.layer,
+        "spatial_key": setup.spatial_key,
+        "group_key": setup.group_key,
+        "size_factors": setup.size_factors,
+        "size_factor_reference": setup.size_factor_reference,
+        "elbo_mode": setup.elbo_mode,
+        "loadings_mode": setup.loadings_mode,
+        "random_state": setup.seed,
+        "device": model.device,
+        "dtype": setup.dtype,
+        "version": __version__,
+        "analyze_batch_size": int(batch_size),
+        **{
+            k: v
+            for k, v in model.train_info.items()
+            if k not in ("n_iter", "converged", "train_time_s", "init_time_s")
+        },
+    }
+    n_entries = adata.n_obs * adata.n_vars
+    history = model.history_
+    metrics = {
+        "deviance": float(dev_cell.sum()),
+        "deviance_per_entry": float(dev_cell.sum() / n_entries),
+        "reconstruction_error": recon,
+        "elbo_per_entry": float(history.elbo[-1]) if history.elbo else np.nan,
+        "n_iter": len(history),
+        "converged": bool(model.converged),
+        "train_time_s": float(model.train_info.get("train_time_s", 0.0)),
+        "init_time_s": float(model.train_info.get("init_time_s", 0.0)),
+    }
+    return Analysis(
+        factors=np.exp(mu).astype(np.float32),
+        scales=np.sqrt(var).astype(np.float32),
+        loadings=W.astype(np.float32),
+        deviance_cell=dev_cell,
+        deviance_gene=dev_gene,
+        moran=moran,
+        factor_names=[str(n) for n in moran.index],
+        params=params,
+        metrics=metrics,
+        history=dict(history.as_dict().items()),
+        gp=model.gp_info(),
+    )
+
+
+def write_analysis(adata: AnnData, result: Analysis, *, key_added: str = "sfact") -> None:
+    """Write an :class:`Analysis` to ``adata`` under ``key_added``, replacing what was there.
+
+    Per-group loadings, enrichment and group-wise factors written earlier under the key are
+    removed (they belong to another fit or order). Writing the same result twice gives the
+    same AnnData.
+
+    Parameters
+    ----------
+    adata
+        The cells the analysis was computed on.
+    result
+        From :func:`compute_analysis`.
+    key_added
+        Base key of every slot written.
+    """
+    from ._groups import _drop_group_slots
+
+    keys = Keys(key_added)
+    _drop_group_slots(adata, keys)
+    if keys.groupwise in adata.obsm:
+        del adata.obsm[keys.groupwise]
+    adata.obsm[keys.factors] = result.factors.copy()
+    adata.obsm[keys.scales] = result.scales.copy()
+    adata.varm[keys.loadings] = result.loadings.copy()
+    adata.obs[keys.obs_deviance()] = result.deviance_cell
+    adata.var[keys.var_deviance()] = result.deviance_gene
+    adata.uns[keys.uns] = result.uns(keys)
+
+
 def analyze(
     adata: AnnData,
     model: SpatialFactorization,
@@ -43,7 +296,6 @@ def analyze(
     analyze_batch_size: int = 10000,
     group_key: str | None = None,
     n_neighs: int = 6,
-    order_by_moran: bool = True,
     n_top: int = 10,
     progress_bar: bool | None = None,
     copy: bool = False,
@@ -51,11 +303,11 @@ def analyze(
     """(Re)compute every analysis of a fitted model and write it to ``adata``.
 
     Factors and scales of all cells are computed in batches of ``analyze_batch_size`` cells
-    (the GP forward never holds all cells at once), ordered by descending Moran's I, and the
-    same permutation is applied to the model (loadings, variational parameters, per-factor
-    kernels), so every factor-indexed output stays aligned. Deviance and reconstruction error
-    touch only the non-zeros of the counts: no cells x genes matrix is formed. With a
-    ``group_key``, per-group loadings and gene enrichment follow
+    (the GP forward never holds all cells at once), in the model's factor order; the model is
+    not changed. Models from :func:`sfact.tl.fit` and from the pipeline are already ordered by
+    descending Moran's I (the order is set once, right after training). Deviance and
+    reconstruction error touch only the non-zeros of the counts: no cells x genes matrix is
+    formed. With a ``group_key``, per-group loadings and gene enrichment follow
     (:func:`sfact.tl.group_loadings`, :func:`sfact.tl.gene_enrichment`).
 
     Parameters
@@ -63,7 +315,7 @@ def analyze(
     adata
         The cells to analyse: the training data, or new cells with the model's genes.
     model
-        A trained :class:`~sfact.models.SpatialFactorization` (permuted in place by the reorder).
+        A trained :class:`~sfact.models.SpatialFactorization` (left unchanged).
     key_added
         Base key of every slot written; slots written earlier under it are replaced.
     analyze_batch_size
@@ -72,8 +324,6 @@ def analyze(
         Column of ``adata.obs`` for per-group loadings and gene enrichment; none when ``None``.
     n_neighs
         Neighbours per cell of the spatial graph used for Moran's I.
-    order_by_moran
-        Order the factors by descending Moran's I.
     n_top
         Top enriched genes kept per factor and group.
     progress_bar
@@ -113,11 +363,15 @@ def analyze(
         analyze_batch_size=analyze_batch_size,
         group_key=group_key,
         n_neighs=n_neighs,
-        order_by_moran=order_by_moran,
         n_top=n_top,
         progress_bar=progress_bar,
     )
     return adata if copy else None
+
+
+def _check_batch_size(analyze_batch_size: int) -> None:
+    if analyze_batch_size < 1:
+        raise ValueError(f"`analyze_batch_size` must be positive, received {analyze_batch_size}.")
 
 
 def _analyze(
@@ -128,130 +382,51 @@ def _analyze(
     analyze_batch_size: int,
     group_key: str | None,
     n_neighs: int,
-    order_by_moran: bool,
     n_top: int,
     progress_bar: bool | None = None,
+    log_factors: LogFactors | None = None,
 ) -> None:
+    """Compute, write, then per-group loadings and enrichment (with ``group_key``)."""
     from tqdm.auto import tqdm
 
-    from .. import __version__
-    from .._keys import factor_names
     from .._settings import settings
-    from .._utils import get_coordinates
-    from ._analysis import _adata_counts, morans_i, poisson_deviance_sparse, reconstruction_error
-    from ._groups import _drop_group_slots, gene_enrichment, group_loadings
+    from ._groups import gene_enrichment, group_loadings
 
-    if analyze_batch_size < 1:
-        raise ValueError(f"`analyze_batch_size` must be positive, received {analyze_batch_size}.")
+    _check_batch_size(analyze_batch_size)
     if group_key is not None and group_key not in adata.obs.columns:
         raise KeyError(
             f"`adata.obs[{group_key!r}]` not found: pass an existing `group_key` "
             f"(columns: {list(adata.obs.columns)})."
         )
     keys = Keys(key_added)
-    setup = model._setup
     start = logg.info(f"analysing {adata.n_obs} cells in batches of {analyze_batch_size}")
     show = settings.progress_bar if progress_bar is None else progress_bar
     bar = tqdm(total=5 if group_key is None else 7, desc="analysing", disable=not show, leave=False)
+    steps: list[str] = []
 
-    def step(name: str) -> None:
+    def step(name: str) -> None:  # one tick per finished step
+        if steps:
+            bar.update()
+        steps.append(name)
         bar.set_postfix_str(name)
 
-    step("factors")
-    mu, var = model.get_log_factors(None if adata is model.adata else adata, batch_size=analyze_batch_size)
-    coords = get_coordinates(adata, setup["spatial_key"])
-    names = factor_names(model.n_factors)
-    factors = np.exp(mu)
-    bar.update()
-    step("Moran's I")
-    moran = morans_i(factors, coords, names=names, n_neighs=n_neighs)
-    bar.update()
-    if order_by_moran:
-        order = np.argsort(-moran["I"].to_numpy(), kind="stable")
-        if not np.array_equal(order, np.arange(len(order))):
-            model.reorder_factors(order)
-            mu, var, factors = mu[:, order], var[:, order], factors[:, order]
-            moran = moran.iloc[order].copy()
-        moran.index = names
-    W = model.get_loadings()
-    Y = _adata_counts(adata, setup["layer"])
-    s = model._size_factors(adata, Y)
-    expected = np.exp(mu + 0.5 * var)
-    step("deviance")
-    dev_cell, dev_gene = poisson_deviance_sparse(Y, expected, W, s, batch_size=analyze_batch_size)
-    bar.update()
-    step("reconstruction error")
-    recon = reconstruction_error(Y, expected, W, s, batch_size=analyze_batch_size)
-    bar.update()
-    step("writing")
-
-    # replace everything written earlier under this key (it may belong to another fit or order)
-    _drop_group_slots(adata, keys)
-    if keys.groupwise in adata.obsm:
-        del adata.obsm[keys.groupwise]
-    adata.obsm[keys.factors] = factors.astype(np.float32)
-    adata.obsm[keys.scales] = np.sqrt(var).astype(np.float32)
-    adata.varm[keys.loadings] = W.astype(np.float32)
-    adata.obs[keys.obs_deviance()] = dev_cell
-    adata.var[keys.var_deviance()] = dev_gene
-    params = {
-        "prior": setup["prior"],
-        "n_factors": setup["n_factors"],
-        "layer": setup["layer"],
-        "spatial_key": setup["spatial_key"],
-        "group_key": setup["group_key"],
-        "size_factors": setup["size_factors"],
-        "size_factor_reference": setup.get("size_factor_reference"),
-        "elbo_mode": setup["elbo_mode"],
-        "loadings_mode": setup["loadings_mode"],
-        "random_state": setup["seed"],
-        "device": model.device,
-        "dtype": setup["dtype"],
-        "version": __version__,
-        "analyze_batch_size": int(analyze_batch_size),
-        **{
-            k: v
-            for k, v in model.train_info.items()
-            if k not in ("n_iter", "converged", "train_time_s", "init_time_s")
-        },
-    }
-    n_entries = adata.n_obs * adata.n_vars
-    history = model.history_
-    metrics = {
-        "deviance": float(dev_cell.sum()),
-        "deviance_per_entry": float(dev_cell.sum() / n_entries),
-        "reconstruction_error": recon,
-        "elbo_per_entry": float(history.elbo[-1]) if history.elbo else np.nan,
-        "n_iter": len(history),
-        "converged": bool(model.converged),
-        "train_time_s": float(model.train_info.get("train_time_s", 0.0)),
-        "init_time_s": float(model.train_info.get("init_time_s", 0.0)),
-    }
-    adata.uns[keys.uns] = _plain(
-        {
-            "params": params,
-            "history": dict(history.as_dict().items()),
-            "moranI": moran,
-            "metrics": metrics,
-            "factor_names": np.asarray(names),
-            "gp": model.gp_info(),
-            "keys": keys.as_dict(),
-        }
+    result = compute_analysis(
+        adata, model, batch_size=analyze_batch_size, n_neighs=n_neighs, log_factors=log_factors, step=step
     )
+    step("writing")
+    write_analysis(adata, result, key_added=key_added)
     deep = (
         f"added\n    '{keys.factors}', '{keys.scales}' (adata.obsm)\n    '{keys.loadings}' (adata.varm)\n"
         f"    '{keys.obs_deviance()}' (adata.obs, adata.var)\n    '{keys.uns}' (adata.uns)"
     )
-    bar.update()
     if group_key is not None:
         step("group loadings")
         group_loadings(
             adata, group_key=group_key, key=key_added, batch_size=analyze_batch_size, progress_bar=show
         )
-        bar.update()
         step("gene enrichment")
         gene_enrichment(adata, key=key_added, n_top=n_top)
-        bar.update()
         deep += f"\n    '{keys.group_loadings_prefix}*' (adata.varm)"
+    bar.update()
     bar.close()
     logg.info("    finished analysis", time=start, deep=deep)

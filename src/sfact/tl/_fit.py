@@ -47,8 +47,9 @@ def fit(
     """Fit a spatial factorization and write factors, loadings and diagnostics to ``adata``.
 
     A thin wrapper: builds :class:`sfact.models.SpatialFactorization`, trains it, computes the
-    factors of every cell in batches, orders the factors by descending Moran's I and writes the
-    results. Nothing is written if training fails.
+    factors of every cell in batches, orders the factors (in the model too) by descending
+    Moran's I and writes the results (:func:`sfact.tl.analyze`). Nothing is written if training
+    fails.
 
     Parameters
     ----------
@@ -164,13 +165,20 @@ def fit(
     if not copy:
         view_to_actual(adata)
         model.adata = adata
-    write_results(
+    from ._analyze import _analyze, _check_batch_size, order_by_moran
+
+    _check_batch_size(analyze_batch_size)
+    # the one place the factor order is set: by descending Moran's I, before anything is written
+    log_factors = order_by_moran(model, adata, n_neighs=n_neighs, batch_size=analyze_batch_size)
+    _analyze(
         adata,
         model,
         key_added=key_added,
         analyze_batch_size=analyze_batch_size,
+        group_key=model.setup.group_key,
         n_neighs=n_neighs,
-        group_key=model._setup["group_key"],
+        n_top=10,
+        log_factors=log_factors,
     )
     if save_model is not None:
         model.save(save_model, overwrite=True)
@@ -184,35 +192,6 @@ def fit(
         ),
     )
     return adata if copy else None
-
-
-def write_results(
-    adata: AnnData,
-    model: SpatialFactorization,
-    *,
-    key_added: str = "sfact",
-    analyze_batch_size: int = 10000,
-    n_neighs: int = 6,
-    order_by_moran: bool = True,
-    group_key: str | None = None,
-) -> None:
-    """Order the model's factors by Moran's I and write factors, loadings and diagnostics to ``adata``.
-
-    The reorder is applied to the model too, so every factor-indexed output stays aligned.
-    See :func:`sfact.tl.analyze`, which this calls.
-    """
-    from ._analyze import _analyze
-
-    _analyze(
-        adata,
-        model,
-        key_added=key_added,
-        analyze_batch_size=analyze_batch_size,
-        group_key=group_key,
-        n_neighs=n_neighs,
-        order_by_moran=order_by_moran,
-        n_top=10,
-    )
 
 
 def groupwise_factors(

@@ -11,6 +11,7 @@ import scipy.sparse as sp
 from .. import _logging as logg
 from .._keys import Keys
 from .._utils import view_to_actual
+from ..get._view import FitView
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -142,30 +143,6 @@ def enrichment_log2fc(W_groups: np.ndarray, W: np.ndarray, *, pseudocount: float
 
 
 # ---------------------------------------------------------------------------- AnnData level
-def _fit_uns(adata: AnnData, keys: Keys, step: str) -> dict:
-    if keys.factors not in adata.obsm or keys.uns not in adata.uns or keys.loadings not in adata.varm:
-        raise KeyError(
-            f"`adata.obsm[{keys.factors!r}]` not found: run `sfact.tl.fit(adata, key_added={keys.key!r})` "
-            f"before `{step}`."
-        )
-    return adata.uns[keys.uns]
-
-
-def _size_factors_from_params(adata: AnnData, params: dict, Y) -> np.ndarray:
-    mode = params.get("size_factors")
-    if mode is None:
-        return np.ones(adata.n_obs)
-    if mode == "total":
-        totals = np.asarray(Y.sum(axis=1)).ravel().astype(np.float64)
-        ref = params.get("size_factor_reference")
-        if ref is None:  # fits written before the reference was recorded: the training median
-            ref = float(np.median(totals[totals > 0])) if (totals > 0).any() else 1.0
-        return np.maximum(totals / float(ref), 1e-8)
-    if mode not in adata.obs.columns:
-        raise KeyError(f"`adata.obs[{mode!r}]` (the size factors of the fit) not found.")
-    return np.asarray(adata.obs[mode], dtype=np.float64)
-
-
 def _drop_group_slots(adata: AnnData, keys: Keys) -> None:
     """Remove per-group loadings and enrichment written earlier under ``keys`` (stale after a refit)."""
     uns = adata.uns.get(keys.uns, {})
@@ -274,11 +251,10 @@ def group_loadings(
     """
     from ._analysis import _adata_counts
 
-    keys = Keys(key)
-    uns = _fit_uns(adata, keys, "sfact.tl.group_loadings")
-    params = uns.get("params", {})
+    fit = FitView.from_adata(adata, key, what="`sfact.tl.group_loadings`")
+    W = np.asarray(fit.loadings, dtype=np.float64)  # the global loadings (raises when missing)
     if group_key is None:
-        group_key = params.get("group_key")
+        group_key = fit.group_key
         if group_key is None:
             raise ValueError(
                 "The fit has no groups: pass `group_key=` naming a column of `adata.obs` "
@@ -292,14 +268,15 @@ def group_loadings(
         adata = adata.copy()
     else:
         view_to_actual(adata)
+    fit = FitView(adata, fit.keys)
+    keys = fit.keys
     start = logg.info(f"refitting loadings of {len(names)} groups of {group_key!r}")
-    Y = _adata_counts(adata, params.get("layer"))
-    s = _size_factors_from_params(adata, params, Y)
-    factors = np.asarray(adata.obsm[keys.factors], dtype=np.float64)
-    scales = np.asarray(adata.obsm[keys.scales], dtype=np.float64)
+    Y = _adata_counts(adata, fit.layer)
+    s = fit.size_factors(Y)
+    factors = np.asarray(fit.factors, dtype=np.float64)
+    scales = np.asarray(fit.scales, dtype=np.float64)
     mu = np.log(np.maximum(factors, 1e-300))
     var = scales**2
-    W = np.asarray(adata.varm[keys.loadings], dtype=np.float64)
     Y = sp.csr_matrix(Y)
     results: dict[str, tuple[np.ndarray, int, int]] = {}
     skipped = []
@@ -352,25 +329,6 @@ def group_loadings(
         deep=f"added {len(varm_keys)} '{keys.group_loadings_prefix}*' (adata.varm)",
     )
     return adata if copy else None
-
-
-def stacked_group_loadings(adata: AnnData, key: str = "sfact") -> tuple[np.ndarray, list[str]]:
-    """(G, D, L) per-group loadings and the group names, from the slots of :func:`group_loadings`."""
-    keys = Keys(key)
-    info = adata.uns.get(keys.uns, {}).get(keys.group_loadings_info)
-    if info is None:
-        raise KeyError(
-            f"`adata.uns[{keys.uns!r}][{keys.group_loadings_info!r}]` not found: run "
-            f"`sfact.tl.group_loadings(adata, group_key=..., key={key!r})` (or `sfact.tl.gene_enrichment`) first."
-        )
-    groups = [str(g) for g in np.atleast_1d(info["groups"])]
-    vk = [str(k) for k in np.atleast_1d(info["varm_keys"])]
-    missing = [k for k in vk if k not in adata.varm]
-    if missing:
-        raise KeyError(f"`adata.varm` lacks {missing[:3]}: run `sfact.tl.group_loadings` again.")
-    if not vk:
-        return np.zeros((0, adata.n_vars, adata.varm[keys.loadings].shape[1])), []
-    return np.stack([np.asarray(adata.varm[k], dtype=np.float64) for k in vk]), groups
 
 
 def gene_enrichment(
@@ -440,29 +398,28 @@ def gene_enrichment(
     """
     from ._analysis import _adata_counts
 
-    keys = Keys(key)
-    uns = _fit_uns(adata, keys, "sfact.tl.gene_enrichment")
-    info = uns.get(keys.group_loadings_info)
+    fit = FitView.from_adata(adata, key, what="`sfact.tl.gene_enrichment`")
+    W = np.asarray(fit.loadings, dtype=np.float64)  # the global loadings (raises when missing)
+    info = fit.group_loadings_info
     if copy:
         adata = adata.copy()
     else:
         view_to_actual(adata)
+    fit = FitView(adata, fit.keys)
+    keys = fit.keys
     if info is None or (group_key is not None and str(info["group_key"]) != str(group_key)):
         group_loadings(adata, group_key=group_key, key=key)
-        info = adata.uns[keys.uns][keys.group_loadings_info]
+        info = fit.group_loadings_info
     group_key = str(info["group_key"])
-    Wg, groups = stacked_group_loadings(adata, key)
-    W = np.asarray(adata.varm[keys.loadings], dtype=np.float64)
+    Wg, groups = fit.stacked_group_loadings()
     lfc = enrichment_log2fc(Wg, W, pseudocount=pseudocount)
     # genes without counts in a group carry no evidence: their refitted shares are meaningless
-    Y = sp.csr_matrix(_adata_counts(adata, uns.get("params", {}).get("layer")))
+    Y = sp.csr_matrix(_adata_counts(adata, fit.layer))
     col = adata.obs[group_key].astype(str).to_numpy()
     for k, g in enumerate(groups):
         totals = np.asarray(Y[col == g].sum(0)).ravel()
         lfc[k, totals < min_counts, :] = np.nan
-    names = [
-        str(n) for n in np.atleast_1d(uns.get("factor_names", [f"factor_{i}" for i in range(W.shape[1])]))
-    ]
+    names = fit.factor_names
     genes = np.asarray(adata.var_names, dtype=object).astype(str)
     rows = []
     for k, g in enumerate(groups):

@@ -90,7 +90,7 @@ def heldout_deviance(model: SpatialFactorization, adata_test: AnnData, *, batch_
     """
     from ._analysis import _adata_counts, poisson_deviance_sparse
 
-    model._check_vars(adata_test)
+    model.check_vars(adata_test)
     if model.prior == "pnmf":
         from scanpy import logging as logg
 
@@ -99,7 +99,7 @@ def heldout_deviance(model: SpatialFactorization, adata_test: AnnData, *, batch_
             "a check of the fit, not a prediction comparable with the spatial priors."
         )
     mu, var = model.get_log_factors(adata_test, batch_size=batch_size)
-    Y = _adata_counts(adata_test, model._setup["layer"])
-    s = model._size_factors(adata_test, Y)
+    Y = _adata_counts(adata_test, model.setup.layer)
+    s = model.size_factors(adata_test, Y)
     per_cell, _ = poisson_deviance_sparse(Y, np.exp(mu + 0.5 * var), model.get_loadings(), s)
     return float(per_cell.sum() / (adata_test.n_obs * adata_test.n_vars))
