@@ -354,6 +354,58 @@ def test_generate_writes_per_prior_configs(tmp_path, capsys):
     assert sfact("generate", "-c", cfg, "--force", capsys=capsys)[0] == 0
 
 
+def test_serial_executor_is_the_runners_serial_backend(tmp_path, capsys, monkeypatch):
+    """``--executor serial`` goes through ``run_jobs`` and its serial backend, like the runner's tests."""
+    from sfact.pipeline import _backends, _plan
+
+    calls, submitted = [], []
+    run_jobs, submit = _plan.run_jobs, _backends.SerialBackend.submit
+
+    def spy_run_jobs(jobs, **kwargs):
+        calls.append(kwargs["executor"])
+        return run_jobs(jobs, **kwargs)
+
+    def spy_submit(self, row, device, slot):
+        submitted.append((row.job.name, device))
+        return submit(self, row, device, slot)
+
+    monkeypatch.setattr(_plan, "run_jobs", spy_run_jobs)
+    monkeypatch.setattr(_backends.SerialBackend, "submit", spy_submit)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    rc, out, _ = sfact("run", "preprocess", "-c", cfg, "--executor", "serial", capsys=capsys)
+    assert rc == 0, out
+    assert calls == ["serial"] and submitted == [("tiny/preprocess", "cpu")]
+    assert "1 jobs in" in out and "1 done" in out  # the runner's summary line
+    log = (tmp_path / "out" / "logs" / "preprocess.log").read_text()
+    assert "tiny/preprocess  (preprocess)  device cpu" in log.splitlines()[0]  # the runner's log header
+    assert "loaded 600 cells" in log and "===== done after" in log
+
+
+def test_a_stage_whose_outputs_exist_says_skipped_one_way(done_run):
+    """Stages signal "skipped" as ``{"skipped": True}``, which the runner turns into the status."""
+    from sfact.pipeline import Job, Layout, load_config, stages
+    from sfact.pipeline._runner import run_jobs
+
+    root, rc = done_run
+    assert rc == 0
+    cfg = load_config(root / "tiny.yaml").with_prior("pnmf")
+    out = stages.figures(config=cfg.to_dict(), prior="pnmf")
+    assert out["skipped"] is True and "status" not in out and "exists" in out["reason"]
+    layout = Layout(Path(cfg.output_dir))
+    job = Job(
+        name="tiny/pnmf/figures",
+        task="figures",
+        fn=stages.figures,
+        kwargs={"config": cfg.to_dict(), "prior": "pnmf"},
+        log_path=layout.log("pnmf"),
+    )
+    before = mtimes(layout.figures("pnmf"))
+    (result,) = run_jobs([job], executor="serial", live=False)
+    assert result.status == "skipped" and result.output["skipped"] is True
+    assert mtimes(layout.figures("pnmf")) == before
+
+
 def test_python_m_sfact_help():
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     res = subprocess.run(
@@ -375,7 +427,6 @@ def test_python_m_sfact_help():
 @pytest.mark.slow
 def test_local_executor_runs_the_stages_in_worker_processes(tmp_path, capsys):
     """The stage functions and their config dicts survive spawned workers (the parallel runner)."""
-    pytest.importorskip("sfact.pipeline._runner")
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY)
     rc, out, _ = sfact(

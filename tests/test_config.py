@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 import sfact
 from sfact.pipeline import Config, ConfigError, load_config, write_prior_configs
-from sfact.pipeline._config import MULTIGROUP_PRIORS, PRIORS, PreprocessingConfig
+from sfact.pipeline._config import MULTIGROUP_PRIORS, PRIORS, ModelConfig, PreprocessingConfig, TrainingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "configs").glob("*/*.yaml"))
@@ -276,3 +277,82 @@ def test_write_prior_configs(tmp_path):
     (tmp_path / "ds" / "pnmf.yaml").write_text("# edited\n")
     write_prior_configs(general, priors=["pnmf"], force=True)
     assert load_config(tmp_path / "ds" / "pnmf.yaml").model.prior == "pnmf"
+
+
+# --- drift: the config maps every argument of the model and of train ------------------------------
+
+#: arguments of SpatialFactorization(...) no config key sets: the data, and the device the runner assigns
+MODEL_EXCLUDED = {"self", "adata", "device"}
+#: arguments of model.train(...) no config key sets: the device (the model's), the stage's display
+TRAIN_EXCLUDED = {"self", "device", "progress_bar", "callback"}
+
+
+def test_model_kwargs_map_every_argument_of_the_model():
+    from sfact.models import SpatialFactorization
+
+    params = set(inspect.signature(SpatialFactorization.__init__).parameters) - MODEL_EXCLUDED
+    cfg = Config.from_dict(
+        {
+            "dataset": {"loader": "osmfish"},
+            "preprocessing": {"layer": "counts", "spatial_key": "xy"},
+            "model": {
+                "n_factors": 3,
+                "size_factors": None,
+                "n_samples": 2,
+                "prior_kwargs": {"num_inducing": 7},
+            },
+            "training": {"random_state": 5},
+        }
+    )
+    for prior in PRIORS:
+        kwargs = cfg.model_kwargs(prior)
+        assert set(kwargs) == params, (
+            f"SpatialFactorization arguments the config does not map: {params ^ set(kwargs)}"
+        )
+        assert kwargs["prior"] == prior
+        assert kwargs["prior_kwargs"] == cfg.model.prior_kwargs_for(prior)
+    kwargs = cfg.model_kwargs("svgp")
+    assert (kwargs["n_factors"], kwargs["size_factors"], kwargs["n_samples"]) == (3, None, 2)
+    assert (kwargs["layer"], kwargs["spatial_key"], kwargs["random_state"]) == ("counts", "xy", 5)
+    assert kwargs["group_key"] == "ClusterName" and kwargs["prior_kwargs"] == {"num_inducing": 7}
+    # every key of the model section reaches the model
+    model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert model_keys <= set(cfg.model.model_kwargs("pnmf"))
+    with pytest.raises(ValueError, match=r"`model\.prior` is not set"):
+        cfg.model.model_kwargs()
+
+
+def test_train_kwargs_map_every_argument_of_train():
+    from sfact.models import SpatialFactorization
+
+    params = set(inspect.signature(SpatialFactorization.train).parameters) - TRAIN_EXCLUDED
+    tr = TrainingConfig(
+        max_iter=7,
+        tol=0.5,
+        learning_rate=0.2,
+        batch_size=9,
+        y_batch_size=8,
+        kl_weight=0.3,
+        init_iter=2,
+        min_iter=1,
+    )
+    kwargs = tr.train_kwargs()
+    assert set(kwargs) == params, f"train() arguments the config does not map: {params ^ set(kwargs)}"
+    assert kwargs == {k: getattr(tr, k) for k in kwargs}
+    # every training key reaches train() or the model (random_state) or the runner (device)
+    fields = {f.name for f in dataclasses.fields(TrainingConfig)}
+    assert fields - set(kwargs) == {"device", "random_state"}
+
+
+def test_model_kwargs_build_a_model():
+    from sfact.models import SpatialFactorization
+
+    cfg = Config.from_dict({"dataset": {"loader": "osmfish"}, "model": {"n_factors": 2}})
+    adata = sfact.datasets.osmfish()[:300].copy()
+    sfact.pp.prepare(adata, group_key="ClusterName", min_group_size=1)
+    model = SpatialFactorization(adata, **cfg.model_kwargs("mggp_svgp"), device="cpu")
+    assert (model.setup.prior, model.setup.n_factors, model.setup.group_key) == (
+        "mggp_svgp",
+        2,
+        "ClusterName",
+    )

@@ -1,4 +1,4 @@
-"""The parallel job runner (``sfact.pipeline._runner``).
+"""The job runner (``sfact.pipeline._runner`` and its worker, state, display and backend modules).
 
 The job functions live in ``sfact.pipeline._testing_jobs``: spawned processes and Dask workers
 import a job's function by module path, and with ``--import-mode=importlib`` this test module
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from sfact.pipeline import _runner
+from sfact.pipeline import _backends, _display, _state, _worker
 from sfact.pipeline._jobs import Job
 from sfact.pipeline._runner import run_jobs
 from sfact.pipeline._testing_jobs import crash, write_stamp
@@ -177,7 +177,7 @@ def test_missing_dask_names_the_extra(tmp_path, monkeypatch):
 
 
 def test_slot_pool_places_gpu_jobs_on_gpus_first(tmp_path):
-    pool = _runner._SlotPool(["cuda:0", "cuda:1", "cpu"])
+    pool = _backends.SlotPool(["cuda:0", "cuda:1", "cpu"])
     gpu_jobs = [_job(tmp_path, f"t{i}", "train") for i in range(4)]
     cpu_job = _job(tmp_path, "f", "figures")
     assert [pool.acquire(j) for j in gpu_jobs[:2]] == [0, 1]
@@ -189,7 +189,7 @@ def test_slot_pool_places_gpu_jobs_on_gpus_first(tmp_path):
     assert pool.acquire(gpu_jobs[3]) == 0
     pool.release("t2")
     assert pool.acquire(cpu_job) == 2
-    serial = _runner._SerialPool(["cuda:0", "cpu"])
+    serial = _backends.SerialPool(["cuda:0", "cpu"])
     assert serial.acquire(gpu_jobs[0]) == 0
     assert serial.acquire(cpu_job) is None  # one at a time
     serial.release("t0")
@@ -207,28 +207,30 @@ def test_auto_devices_one_slot_per_gpu_plus_cpu(monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert _runner._auto_devices() == ["cuda:0", "cuda:1", "cpu"]
+    assert _backends.worker_devices() == ["cuda:0", "cuda:1", "cpu"]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    assert _runner._auto_devices() == ["cpu"]
+    assert _backends.worker_devices() == ["cpu"]
+    assert _backends.worker_devices(["cuda:1"]) == ["cuda:1", "cpu"]  # a CPU slot is added
+    assert _backends.worker_devices(["cpu", "cuda", "cpu"]) == ["cpu", "cuda", "cpu"]
 
 
 def test_formatting_and_remaining_time(tmp_path):
-    assert _runner._fmt_seconds(None) == ""
-    assert _runner._fmt_seconds(42.06) == "42.1s"
-    assert _runner._fmt_seconds(723) == "12m03s"
-    assert _runner._fmt_seconds(3 * 3600 + 120) == "3h02m"
-    assert _runner._fmt_elbo(-3.45123) == "-3.4512"
-    assert _runner._fmt_elbo(-1.5e7) == "-1.5000e+07"
-    assert _runner._one_line(ValueError("two\n  lines")) == "ValueError: two lines"
-    row = _runner._Row(_job(tmp_path, "t", "train", epochs=1000), 0, status="running", worker_t0=100.0)
+    assert _display.fmt_seconds(None) == ""
+    assert _display.fmt_seconds(42.06) == "42.1s"
+    assert _display.fmt_seconds(723) == "12m03s"
+    assert _display.fmt_seconds(3 * 3600 + 120) == "3h02m"
+    assert _display.fmt_elbo(-3.45123) == "-3.4512"
+    assert _display.fmt_elbo(-1.5e7) == "-1.5000e+07"
+    assert _worker.one_line(ValueError("two\n  lines")) == "ValueError: two lines"
+    row = _state.Row(_job(tmp_path, "t", "train", epochs=1000), 0, status="running", worker_t0=100.0)
     assert row.remaining() is None
-    tracker = _runner._Tracker([row.job])
+    tracker = _state.Tracker([row.job])
     tracker.rows[0] = row
     tracker._progress(row, {"epoch": 10, "time": 110.0, "elbo": -2.0})  # 1 s per epoch from start
     assert row.remaining() == pytest.approx(990.0)
     tracker._progress(row, {"epoch": 110, "time": 120.0})  # then 0.1 s per epoch
     assert row.remaining() == pytest.approx(89.0)
-    assert _runner._fmt_epoch(row) == "110/1000"
+    assert _display.fmt_epoch(row) == "110/1000"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +239,7 @@ def test_formatting_and_remaining_time(tmp_path):
 
 
 def test_serial_runs_the_plan(tmp_path, monkeypatch):
-    monkeypatch.setattr(_runner, "_PLAIN_PROGRESS_INTERVAL", 0.0)
+    monkeypatch.setattr(_display, "_PLAIN_PROGRESS_INTERVAL", 0.0)
     console = _plain_console()
     results = run_jobs(_plan(tmp_path), executor="serial", console=console)
     _check_plan_results(tmp_path, results)

@@ -6,6 +6,10 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import get_args
+
+from .pipeline._jobs import STAGES
+from .pipeline._runner import Executor
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -72,11 +76,20 @@ config errors.
 """
 
 
-def _devices(value: str) -> list[str]:
-    import re
+def _device_ok(device: str) -> bool:
+    """Whether ``device`` names a worker slot: ``cpu``, ``cuda`` or ``cuda:N`` (not ``auto``)."""
+    from ._constants import check_device
 
+    try:
+        check_device(device)
+    except ValueError:
+        return False
+    return device != "auto"
+
+
+def _devices(value: str) -> list[str]:
     devices = [d.strip() for d in value.split(",") if d.strip()]
-    bad = [d for d in devices if not re.fullmatch(r"cpu|cuda|cuda:\d+", d)]
+    bad = [d for d in devices if not _device_ok(d)]
     if bad or not devices:
         raise argparse.ArgumentTypeError(
             f"devices must be cpu, cuda or cuda:N separated by commas, received {value!r}"
@@ -118,7 +131,7 @@ def _add_pipeline_options(p: argparse.ArgumentParser, *, resume: bool) -> None:
     )
     p.add_argument(
         "--executor",
-        choices=("local", "dask", "serial"),
+        choices=get_args(Executor),
         default="local",
         help="local: worker processes, one job per GPU plus one CPU job; dask: a Dask cluster "
         "(--scheduler); serial: one job after the other in this process (debugging) (default: local)",
@@ -147,9 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the given stages, sorted into pipeline order; `all` runs every stage. "
         "Nothing unrequested is added: a stage whose input is missing fails, naming what to run first.",
     )
-    r.add_argument(
-        "stages", nargs="+", choices=("all", "preprocess", "train", "analyze", "figures"), metavar="STAGE"
-    )
+    r.add_argument("stages", nargs="+", choices=("all", *STAGES), metavar="STAGE")
     _add_pipeline_options(r, resume=True)
     r.set_defaults(func=_pipeline)
     g = sub.add_parser(
@@ -181,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _priors(values: list[str] | None) -> list[str] | None:
     if not values:
         return None
-    from .pipeline._config import PRIORS, ConfigError, _suggest
+    from .pipeline import PRIORS, ConfigError
+    from .pipeline._config_schema import _suggest
 
     out = []
     for v in values:
@@ -202,8 +214,7 @@ def _error(msg: object) -> int:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    from .pipeline._config import ConfigError
-    from .pipeline._plan import collect_configs, make_plan, print_plan, run_plan, write_summaries
+    from .pipeline import ConfigError, collect_configs, make_plan, print_plan, run_plan, write_summaries
 
     t0 = time.perf_counter()
     try:
@@ -263,9 +274,7 @@ def _report(results, summaries, elapsed: float) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .pipeline._config import ConfigError, write_prior_configs
+    from .pipeline import ConfigError, write_prior_configs
 
     try:
         if Path(args.config).is_dir():
@@ -275,9 +284,7 @@ def _generate(args: argparse.Namespace) -> int:
         paths, notes = write_prior_configs(
             args.config, priors=_priors(args.prior), force=args.force, dry_run=args.dry_run
         )
-    except ConfigError as e:
-        return _error(e)
-    except FileExistsError as e:
+    except (ConfigError, FileExistsError) as e:
         return _error(e)
     verb = "would write" if args.dry_run else "wrote"
     for p in paths:

@@ -6,24 +6,23 @@ Used by the ``sfact`` console script; importing it does not import torch.
 from __future__ import annotations
 
 from . import _stages as stages
-from ._config import (
+from ._config import Config
+from ._config_files import find_configs, load_config, write_prior_configs
+from ._config_schema import (
     FIGURE_KINDS,
     PRIORS,
     AnalysisConfig,
-    Config,
     ConfigError,
     DatasetConfig,
     FiguresConfig,
     ModelConfig,
     PreprocessingConfig,
     TrainingConfig,
-    find_configs,
-    load_config,
-    write_prior_configs,
 )
 from ._jobs import STAGES, Job, JobResult
-from ._plan import Plan, collect_configs, make_plan, print_plan, run_plan, write_summaries
-from ._stages import Layout
+from ._layout import Layout
+from ._plan import Plan, collect_configs, make_plan, run_plan
+from ._report import print_plan, write_summaries
 
 __all__ = [
     "FIGURE_KINDS",
