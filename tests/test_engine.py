@@ -7,7 +7,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from sfact._core.data import SparseCounts, kl_nmf
+from sfact._core.data import SparseCounts
+from sfact._core.init import kl_nmf
 from sfact._core.module import FactorModule
 from sfact._core.priors import PNMFPrior, PriorInput
 
@@ -24,7 +25,7 @@ def _data(N=40, D=12, L=3, seed=0, density_scale=1.0):
 
 def _module(N, D, L, seed=0, mode="multiplicative"):
     g = torch.Generator().manual_seed(seed)
-    prior = PNMFPrior(L, N)
+    prior = PNMFPrior(L, N, init_scale=0.1)
     module = FactorModule(prior, D, loadings_mode=mode).double()
     with torch.no_grad():
         prior.mu.copy_(torch.randn(N, L, generator=g, dtype=torch.float64) * 0.5)
@@ -168,25 +169,25 @@ def test_minibatch_estimates_average_to_full_elbo():
     counts = SparseCounts(sp.csr_matrix(Y), dtype=torch.float64)
     with torch.no_grad():
         inp, batch = _full(module, counts, s)
-        full = float(module.elbo(inp, s, batch)[0])
+        full = float(module.elbo(inp, s, batch).elbo)
         perm = torch.randperm(N, generator=torch.Generator().manual_seed(0))
         ests = []
         for k in range(4):  # a partition into 4 batches of 15
             idx = perm[k * 15 : (k + 1) * 15]
-            ests.append(float(module.elbo(PriorInput(idx=idx, n_total=N), s[idx], counts.batch(idx))[0]))
+            ests.append(float(module.elbo(PriorInput(idx=idx, n_total=N), s[idx], counts.batch(idx)).elbo))
         assert np.mean(ests) == pytest.approx(full, rel=1e-10)
         # gene batches: a partition of the genes, each rescaled by D / B_y
         genes = torch.randperm(D, generator=torch.Generator().manual_seed(1))
         gests = []
         for k in range(2):
             gk = genes[k * 5 : (k + 1) * 5]
-            gests.append(float(module.elbo(inp, s, counts.batch(None, gk), gene_scale=D / 5)[0]))
+            gests.append(float(module.elbo(inp, s, counts.batch(None, gk), gene_scale=D / 5).elbo))
         assert np.mean(gests) == pytest.approx(full, rel=1e-10)
 
 
 def test_pnmf_kl_matches_torch_distributions():
     N, L = 30, 4
-    prior = PNMFPrior(L, N).double()
+    prior = PNMFPrior(L, N, init_scale=0.1).double()
     with torch.no_grad():
         prior.mu.normal_()
         prior.log_sigma.uniform_(-2, 1)

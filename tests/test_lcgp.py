@@ -15,9 +15,34 @@ import torch
 from torch.distributions import MultivariateNormal, kl_divergence
 
 import sfact
-from sfact._core.lcgp import LCGPPrior, sparse_row_quad, vecchia_neighbors
+from sfact._core.lcgp import LCGPPrior as _LCGPPrior
+from sfact._core.lcgp import sparse_row_quad, vecchia_neighbors
 from sfact._core.priors import PriorInput
 from sfact.models import SpatialFactorization
+
+# the core constructor takes every option explicitly (defaults live in LCGPConfig); these tests
+# build priors directly with the values below unless they say otherwise
+CORE_KWARGS = {
+    "n_neighbors": 50,
+    "kernel": "matern32",
+    "lengthscale": 8.0,
+    "sigma": 1.0,
+    "group_embedding": None,
+    "group_diff_param": 1.0,
+    "per_factor_kernel": False,
+    "train_lengthscale": False,
+    "train_sigma": False,
+    "train_group_diff_param": False,
+    "nugget": 0.03,
+    "diagonal_only": False,
+    "neighbor_method": "auto",
+    "neighbor_selection": "auto",
+    "order_seed": 0,
+}
+
+
+def LCGPPrior(*args, **kw) -> _LCGPPrior:  # noqa: N802 - stands in for the class
+    return _LCGPPrior(*args, **{**CORE_KWARGS, **kw})
 
 
 @pytest.fixture(autouse=True, scope="module")

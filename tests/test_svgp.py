@@ -22,9 +22,29 @@ import sfact
 import sfact._core.svgp as svgp_mod
 from sfact._core.inducing import inducing_points, kmeans_centers, largest_remainder
 from sfact._core.priors import PriorInput
-from sfact._core.svgp import SVGPPrior
+from sfact._core.svgp import SVGPPrior as _SVGPPrior
 from sfact._utils import SfactWarning
 from sfact.models import SpatialFactorization
+
+# the core constructor takes every option explicitly (defaults live in SVGPConfig); these tests
+# build priors directly with the values below unless they say otherwise
+CORE_KWARGS = {
+    "kernel": "matern32",
+    "lengthscale": 10.0,
+    "sigma": 1.0,
+    "group_embedding": None,
+    "group_diff_param": 1.0,
+    "per_factor_kernel": False,
+    "train_lengthscale": False,
+    "train_sigma": False,
+    "train_group_diff_param": False,
+    "diagonal_only": False,
+    "cache_budget": 50_000_000,
+}
+
+
+def SVGPPrior(*args, **kw) -> _SVGPPrior:  # noqa: N802 - stands in for the class
+    return _SVGPPrior(*args, **{**CORE_KWARGS, **kw})
 
 N_FACTORS = 3
 NUM_INDUCING = 50

@@ -87,6 +87,4 @@ class SfactSettings:
         )
 
 
-
-
 settings = SfactSettings()

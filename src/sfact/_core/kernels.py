@@ -18,14 +18,12 @@ computed once for all factors) or per factor (a leading factor dimension).
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-KernelName = Literal["matern32", "rbf"]
-KERNELS = ("matern32", "rbf")
+from .._constants import KERNELS, KernelName
 
 
 def _inv_softplus(x: float | Tensor) -> Tensor:
