@@ -223,3 +223,89 @@ def test_kl_nmf_decreases_divergence_and_fits_low_rank_data():
     m = Y > 0
     d_base = float((Y[m] * np.log(Y[m] / tot[m])).sum() - Y.sum() + tot.sum())
     assert d200 < 0.8 * d_base
+
+
+def test_elbo_returns_its_terms():
+    """``FactorModule.elbo`` returns an :class:`ElboTerms` with the W update's numerator."""
+    import dataclasses
+
+    from sfact._core.module import ElboTerms
+
+    Y, _, _, s_np = _data(N=30, D=9, seed=8)
+    N, D = Y.shape
+    module = _module(N, D, 3)
+    counts = SparseCounts(sp.csr_matrix(Y), device="cpu", dtype=torch.float64)
+    s = torch.as_tensor(s_np)
+    inp = PriorInput(idx=torch.arange(N), n_total=N)
+    terms = module.elbo(inp, s, counts.full_batch(), kl_weight=0.5)
+    assert isinstance(terms, ElboTerms)
+    assert [f.name for f in dataclasses.fields(terms)] == [
+        "elbo",
+        "loglik",
+        "kl",
+        "mu",
+        "var",
+        "mm_numerator",
+    ]
+    torch.testing.assert_close(terms.elbo, terms.loglik - 0.5 * terms.kl)
+    assert terms.mu.shape == terms.var.shape == (N, 3)
+    assert terms.mm_numerator is not None and terms.mm_numerator.shape == (D, 3)
+    assert not hasattr(module, "_mm_numerator")  # no hidden state on the module
+    # the numerator handed over equals the one the update computes itself
+    twin = _module(N, D, 3)
+    module.multiplicative_update(
+        terms.mu.detach(), terms.var.detach(), s, counts.full_batch(), numerator=terms.mm_numerator
+    )
+    twin.multiplicative_update(terms.mu.detach(), terms.var.detach(), s, counts.full_batch())
+    torch.testing.assert_close(module.W, twin.W)
+    mc = module.elbo(inp, s, counts.full_batch(), mode="expanded", generator=torch.Generator().manual_seed(0))
+    assert mc.mm_numerator is None
+
+
+def test_registry_has_every_prior():
+    from sfact._constants import GP_PRIORS, PRIOR_NAMES
+    from sfact._core.gp import GPPrior
+    from sfact._core.registry import PRIORS, prior_class
+
+    assert set(PRIORS) == set(PRIOR_NAMES)
+    for name in PRIOR_NAMES:
+        cls = prior_class(name)
+        assert issubclass(cls, GPPrior) == (name in GP_PRIORS)
+    with pytest.raises(ValueError, match="Unknown prior"):
+        prior_class("gaussian")
+
+
+def test_optimizer_groups_are_explicit():
+    """One Adam group per learning-rate multiplier, from the prior's ``lr_scales``, ascending."""
+    import math
+
+    from sfact._core.svgp import SVGPPrior
+    from sfact._core.train import make_optimizer
+
+    Z = np.random.default_rng(0).uniform(0, 10, (9, 2))
+    kw = dict(
+        kernel="matern32",
+        lengthscale=2.0,
+        sigma=1.0,
+        group_embedding=None,
+        group_diff_param=1.0,
+        per_factor_kernel=False,
+        train_lengthscale=True,
+        train_sigma=False,
+        train_group_diff_param=False,
+        cache_budget=10**6,
+    )
+    full = FactorModule(SVGPPrior(2, Z, diagonal_only=False, **kw), 5, loadings_mode="projected")
+    opt = make_optimizer(full, 0.1)
+    assert [g["lr_scale"] for g in opt.param_groups] == [1 / math.sqrt(9), 1.0]
+    assert opt.param_groups[0]["params"] == [full.prior.Lu_offdiag]
+    assert opt.param_groups[1]["params"] == [
+        full.W,
+        full.prior.beta,
+        full.prior.m,
+        full.prior.raw_Lu_diag,
+        full.prior.kernel.raw_lengthscale,
+    ]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 3)
+    diag = FactorModule(SVGPPrior(2, Z, diagonal_only=True, **kw), 5, loadings_mode="multiplicative")
+    assert [g["lr_scale"] for g in make_optimizer(diag, 0.1).param_groups] == [1.0]

@@ -41,7 +41,7 @@ CORE_KWARGS = {
 }
 
 
-def LCGPPrior(*args, **kw) -> _LCGPPrior:  # noqa: N802 - stands in for the class
+def LCGPPrior(*args, **kw) -> _LCGPPrior:  # stands in for the class
     return _LCGPPrior(*args, **{**CORE_KWARGS, **kw})
 
 

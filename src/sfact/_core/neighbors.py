@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._constants import NEIGHBOR_METHODS, NEIGHBOR_SELECTIONS
+
+__all__ = ["EXACT_MAX_N", "NEIGHBOR_METHODS", "NEIGHBOR_SELECTIONS", "vecchia_neighbors"]
+
 EXACT_MAX_N = 20_000  # exact kd-tree search up to this many cells for any dimension
-NEIGHBOR_METHODS = ("auto", "exact", "pynndescent")
-NEIGHBOR_SELECTIONS = ("auto", "spatial", "correlation")
 
 
 def _knn_index(X: np.ndarray, method: str, n_neighbors: int):

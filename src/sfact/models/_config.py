@@ -8,12 +8,18 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .._constants import ALLOCATIONS, KERNELS, Allocation, KernelName, is_gpu
+from .._constants import (
+    ALLOCATIONS,
+    KERNELS,
+    NEIGHBOR_METHODS,
+    NEIGHBOR_SELECTIONS,
+    Allocation,
+    KernelName,
+    is_gpu,
+)
 
 NeighborMethod = Literal["auto", "exact", "pynndescent"]
 NeighborSelection = Literal["auto", "spatial", "correlation"]
-NEIGHBOR_METHODS: tuple[str, ...] = ("auto", "exact", "pynndescent")
-NEIGHBOR_SELECTIONS: tuple[str, ...] = ("auto", "spatial", "correlation")
 
 
 @dataclass
@@ -34,7 +40,7 @@ class PNMFConfig:
 
     init_scale: float = 0.1
 
-    def resolve(self, device: str) -> PNMFConfig:
+    def _for_device(self, device: str) -> PNMFConfig:
         """The config with every device-dependent default filled in (nothing to fill for ``pnmf``)."""
         return self
 
@@ -89,7 +95,7 @@ class GPConfig:
         if self.group_diff_param < 0:
             raise ValueError(f"`group_diff_param` must be >= 0, received {self.group_diff_param}.")
 
-    def resolve(self, device: str) -> GPConfig:
+    def _for_device(self, device: str) -> GPConfig:
         """The config with every device-dependent default (``None``) filled in for ``device``."""
         if self.diagonal_only is None:
             return dataclasses.replace(self, diagonal_only=not is_gpu(device))
@@ -155,7 +161,7 @@ class SVGPConfig(GPConfig):
                 f"`allocation` must be 'proportional', 'equal' or 'derived', received {self.allocation!r}."
             )
 
-    def resolve(self, device: str) -> SVGPConfig:
+    def _for_device(self, device: str) -> SVGPConfig:
         """The config with ``diagonal_only``, ``num_inducing`` and ``cache_budget`` filled in for ``device``."""
         gpu = is_gpu(device)
         return dataclasses.replace(

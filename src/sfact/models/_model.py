@@ -201,6 +201,10 @@ class SpatialFactorization(TrainingMixin, ResultsMixin):
         Returns
         -------
         One positive value per cell.
+
+        Examples
+        --------
+        >>> s = model.size_factors(adata_test)  # doctest: +SKIP
         """
         return self.setup.size_factors_of(adata, X)
 
@@ -211,6 +215,10 @@ class SpatialFactorization(TrainingMixin, ResultsMixin):
         ----------
         adata
             Cells to check.
+
+        Examples
+        --------
+        >>> model.check_vars(adata_test[:, model.var_names])  # doctest: +SKIP
         """
         self.setup.check_vars(adata)
 
@@ -225,6 +233,10 @@ class SpatialFactorization(TrainingMixin, ResultsMixin):
         Returns
         -------
         The model itself.
+
+        Examples
+        --------
+        >>> model.to_device("cpu")  # doctest: +SKIP
         """
         from ._io import to_cpu
 

@@ -36,6 +36,10 @@ class ResultsMixin:
         Returns
         -------
         ``(coords, groups)``: an (M, 2) array and an (M,) array of group codes or ``None``.
+
+        Examples
+        --------
+        >>> Z, Z_groups = model.inducing_points()  # doctest: +SKIP
         """
         from .._scaling import unscale
 

@@ -74,6 +74,13 @@ class ModelSetup:
         Integer seed.
     dtype
         ``"float32"`` or ``"float64"``.
+
+    Examples
+    --------
+    >>> model = sfact.models.SpatialFactorization(adata, prior="svgp", n_factors=5)  # doctest: +SKIP
+    >>> model.setup.prior, model.setup.n_factors  # doctest: +SKIP
+    ('svgp', 5)
+    >>> model.setup.scaled_coords(adata_new)  # coordinates as the model sees them  # doctest: +SKIP
     """
 
     prior: str
@@ -246,21 +253,67 @@ class ModelSetup:
         )
 
     def prior_config(self) -> Any:
-        """The prior's validated config (:mod:`sfact.models._config`) from :attr:`prior_kwargs`."""
+        """The prior's validated config (:mod:`sfact.models._config`) from :attr:`prior_kwargs`.
+
+        Returns
+        -------
+        A :class:`~sfact.models._config.PNMFConfig`, :class:`~sfact.models._config.SVGPConfig`
+        or :class:`~sfact.models._config.LCGPConfig`.
+
+        Examples
+        --------
+        >>> model.setup.prior_config().lengthscale  # doctest: +SKIP
+        5.0
+        """
         from ._config import make_config
 
         return make_config(self.prior, self.prior_kwargs)
 
     # ------------------------------------------------------------------ applied to an AnnData
     def counts(self, adata: AnnData, *, check: bool = True) -> sp.csr_matrix:
-        """The counts of ``adata`` (from :attr:`layer`) as a sparse matrix, checked unless ``check=False``."""
+        """The counts of ``adata`` (from :attr:`layer`) as a sparse matrix, checked unless ``check=False``.
+
+        Parameters
+        ----------
+        adata
+            Cells with the model's genes.
+        check
+            Check that they are counts (finite, non-negative; a warning if not integers).
+
+        Returns
+        -------
+        A :class:`scipy.sparse.csr_matrix` (n_cells, n_genes), or the sparse matrix as stored.
+
+        Examples
+        --------
+        >>> Y = model.setup.counts(adata_new)  # doctest: +SKIP
+        """
         X = get_counts(adata, self.layer)
         if check:
             check_counts(X, slot_name(self.layer))
         return X if sp.issparse(X) else sp.csr_matrix(np.asarray(X))
 
     def size_factors_of(self, adata: AnnData, X: Any = None) -> np.ndarray:
-        """Size factors of the cells of ``adata`` (``X``: their counts, read from ``adata`` when needed)."""
+        """Size factors of the cells of ``adata`` (``X``: their counts, read from ``adata`` when needed).
+
+        ``"total"``: each cell's total count over :attr:`size_factor_reference`; ``None``: all 1;
+        otherwise the column :attr:`size_factors` of ``adata.obs``.
+
+        Parameters
+        ----------
+        adata
+            Cells.
+        X
+            Their counts, if at hand.
+
+        Returns
+        -------
+        One positive value per cell (float64).
+
+        Examples
+        --------
+        >>> s = model.setup.size_factors_of(adata_new)  # doctest: +SKIP
+        """
         mode = self.size_factors
         if mode is None:
             return np.ones(adata.n_obs)
@@ -273,14 +326,42 @@ class ModelSetup:
         return np.asarray(adata.obs[mode], dtype=np.float64)
 
     def scaled_coords(self, adata: AnnData) -> np.ndarray:
-        """Coordinates of ``adata`` scaled as the training cells' (float64, N x p)."""
+        """Coordinates of ``adata`` scaled as the training cells' (float64, N x p).
+
+        Parameters
+        ----------
+        adata
+            Cells with coordinates in ``obsm[spatial_key]``.
+
+        Returns
+        -------
+        Array (n_cells, n_dims): ``(coords - offset) / factor`` with the model's :attr:`scaling`.
+
+        Examples
+        --------
+        >>> X = model.setup.scaled_coords(adata_new)  # doctest: +SKIP
+        """
         coords = get_coordinates(adata, self.spatial_key)
         if not np.isfinite(coords).all():
             raise ValueError(f"`adata.obsm[{self.spatial_key!r}]` has NaN or infinite coordinates.")
         return apply_scaling(coords, self.scaling)
 
     def group_codes(self, adata: AnnData) -> np.ndarray | None:
-        """Group code of each cell of ``adata`` (``None`` without groups; all 0 for a multi-group prior without)."""
+        """Group code of each cell of ``adata``: its index in :attr:`group_categories`.
+
+        Parameters
+        ----------
+        adata
+            Cells with groups in ``obs[group_key]`` among the training groups.
+
+        Returns
+        -------
+        An int64 array (n_cells,); ``None`` without ``group_key`` (all 0 for a multi-group prior).
+
+        Examples
+        --------
+        >>> codes = model.setup.group_codes(adata_new)  # doctest: +SKIP
+        """
         gk = self.group_key
         if gk is None:
             return np.zeros(adata.n_obs, dtype=np.int64) if self.multigroup else None
@@ -298,7 +379,17 @@ class ModelSetup:
         return np.array([lookup[v] for v in values], dtype=np.int64)
 
     def check_vars(self, adata: AnnData) -> None:
-        """Raise :class:`ValueError` unless ``adata`` has the genes of :attr:`var_names`, in that order."""
+        """Raise :class:`ValueError` unless ``adata`` has the genes of :attr:`var_names`, in that order.
+
+        Parameters
+        ----------
+        adata
+            Cells to check.
+
+        Examples
+        --------
+        >>> model.setup.check_vars(adata_new[:, model.var_names])  # doctest: +SKIP
+        """
         expected = list(self.var_names)
         received = [str(v) for v in adata.var_names]
         if received != expected:
@@ -312,7 +403,18 @@ class ModelSetup:
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-safe values (lists for the sequences); the format saved in ``metadata.json``."""
+        """Plain, JSON-safe values (lists for the sequences); the format saved in ``metadata.json``.
+
+        Returns
+        -------
+        A dict with one key per field.
+
+        Examples
+        --------
+        >>> d = model.setup.to_dict()  # doctest: +SKIP
+        >>> sfact.models.ModelSetup.from_dict(d) == model.setup  # doctest: +SKIP
+        True
+        """
         d = dataclasses.asdict(self)
         d["group_categories"] = None if self.group_categories is None else list(self.group_categories)
         d["var_names"] = list(self.var_names)
@@ -320,7 +422,21 @@ class ModelSetup:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSetup:
-        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ValueError` naming them."""
+        """Inverse of :meth:`to_dict`; unknown or missing keys raise :class:`ValueError` naming them.
+
+        Parameters
+        ----------
+        d
+            A dict as written by :meth:`to_dict`.
+
+        Returns
+        -------
+        The set-up.
+
+        Examples
+        --------
+        >>> setup = sfact.models.ModelSetup.from_dict(model.setup.to_dict())  # doctest: +SKIP
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         missing = sorted(names - set(d))
@@ -334,12 +450,35 @@ class ModelSetup:
         return cls(**d)
 
     def to_json(self) -> str:
-        """:meth:`to_dict` as a JSON string."""
+        """:meth:`to_dict` as a JSON string.
+
+        Returns
+        -------
+        A JSON string.
+
+        Examples
+        --------
+        >>> text = model.setup.to_json()  # doctest: +SKIP
+        """
         return json.dumps(self.to_dict())
 
     @classmethod
     def from_json(cls, text: str) -> ModelSetup:
-        """Inverse of :meth:`to_json`."""
+        """Inverse of :meth:`to_json`.
+
+        Parameters
+        ----------
+        text
+            A JSON string written by :meth:`to_json`.
+
+        Returns
+        -------
+        The set-up.
+
+        Examples
+        --------
+        >>> setup = sfact.models.ModelSetup.from_json(model.setup.to_json())  # doctest: +SKIP
+        """
         return cls.from_dict(json.loads(text))
 
 

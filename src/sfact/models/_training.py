@@ -56,7 +56,7 @@ class TrainingMixin:
         prior = make_prior(
             setup.prior,
             setup.n_factors,
-            setup.prior_config().resolve(self.device),
+            setup.prior_config()._for_device(self.device),
             n_obs=data.n_obs,
             X=data.X,
             groups=data.groups,
