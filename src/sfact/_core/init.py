@@ -58,14 +58,26 @@ def kl_nmf(
     W = scale * (0.5 + torch.rand(D, n_factors, generator=generator, dtype=dtype, device="cpu").to(dev))
     full = counts.full_batch()
     for _ in range(n_iter):
-        # update H: H <- H * (Q W) / (s Σ_d W), Q = Y / (H Wᵀ) on the non-zeros (s cancels in Q)
-        QW, _ = _ratio_products(H, W, full, need_t=False)
-        H = (H * QW / (s[:, None] * W.sum(0)[None, :]).clamp_min(eps)).clamp_min(eps)
-        # update W: W <- W * (Qᵀ H) / Σ_n s_n H_n
-        _, QtH = _ratio_products(H, W, full, need_t=True)
-        W = (W * QtH / (s[:, None] * H).sum(0)[None, :].clamp_min(eps)).clamp_min(eps)
+        H = kl_nmf_update_H(H, W, full, s, eps=eps)
+        W = kl_nmf_update_W(H, W, full, s, eps=eps)
     m = H.mean(0).clamp_min(eps)
     return H / m, W * m
+
+
+def kl_nmf_update_H(H: Tensor, W: Tensor, full: CountBatch, s: Tensor, *, eps: float = 1e-10) -> Tensor:
+    """One KL-NMF multiplicative update of ``H``: ``H <- H * (Q W) / (s Σ_d W)``, ``Q = Y / (H Wᵀ)``.
+
+    ``Q`` on the non-zeros of ``full`` (a batch of all cells with its CSR structure); ``s``
+    cancels in ``Q``.
+    """
+    QW, _ = _ratio_products(H, W, full, need_t=False)
+    return (H * QW / (s[:, None] * W.sum(0)[None, :]).clamp_min(eps)).clamp_min(eps)
+
+
+def kl_nmf_update_W(H: Tensor, W: Tensor, full: CountBatch, s: Tensor, *, eps: float = 1e-10) -> Tensor:
+    """One KL-NMF multiplicative update of ``W``: ``W <- W * (Qᵀ H) / Σ_n s_n H_n``."""
+    _, QtH = _ratio_products(H, W, full, need_t=True)
+    return (W * QtH / (s[:, None] * H).sum(0)[None, :].clamp_min(eps)).clamp_min(eps)
 
 
 def _ratio_products(
@@ -106,14 +118,11 @@ def initialize(
 
 def nonneg_project(counts: SparseCounts, s: Tensor, W: Tensor, n_iter: int = 50) -> Tensor:
     """Multiplicative KL-NMF updates of the factors ``H`` (N, L) of cells with ``W`` fixed."""
-    rows, cols, y = counts.row_of, counts.indices, counts.values
     H = torch.ones(counts.n_obs, W.shape[1], dtype=W.dtype, device=W.device)
     H = H * (s.new_tensor(counts.row_totals) / (s * W.sum()).clamp_min(1e-12))[:, None].clamp_min(1e-3)
-    den = (s[:, None] * W.sum(0)[None, :]).clamp_min(1e-12)
+    full = counts.full_batch()
     for _ in range(n_iter):
-        r = (H[rows] * W[cols]).sum(1).clamp_min(1e-12)
-        num = torch.zeros_like(H).index_add_(0, rows, (y / r)[:, None] * W[cols])
-        H = (H * num / den).clamp_min(1e-10)
+        H = kl_nmf_update_H(H, W, full, s)
     return H
 
 
