@@ -409,6 +409,21 @@ def test_reorder_and_config_roundtrip():
     np.testing.assert_allclose(var2.numpy(), var1.numpy(), rtol=1e-12)
 
 
+def test_neighbour_trees_follow_the_hyperparameter_counter():
+    """The kd-trees of the training cells are rebuilt when a state dict (new cells) is loaded."""
+    X1, X2 = _points(40, seed=1), _points(40, seed=2)
+    p1, p2 = _prior(X1, K=5), _prior(X2, K=5, seed=3)
+    Q = torch.as_tensor(X2[:6] + 0.2)
+    p1.predict(Q)  # builds p1's trees
+    version = p1.hyper_version
+    p1.load_state_dict(p2.state_dict())
+    assert p1.hyper_version > version
+    mu1, var1 = p1.predict(Q)
+    mu2, var2 = p2.predict(Q)
+    np.testing.assert_allclose(mu1.numpy(), mu2.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(var1.numpy(), var2.numpy(), rtol=1e-12)
+
+
 def test_init_from_log_factors_smooths():
     N, K = 200, 10
     rng = np.random.default_rng(0)
