@@ -118,11 +118,16 @@ def initialize(
 
 def nonneg_project(counts: SparseCounts, s: Tensor, W: Tensor, n_iter: int = 50) -> Tensor:
     """Multiplicative KL-NMF updates of the factors ``H`` (N, L) of cells with ``W`` fixed."""
+    # the update of kl_nmf_update_H by gathering (not sampled_addmm) and with its own floors:
+    # sharing kl_nmf_update_H moves pnmf's held-out deviance on osmFISH by 1e-5 (relative)
+    rows, cols, y = counts.row_of, counts.indices, counts.values
     H = torch.ones(counts.n_obs, W.shape[1], dtype=W.dtype, device=W.device)
     H = H * (s.new_tensor(counts.row_totals) / (s * W.sum()).clamp_min(1e-12))[:, None].clamp_min(1e-3)
-    full = counts.full_batch()
+    den = (s[:, None] * W.sum(0)[None, :]).clamp_min(1e-12)
     for _ in range(n_iter):
-        H = kl_nmf_update_H(H, W, full, s)
+        r = (H[rows] * W[cols]).sum(1).clamp_min(1e-12)
+        num = torch.zeros_like(H).index_add_(0, rows, (y / r)[:, None] * W[cols])
+        H = (H * num / den).clamp_min(1e-10)
     return H
 
 
