@@ -150,7 +150,12 @@ def _class_items(dotted: str, cls: type) -> Iterator[Item]:
 
 
 def _members(dotted: str, cls: type) -> Iterator[Item]:
-    for name, attr in vars(cls).items():
+    # the class's own members and those of its sfact base classes (mixins)
+    own: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is cls or klass.__module__.startswith("sfact."):
+            own.update(vars(klass))
+    for name, attr in own.items():
         if name.startswith("_"):
             continue
         if isinstance(attr, property):

@@ -7,7 +7,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from sfact._core.data import SparseCounts, kl_nmf
+from sfact._core.data import SparseCounts
+from sfact._core.init import kl_nmf
 from sfact._core.module import FactorModule
 from sfact._core.priors import PNMFPrior, PriorInput
 
@@ -24,7 +25,7 @@ def _data(N=40, D=12, L=3, seed=0, density_scale=1.0):
 
 def _module(N, D, L, seed=0, mode="multiplicative"):
     g = torch.Generator().manual_seed(seed)
-    prior = PNMFPrior(L, N)
+    prior = PNMFPrior(L, N, init_scale=0.1)
     module = FactorModule(prior, D, loadings_mode=mode).double()
     with torch.no_grad():
         prior.mu.copy_(torch.randn(N, L, generator=g, dtype=torch.float64) * 0.5)
@@ -168,25 +169,25 @@ def test_minibatch_estimates_average_to_full_elbo():
     counts = SparseCounts(sp.csr_matrix(Y), dtype=torch.float64)
     with torch.no_grad():
         inp, batch = _full(module, counts, s)
-        full = float(module.elbo(inp, s, batch)[0])
+        full = float(module.elbo(inp, s, batch).elbo)
         perm = torch.randperm(N, generator=torch.Generator().manual_seed(0))
         ests = []
         for k in range(4):  # a partition into 4 batches of 15
             idx = perm[k * 15 : (k + 1) * 15]
-            ests.append(float(module.elbo(PriorInput(idx=idx, n_total=N), s[idx], counts.batch(idx))[0]))
+            ests.append(float(module.elbo(PriorInput(idx=idx, n_total=N), s[idx], counts.batch(idx)).elbo))
         assert np.mean(ests) == pytest.approx(full, rel=1e-10)
         # gene batches: a partition of the genes, each rescaled by D / B_y
         genes = torch.randperm(D, generator=torch.Generator().manual_seed(1))
         gests = []
         for k in range(2):
             gk = genes[k * 5 : (k + 1) * 5]
-            gests.append(float(module.elbo(inp, s, counts.batch(None, gk), gene_scale=D / 5)[0]))
+            gests.append(float(module.elbo(inp, s, counts.batch(None, gk), gene_scale=D / 5).elbo))
         assert np.mean(gests) == pytest.approx(full, rel=1e-10)
 
 
 def test_pnmf_kl_matches_torch_distributions():
     N, L = 30, 4
-    prior = PNMFPrior(L, N).double()
+    prior = PNMFPrior(L, N, init_scale=0.1).double()
     with torch.no_grad():
         prior.mu.normal_()
         prior.log_sigma.uniform_(-2, 1)
@@ -222,3 +223,89 @@ def test_kl_nmf_decreases_divergence_and_fits_low_rank_data():
     m = Y > 0
     d_base = float((Y[m] * np.log(Y[m] / tot[m])).sum() - Y.sum() + tot.sum())
     assert d200 < 0.8 * d_base
+
+
+def test_elbo_returns_its_terms():
+    """``FactorModule.elbo`` returns an :class:`ElboTerms` with the W update's numerator."""
+    import dataclasses
+
+    from sfact._core.module import ElboTerms
+
+    Y, _, _, s_np = _data(N=30, D=9, seed=8)
+    N, D = Y.shape
+    module = _module(N, D, 3)
+    counts = SparseCounts(sp.csr_matrix(Y), device="cpu", dtype=torch.float64)
+    s = torch.as_tensor(s_np)
+    inp = PriorInput(idx=torch.arange(N), n_total=N)
+    terms = module.elbo(inp, s, counts.full_batch(), kl_weight=0.5)
+    assert isinstance(terms, ElboTerms)
+    assert [f.name for f in dataclasses.fields(terms)] == [
+        "elbo",
+        "loglik",
+        "kl",
+        "mu",
+        "var",
+        "mm_numerator",
+    ]
+    torch.testing.assert_close(terms.elbo, terms.loglik - 0.5 * terms.kl)
+    assert terms.mu.shape == terms.var.shape == (N, 3)
+    assert terms.mm_numerator is not None and terms.mm_numerator.shape == (D, 3)
+    assert not hasattr(module, "_mm_numerator")  # no hidden state on the module
+    # the numerator handed over equals the one the update computes itself
+    twin = _module(N, D, 3)
+    module.multiplicative_update(
+        terms.mu.detach(), terms.var.detach(), s, counts.full_batch(), numerator=terms.mm_numerator
+    )
+    twin.multiplicative_update(terms.mu.detach(), terms.var.detach(), s, counts.full_batch())
+    torch.testing.assert_close(module.W, twin.W)
+    mc = module.elbo(inp, s, counts.full_batch(), mode="expanded", generator=torch.Generator().manual_seed(0))
+    assert mc.mm_numerator is None
+
+
+def test_registry_has_every_prior():
+    from sfact._constants import GP_PRIORS, PRIOR_NAMES
+    from sfact._core.gp import GPPrior
+    from sfact._core.registry import PRIORS, prior_class
+
+    assert set(PRIORS) == set(PRIOR_NAMES)
+    for name in PRIOR_NAMES:
+        cls = prior_class(name)
+        assert issubclass(cls, GPPrior) == (name in GP_PRIORS)
+    with pytest.raises(ValueError, match="Unknown prior"):
+        prior_class("gaussian")
+
+
+def test_optimizer_groups_are_explicit():
+    """One Adam group per learning-rate multiplier, from the prior's ``lr_scales``, ascending."""
+    import math
+
+    from sfact._core.svgp import SVGPPrior
+    from sfact._core.train import make_optimizer
+
+    Z = np.random.default_rng(0).uniform(0, 10, (9, 2))
+    kw = dict(
+        kernel="matern32",
+        lengthscale=2.0,
+        sigma=1.0,
+        group_embedding=None,
+        group_diff_param=1.0,
+        per_factor_kernel=False,
+        train_lengthscale=True,
+        train_sigma=False,
+        train_group_diff_param=False,
+        cache_budget=10**6,
+    )
+    full = FactorModule(SVGPPrior(2, Z, diagonal_only=False, **kw), 5, loadings_mode="projected")
+    opt = make_optimizer(full, 0.1)
+    assert [g["lr_scale"] for g in opt.param_groups] == [1 / math.sqrt(9), 1.0]
+    assert opt.param_groups[0]["params"] == [full.prior.Lu_offdiag]
+    assert opt.param_groups[1]["params"] == [
+        full.W,
+        full.prior.beta,
+        full.prior.m,
+        full.prior.raw_Lu_diag,
+        full.prior.kernel.raw_lengthscale,
+    ]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 3)
+    diag = FactorModule(SVGPPrior(2, Z, diagonal_only=True, **kw), 5, loadings_mode="multiplicative")
+    assert [g["lr_scale"] for g in make_optimizer(diag, 0.1).param_groups] == [1.0]

@@ -11,7 +11,28 @@ import numpy as np
 import pytest
 import torch
 
-from sfact._core.kernels import Kernel, mds_embedding
+from sfact._core.kernels import Kernel as _Kernel
+from sfact._core.kernels import mds_embedding
+
+# the core constructor takes every option explicitly (defaults live in GPConfig); these tests
+# build kernels directly with the values below unless they say otherwise
+CORE_KWARGS = {
+    "n_dims": 2,
+    "lengthscale": 10.0,
+    "sigma": 1.0,
+    "n_factors": 1,
+    "per_factor": False,
+    "group_embedding": None,
+    "group_diff_param": 1.0,
+    "train_lengthscale": False,
+    "train_sigma": False,
+    "train_group_diff_param": False,
+}
+
+
+def Kernel(name: str = "matern32", **kw) -> _Kernel:  # stands in for the class
+    return _Kernel(name, **{**CORE_KWARGS, **kw})
+
 
 P = 2  # spatial dimension
 

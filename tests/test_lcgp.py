@@ -15,9 +15,34 @@ import torch
 from torch.distributions import MultivariateNormal, kl_divergence
 
 import sfact
-from sfact._core.lcgp import LCGPPrior, sparse_row_quad, vecchia_neighbors
+from sfact._core.lcgp import LCGPPrior as _LCGPPrior
+from sfact._core.lcgp import sparse_row_quad, vecchia_neighbors
 from sfact._core.priors import PriorInput
 from sfact.models import SpatialFactorization
+
+# the core constructor takes every option explicitly (defaults live in LCGPConfig); these tests
+# build priors directly with the values below unless they say otherwise
+CORE_KWARGS = {
+    "n_neighbors": 50,
+    "kernel": "matern32",
+    "lengthscale": 8.0,
+    "sigma": 1.0,
+    "group_embedding": None,
+    "group_diff_param": 1.0,
+    "per_factor_kernel": False,
+    "train_lengthscale": False,
+    "train_sigma": False,
+    "train_group_diff_param": False,
+    "nugget": 0.03,
+    "diagonal_only": False,
+    "neighbor_method": "auto",
+    "neighbor_selection": "auto",
+    "order_seed": 0,
+}
+
+
+def LCGPPrior(*args, **kw) -> _LCGPPrior:  # stands in for the class
+    return _LCGPPrior(*args, **{**CORE_KWARGS, **kw})
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -382,6 +407,21 @@ def test_reorder_and_config_roundtrip():
     mu2, var2 = q.predict(torch.as_tensor(X[:5] + 0.3))
     np.testing.assert_allclose(mu2.numpy(), mu1.numpy(), rtol=1e-12)
     np.testing.assert_allclose(var2.numpy(), var1.numpy(), rtol=1e-12)
+
+
+def test_neighbour_trees_follow_the_hyperparameter_counter():
+    """The kd-trees of the training cells are rebuilt when a state dict (new cells) is loaded."""
+    X1, X2 = _points(40, seed=1), _points(40, seed=2)
+    p1, p2 = _prior(X1, K=5), _prior(X2, K=5, seed=3)
+    Q = torch.as_tensor(X2[:6] + 0.2)
+    p1.predict(Q)  # builds p1's trees
+    version = p1.hyper_version
+    p1.load_state_dict(p2.state_dict())
+    assert p1.hyper_version > version
+    mu1, var1 = p1.predict(Q)
+    mu2, var2 = p2.predict(Q)
+    np.testing.assert_allclose(mu1.numpy(), mu2.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(var1.numpy(), var2.numpy(), rtol=1e-12)
 
 
 def test_init_from_log_factors_smooths():

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -382,3 +385,119 @@ def test_settings_verbosity_drives_sfacts_messages():
             sfact.settings.verbosity = 9
     finally:
         sc.settings.verbosity, sc.settings.logfile = old, old_file
+
+
+# ---------------------------------------------------------------------------- ModelSetup
+SETUP_ARGS = {
+    "prior": "svgp",
+    "n_factors": 2,
+    "layer": None,
+    "spatial_key": "spatial",
+    "group_key": None,
+    "size_factors": "total",
+    "elbo_mode": "lower-bound",
+    "loadings_mode": "multiplicative",
+    "n_samples": 4,
+    "prior_kwargs": {"num_inducing": 20},
+    "random_state": 0,
+}
+
+
+def test_model_setup_json_round_trip(adata):
+    grouped = adata.copy()
+    grouped.obs["g"] = np.where(np.arange(grouped.n_obs) % 3 == 0, "a", "b")
+    setup = sfact.models.ModelSetup.from_adata(
+        grouped, **{**SETUP_ARGS, "prior": "mggp_svgp", "group_key": "g"}
+    )
+    assert setup.group_categories == ("a", "b") and setup.n_groups == 2 and setup.multigroup
+    assert sfact.models.ModelSetup.from_json(setup.to_json()) == setup
+    assert sfact.models.ModelSetup.from_dict(setup.to_dict()) == setup
+    assert json.loads(setup.to_json())["var_names"] == list(grouped.var_names)
+    with pytest.raises(ValueError, match="unknown keys"):
+        sfact.models.ModelSetup.from_dict({**setup.to_dict(), "bogus": 1})
+    # the model's set-up is the typed object, built once (no dict behind it)
+    model = SpatialFactorization(grouped, prior="mggp_svgp", n_factors=2, group_key="g")
+    assert isinstance(model.setup, sfact.models.ModelSetup)
+    assert model.setup == dataclasses.replace(setup, prior_kwargs=model.setup.prior_kwargs)
+
+
+def test_model_setup_applies_its_rules_to_new_cells(adata):
+    setup = sfact.models.ModelSetup.from_adata(adata, **SETUP_ARGS)
+    totals = np.asarray(adata.X.sum(1)).ravel()
+    assert setup.size_factor_reference == np.median(totals[totals > 0])
+    np.testing.assert_allclose(setup.size_factors_of(adata), totals / setup.size_factor_reference)
+    coords = np.asarray(adata.obsm["spatial"])
+    np.testing.assert_allclose(setup.scaled_coords(adata).max(0).max(), 100.0)
+    np.testing.assert_allclose(setup.scaled_coords(adata), (coords - coords.min(0)) / setup.scaling["factor"])
+    assert setup.group_codes(adata) is None
+    assert sp.issparse(setup.counts(adata))
+    setup.check_vars(adata)
+    with pytest.raises(ValueError, match="Genes do not match"):
+        setup.check_vars(adata[:, ::-1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"prior": "gaussian"}, ValueError, "Unknown prior"),
+        ({"elbo_mode": "exact"}, ValueError, "elbo_mode"),
+        ({"loadings_mode": "nnls"}, ValueError, "loadings_mode"),
+        ({"n_factors": 0}, ValueError, "n_factors"),
+        ({"n_factors": N_VARS + 1}, ValueError, "more than the number of genes"),
+        ({"size_factors": "nope"}, KeyError, "size_factors"),
+        ({"group_key": "nope"}, KeyError, "nope"),
+        ({"spatial_key": "nope"}, KeyError, "nope"),
+        ({"prior_kwargs": {"bogus": 1}}, TypeError, "bogus"),
+        ({"prior_kwargs": {"lengthscale": -1.0}}, ValueError, "positive"),
+    ],
+)
+def test_model_setup_from_adata_errors(adata, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        sfact.models.ModelSetup.from_adata(adata, **{**SETUP_ARGS, **kwargs})
+
+
+def test_model_setup_from_adata_checks_data(adata):
+    bad = adata.copy()
+    bad.X = bad.X.toarray()
+    bad.X[0, 0] = -1
+    with pytest.raises(ValueError, match="negative"):
+        sfact.models.ModelSetup.from_adata(bad, **SETUP_ARGS)
+    bad = adata.copy()
+    bad.obsm["spatial"] = np.array(bad.obsm["spatial"])
+    bad.obsm["spatial"][0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite coordinates"):
+        sfact.models.ModelSetup.from_adata(bad, **SETUP_ARGS)
+    bad = adata.copy()
+    bad.obs["g"] = pd.Series(["a"] * (bad.n_obs - 1) + [None], index=bad.obs_names, dtype=object)
+    with pytest.raises(ValueError, match="missing values"):
+        sfact.models.ModelSetup.from_adata(bad, **{**SETUP_ARGS, "group_key": "g"})
+    bad = adata.copy()
+    bad.obs["sf"] = 0.0
+    with pytest.raises(ValueError, match="positive and finite"):
+        sfact.models.ModelSetup.from_adata(bad, **{**SETUP_ARGS, "size_factors": "sf"})
+    with pytest.raises(ValueError, match="at least 2 cells"):
+        sfact.models.ModelSetup.from_adata(adata[:1].copy(), **{**SETUP_ARGS, "n_factors": 1})
+
+
+# ---------------------------------------------------------------------------- previous format
+MODELS_V1 = Path(__file__).parent / "data" / "models_v1"
+
+
+@pytest.mark.parametrize("prior", ["pnmf", "svgp", "mggp_svgp", "lcgp", "mggp_lcgp"])
+def test_previous_format_models_load(prior):
+    """Models saved by the code before the refactor (format 1) load and give the same results."""
+    expected = np.load(MODELS_V1 / "expected.npz")
+    model = SpatialFactorization.load(MODELS_V1 / prior, device="cpu")
+    assert model.is_trained and model.adata is None and model.prior == prior
+    np.testing.assert_allclose(model.get_loadings(), expected[f"{prior}_loadings"], rtol=1e-5, atol=1e-8)
+    # from the stored training inputs (no AnnData attached)
+    np.testing.assert_allclose(model.get_factors(), expected[f"{prior}_factors"], rtol=1e-5, atol=1e-8)
+    if f"{prior}_predict" in expected:
+        new_cells = ad.read_h5ad(MODELS_V1 / "new_cells.h5ad")
+        np.testing.assert_allclose(
+            model.predict(new_cells), expected[f"{prior}_predict"], rtol=1e-5, atol=1e-8
+        )
+    # the optimizer state matches the parameter groups, so training can continue
+    assert model._optimizer_state is not None
+    optimizer = torch.optim.Adam([{"params": ps, "lr_scale": k} for k, ps in model.module.param_groups()])
+    optimizer.load_state_dict(model._optimizer_state)

@@ -41,7 +41,7 @@ def _pnmf_knn_deviance(model, train, test, k=10):
     _, nn = cKDTree(train.obsm["spatial"]).query(test.obsm["spatial"], k)
     mu_t, var_t = mu[nn].mean(1), var[nn].mean(1)
     Y = sp.csr_matrix(test.X)
-    s = model._size_factors(test, Y)
+    s = model.size_factors(test, Y)
     per_cell, _ = poisson_deviance_sparse(Y, np.exp(mu_t + 0.5 * var_t), model.get_loadings(), s)
     return per_cell.sum() / (test.n_obs * test.n_vars)
 

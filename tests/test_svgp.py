@@ -22,9 +22,30 @@ import sfact
 import sfact._core.svgp as svgp_mod
 from sfact._core.inducing import inducing_points, kmeans_centers, largest_remainder
 from sfact._core.priors import PriorInput
-from sfact._core.svgp import SVGPPrior
+from sfact._core.svgp import SVGPPrior as _SVGPPrior
 from sfact._utils import SfactWarning
 from sfact.models import SpatialFactorization
+
+# the core constructor takes every option explicitly (defaults live in SVGPConfig); these tests
+# build priors directly with the values below unless they say otherwise
+CORE_KWARGS = {
+    "kernel": "matern32",
+    "lengthscale": 10.0,
+    "sigma": 1.0,
+    "group_embedding": None,
+    "group_diff_param": 1.0,
+    "per_factor_kernel": False,
+    "train_lengthscale": False,
+    "train_sigma": False,
+    "train_group_diff_param": False,
+    "diagonal_only": False,
+    "cache_budget": 50_000_000,
+}
+
+
+def SVGPPrior(*args, **kw) -> _SVGPPrior:  # stands in for the class
+    return _SVGPPrior(*args, **{**CORE_KWARGS, **kw})
+
 
 N_FACTORS = 3
 NUM_INDUCING = 50
@@ -275,6 +296,50 @@ def test_cache_follows_groups_all():
             )
             mu_p, _ = prior.predict(X_all, g_all)
         np.testing.assert_allclose(mu_c.numpy(), mu_p.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_cache_keyed_on_the_hyperparameter_counter():
+    """Caches of L_zz and A follow ``hyper_version``, bumped when the hyperparameters change."""
+    rng = np.random.default_rng(17)
+    Z, Zg = _points(rng, 12)
+    X, g = _points(rng, 40)
+    prior = _make_prior("per_factor", Z, Zg, n_factors=3)
+    _random_variational(prior, rng)
+    X_all, g_all, idx = _t(X), torch.as_tensor(g), torch.arange(40)
+    inp = PriorInput(idx=idx, n_total=40, X=X_all, X_all=X_all)
+
+    def cached():
+        with torch.no_grad():
+            return prior.marginals(inp)[0].numpy().copy()
+
+    def fresh():
+        with torch.no_grad():
+            return prior.predict(X_all)[0].numpy().copy()
+
+    before = cached()
+    version = prior.hyper_version
+    with torch.no_grad():
+        prior.kernel.raw_lengthscale.add_(0.5)  # changed behind the prior's back: cache still used
+    np.testing.assert_array_equal(cached(), before)
+    prior.hyperparameters_changed()
+    assert prior.hyper_version == version + 1
+    after = cached()
+    assert not np.allclose(after, before)
+    np.testing.assert_allclose(after, fresh(), rtol=1e-10, atol=1e-12)
+    # reordering per-factor kernels bumps it (and the cached values follow the new order)
+    prior.reorder(torch.tensor([2, 0, 1]))
+    assert prior.hyper_version == version + 2
+    np.testing.assert_allclose(cached(), fresh(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(cached(), after[:, [2, 0, 1]], rtol=1e-10, atol=1e-12)
+    # loading a state dict bumps it
+    other = _make_prior("per_factor", Z, Zg, n_factors=3)
+    _random_variational(other, np.random.default_rng(3))
+    with torch.no_grad():
+        other.kernel.raw_lengthscale.add_(1.0)
+    prior.load_state_dict(other.state_dict())
+    assert prior.hyper_version == version + 3
+    np.testing.assert_allclose(cached(), fresh(), rtol=1e-10, atol=1e-12)
+    del g_all
 
 
 def test_trainable_kernel_gets_gradients_and_no_cache():

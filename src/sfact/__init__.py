@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from . import datasets, get, models, pl, pp, tl
 from ._settings import settings
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["__version__", "datasets", "get", "models", "pl", "pp", "settings", "tl"]

@@ -14,6 +14,8 @@ __all__ = [
     "GP_PRIORS",
     "KERNELS",
     "LOADINGS_MODES",
+    "NEIGHBOR_METHODS",
+    "NEIGHBOR_SELECTIONS",
     "PRIOR_NAMES",
     "Allocation",
     "ElboMode",
@@ -41,6 +43,9 @@ ELBO_MODES: tuple[str, ...] = ("lower-bound", "expanded", "simple")
 LOADINGS_MODES: tuple[str, ...] = ("multiplicative", "projected")
 KERNELS: tuple[str, ...] = ("matern32", "rbf")
 ALLOCATIONS: tuple[str, ...] = ("proportional", "equal", "derived")
+#: How the LCGP priors search for neighbours, and which ones they keep.
+NEIGHBOR_METHODS: tuple[str, ...] = ("auto", "exact", "pynndescent")
+NEIGHBOR_SELECTIONS: tuple[str, ...] = ("auto", "spatial", "correlation")
 
 
 def is_multigroup(prior: str) -> bool:

@@ -132,14 +132,15 @@ def seed_of(random_state: Any) -> int:
 
 def resolve_device(device: str | None) -> str:
     """Resolve ``"auto"``/``None`` to ``"cuda"`` or ``"cpu"``, checking CUDA when asked for."""
-    from ._settings import _check_device, settings
+    from ._constants import check_device, is_gpu
+    from ._settings import settings
 
     device = settings.device if device is None else device
-    _check_device(device)
+    check_device(device)
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if is_gpu(device) and not torch.cuda.is_available():
         raise RuntimeError(f"`device={device!r}` was requested but CUDA is not available.")
     return device

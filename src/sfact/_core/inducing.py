@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 
-Allocation = Literal["proportional", "equal", "derived"]
-ALLOCATIONS = ("proportional", "equal", "derived")
+from .._constants import ALLOCATIONS, Allocation
 
 _KMEANS_SAMPLE = 50_000  # k-means on at most this many cells (per call); scales to 10^6 cells
 

@@ -18,14 +18,12 @@ computed once for all factors) or per factor (a leading factor dimension).
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-KernelName = Literal["matern32", "rbf"]
-KERNELS = ("matern32", "rbf")
+from .._constants import KERNELS, KernelName
 
 
 def _inv_softplus(x: float | Tensor) -> Tensor:
@@ -82,22 +80,25 @@ class Kernel(nn.Module):
         α of the multi-group kernel.
     train_lengthscale, train_sigma, train_group_diff_param
         Which hyperparameters are trainable.
+
+    Every argument is required (validated values; the defaults live in
+    :class:`sfact.models._config.GPConfig`).
     """
 
     def __init__(
         self,
-        name: KernelName = "matern32",
+        name: KernelName,
         *,
-        n_dims: int = 2,
-        lengthscale: float | np.ndarray = 10.0,
-        sigma: float | np.ndarray = 1.0,
-        n_factors: int = 1,
-        per_factor: bool = False,
-        group_embedding: np.ndarray | None = None,
-        group_diff_param: float = 1.0,
-        train_lengthscale: bool = False,
-        train_sigma: bool = False,
-        train_group_diff_param: bool = False,
+        n_dims: int,
+        lengthscale: float | np.ndarray,
+        sigma: float | np.ndarray,
+        n_factors: int,
+        per_factor: bool,
+        group_embedding: np.ndarray | None,
+        group_diff_param: float,
+        train_lengthscale: bool,
+        train_sigma: bool,
+        train_group_diff_param: bool,
     ):
         super().__init__()
         if name not in KERNELS:

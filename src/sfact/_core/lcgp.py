@@ -59,231 +59,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from .gp import GPPrior, cholesky_jitter
 from .kernels import Kernel
-from .priors import MIN_VAR, Prior, PriorInput
-from .svgp import cholesky_jitter
+from .neighbors import NEIGHBOR_METHODS, NEIGHBOR_SELECTIONS, vecchia_neighbors
+from .priors import MIN_VAR, PriorInput
+from .sparse_quad import _row_columns, _slots, sparse_row_quad
 
-EXACT_MAX_N = 20_000  # exact kd-tree search up to this many cells for any dimension
-NEIGHBOR_METHODS = ("auto", "exact", "pynndescent")
-NEIGHBOR_SELECTIONS = ("auto", "spatial", "correlation")
-_CHUNK_ELEMENTS = 4_000_000  # elements (L x cells x (K+1)²) per chunk of the sparse quadratic form
+__all__ = ["LCGPPrior", "sparse_row_quad", "vecchia_neighbors"]
 _COND_ELEMENTS = 2_000_000  # kernel entries per batched K x K solve (cells x K²)
 
 
-# ============================================================================ neighbour search
-def _knn_index(X: np.ndarray, method: str, n_neighbors: int):
-    """A nearest-neighbour index over ``X``: ``("exact", cKDTree)`` or ``("pynndescent", NNDescent)``."""
-    if method == "pynndescent":
-        import pynndescent
-
-        index = pynndescent.NNDescent(
-            X, n_neighbors=int(min(len(X) - 1, max(n_neighbors, 15))), random_state=0, n_jobs=1
-        )
-        index.prepare()
-        return ("pynndescent", index)
-    from scipy.spatial import cKDTree
-
-    return ("exact", cKDTree(X))
-
-
-def _knn_query(index, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    kind, obj = index
-    if kind == "pynndescent":
-        idx, dist = obj.query(Q, k=k)
-        return np.asarray(dist, dtype=np.float64), np.asarray(idx, dtype=np.int64)
-    dist, idx = obj.query(Q, k=k)
-    if k == 1:
-        dist, idx = dist[:, None], idx[:, None]
-    return np.asarray(dist, dtype=np.float64), np.asarray(idx, dtype=np.int64)
-
-
-def _resolve_method(method: str, n_obs: int, n_dims: int) -> str:
-    if method not in NEIGHBOR_METHODS:
-        raise ValueError(f"`neighbor_method` must be one of {NEIGHBOR_METHODS}, received {method!r}.")
-    if method == "auto":
-        # kd-trees are exact and faster than pynndescent in 2-3 dimensions at any N
-        # (200,000 cells, K=50: 2.7 s against 26 s plus ~100 s of numba compilation)
-        return "exact" if (n_obs <= EXACT_MAX_N or n_dims <= 3) else "pynndescent"
-    return method
-
-
-def vecchia_neighbors(
-    X: np.ndarray, n_neighbors: int, rank: np.ndarray, *, method: str = "auto"
-) -> np.ndarray:
-    """The K nearest cells *earlier in the ordering* of every cell (the Vecchia conditioning sets).
-
-    Parameters
-    ----------
-    X
-        (N, p) coordinates.
-    n_neighbors
-        K.
-    rank
-        (N,) position of each cell in the ordering (a permutation of 0..N-1).
-    method
-        ``"exact"`` (kd-tree), ``"pynndescent"`` (approximate, for large N in high dimension) or
-        ``"auto"``.
-
-    Returns
-    -------
-    (N, K) int64 cell indices sorted by (distance, index), padded with -1 for the first K cells of
-    the ordering (which have fewer than K earlier cells). A cell never appears in its own set.
-
-    Notes
-    -----
-    Cells at positions ``[lo, 2·lo)`` of the ordering are searched in an index over positions
-    ``< 2·lo``, so at least half of the indexed cells are earlier; ``2K+2`` candidates are asked
-    for and the query is repeated with twice as many for the rare cells with fewer than K earlier
-    candidates. The total cost is O(N log N) index work and O(N·K) memory.
-    """
-    X = np.asarray(X, dtype=np.float64)
-    N = len(X)
-    K = int(min(n_neighbors, max(N - 1, 0)))
-    rank = np.asarray(rank, dtype=np.int64)
-    order = np.argsort(rank)
-    method = _resolve_method(method, N, X.shape[1])
-    Xo = X[order]
-    nbr_pos = np.full((N, K), -1, dtype=np.int64)
-    if K == 0:
-        return nbr_pos
-    head = min(N, K + 1)
-    for p in range(1, head):  # all earlier cells
-        d = np.sqrt(((Xo[:p] - Xo[p]) ** 2).sum(1))
-        sel = np.lexsort((order[:p], d))[:K]
-        nbr_pos[p, : len(sel)] = sel
-    lo = head
-    while lo < N:
-        hi = min(2 * lo, N)
-        index = _knn_index(
-            Xo[:hi], "exact" if (method == "exact" or hi <= EXACT_MAX_N) else method, 2 * K + 2
-        )
-        need = np.arange(lo, hi)
-        k = min(hi, 2 * K + 2)
-        while need.size:
-            dist, cand = _knn_query(index, Xo[need], k)
-            earlier = (cand >= 0) & (cand < need[:, None])
-            ok = (earlier.sum(1) >= K) | (k >= hi)
-            if ok.any():
-                d_ok = np.where(earlier[ok], dist[ok], np.inf)
-                c_ok = np.where(earlier[ok], cand[ok], 0)
-                # sort by distance, ties by cell index; non-earlier candidates last
-                srt = np.lexsort((order[c_ok], d_ok), axis=-1)[:, :K]
-                chosen = np.take_along_axis(c_ok, srt, 1)
-                valid = np.isfinite(np.take_along_axis(d_ok, srt, 1))
-                nbr_pos[need[ok]] = np.where(valid, chosen, -1)
-            need = need[~ok]
-            k = min(2 * k, hi)
-        lo = hi
-    nbr = np.where(nbr_pos >= 0, order[np.maximum(nbr_pos, 0)], -1)
-    out = np.empty_like(nbr)
-    out[order] = nbr
-    return out
-
-
-# ============================================================================ sparse quadratic form
-def _slots(C: Tensor) -> Tensor:
-    """For each row of ``C`` (b, P), a slot id per entry such that equal values share a slot."""
-    sv, perm = torch.sort(C, dim=1)
-    new = torch.ones_like(sv, dtype=torch.bool)
-    new[:, 1:] = sv[:, 1:] != sv[:, :-1]
-    seg = new.to(torch.int64).cumsum(1) - 1
-    return torch.empty_like(seg).scatter_(1, perm, seg)
-
-
-def _row_columns(rows: Tensor, nbr: Tensor) -> Tensor:
-    """Column indices (b, R·(K+1)) of the stored entries of L_u rows ``rows`` (b, R)."""
-    C = torch.cat([rows[..., None], nbr[rows]], dim=-1)  # (b, R, K+1)
-    return C.reshape(rows.shape[0], -1)
-
-
-class _SparseRowQuad(torch.autograd.Function):
-    """``q_i = ‖Σ_r coef[i, r] · L_u[rows[i, r], :]‖²`` per factor, for sparse rows of L_u.
-
-    Factor-last layout: row n of L_u holds ``dT[n]`` (L,) at column n and ``offT[n, k]`` (L,) at
-    column ``nbr[n, k]`` (zero where ``nbr < 0``). The entries of the R rows are grouped by
-    column (a sort, or cached slot ids), summed with their coefficients and squared:
-    O(R·(K+1)·L) per output, in chunks; the backward pass recomputes each chunk, so nothing of
-    size B·(K+1)²·L is kept.
-    """
-
-    @staticmethod
-    def forward(ctx, dT, offT, coef, rows, nbr, slots):  # type: ignore[override]
-        B, L = rows.shape[0], dT.shape[1]
-        P = rows.shape[1] * (nbr.shape[1] + 1)
-        chunk = max(1, _CHUNK_ELEMENTS // max(1, L * P))
-        out = dT.new_empty(B, L)
-        for start in range(0, B, chunk):
-            sl = slice(start, min(start + chunk, B))
-            v, _, _ = _SparseRowQuad._chunk(dT, offT, coef[sl], rows[sl], nbr, slots, sl)
-            out[sl] = v.pow(2).sum(1)
-        ctx.save_for_backward(dT, offT, coef, rows, nbr, slots if slots is not None else torch.empty(0))
-        ctx.has_slots = slots is not None
-        return out
-
-    @staticmethod
-    def _chunk(dT, offT, cf, r, nbr, slots, sl):
-        b, R = r.shape
-        L = dT.shape[1]
-        V = torch.cat([dT[r][:, :, None, :], offT[r]], dim=2)  # (b, R, E, L)
-        P = R * V.shape[2]
-        slot = slots[sl].to(torch.int64) if slots is not None else _slots(_row_columns(r, nbr))
-        flat = (slot + torch.arange(b, device=slot.device)[:, None] * P).reshape(-1)
-        W = (V * cf[:, :, None, :]).reshape(b * P, L)
-        v = torch.zeros(b * P, L, dtype=dT.dtype, device=dT.device).index_add_(0, flat, W)
-        return v.view(b, P, L), flat, V
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        dT, offT, coef, rows, nbr, slots = ctx.saved_tensors
-        slots = slots if ctx.has_slots else None
-        (B, R), L, K = rows.shape, dT.shape[1], nbr.shape[1]
-        P = R * (K + 1)
-        chunk = max(1, _CHUNK_ELEMENTS // max(1, L * P))
-        need_d, need_off, need_coef = ctx.needs_input_grad[:3]
-        gd = torch.zeros_like(dT) if need_d else None
-        goff = torch.zeros_like(offT).view(offT.shape[0], -1) if need_off else None
-        gcoef = torch.zeros_like(coef) if need_coef else None
-        for start in range(0, B, chunk):
-            sl = slice(start, min(start + chunk, B))
-            r = rows[sl]
-            b = r.shape[0]
-            cf = coef[sl][:, :, None, :]
-            v, flat, V = _SparseRowQuad._chunk(dT, offT, coef[sl], r, nbr, slots, sl)
-            gv = (2.0 * v * g[sl][:, None, :]).reshape(b * P, L)
-            gW = gv.index_select(0, flat).view(b, R, K + 1, L)
-            if need_d or need_off:
-                gV = gW * cf
-                rf = r.reshape(-1)
-                if need_d:
-                    gd.index_add_(0, rf, gV[:, :, 0, :].reshape(b * R, L))
-                if need_off:
-                    goff.index_add_(0, rf, gV[:, :, 1:, :].reshape(b * R, K * L))
-            if need_coef:
-                gc = (gW * V).sum(2)  # (b, R, L)
-                gcoef[sl] = gc.sum(-1, keepdim=True) if coef.shape[-1] == 1 else gc
-        return gd, None if goff is None else goff.view_as(offT), gcoef, None, None, None
-
-
-def sparse_row_quad(
-    d: Tensor, off: Tensor, coef: Tensor, rows: Tensor, nbr: Tensor, slots: Tensor | None = None
-) -> Tensor:
-    """(L, B) values of ``‖Σ_r coef_r L_u[rows_r, :]‖²`` (see :class:`_SparseRowQuad`).
-
-    ``d`` (L, N) diagonal, ``off`` (L, N, K) off-diagonal values (masked here where
-    ``nbr < 0``), ``coef`` (S, B, R) with S in {1, L}, ``rows`` (B, R) valid row indices
-    (padding: any valid row with coefficient 0), ``nbr`` (N, K) column of each off-diagonal
-    value (-1: absent), ``slots`` optional cached (B, R·(K+1)) slot ids of
-    ``_slots(_row_columns(rows, nbr))``. Costs one O(N·K·L) transpose plus O(B·R·(K+1)·L).
-    """
-    offT = (off * (nbr >= 0).to(off.dtype)).permute(1, 2, 0).contiguous()
-    out = _SparseRowQuad.apply(d.T.contiguous(), offT, coef.permute(1, 2, 0).contiguous(), rows, nbr, slots)
-    return out.T
-
-
 # ============================================================================ the prior
-class LCGPPrior(Prior):
+class LCGPPrior(GPPrior):
     """Locally conditioned (nearest-neighbour Vecchia) GP prior: ``lcgp``; ``mggp_lcgp`` with groups.
 
     Parameters
@@ -325,7 +114,6 @@ class LCGPPrior(Prior):
     """
 
     name = "lcgp"
-    spatial = True
     per_cell = True  # variational parameters per training cell (marginals need only the index)
 
     def __init__(
@@ -336,24 +124,23 @@ class LCGPPrior(Prior):
         *,
         n_obs: int | None = None,
         n_dims: int | None = None,
-        n_neighbors: int = 50,
-        kernel: str = "matern32",
-        lengthscale: float | list[float] = 8.0,
-        sigma: float | list[float] = 1.0,
-        group_embedding: np.ndarray | None = None,
-        group_diff_param: float = 1.0,
-        per_factor_kernel: bool = False,
-        train_lengthscale: bool = False,
-        train_sigma: bool = False,
-        train_group_diff_param: bool = False,
-        nugget: float = 0.03,
-        diagonal_only: bool = False,
-        neighbor_method: str = "auto",
-        neighbor_selection: str = "auto",
-        order_seed: int = 0,
+        n_neighbors: int,
+        kernel: str,
+        lengthscale: float | list[float],
+        sigma: float | list[float],
+        group_embedding: np.ndarray | None,
+        group_diff_param: float,
+        per_factor_kernel: bool,
+        train_lengthscale: bool,
+        train_sigma: bool,
+        train_group_diff_param: bool,
+        nugget: float,
+        diagonal_only: bool,
+        neighbor_method: str,
+        neighbor_selection: str,
+        order_seed: int,
         slot_cache_budget: int = 50_000_000,
     ):
-        super().__init__(n_factors)
         if X is not None:
             X = np.asarray(X, dtype=np.float64)
             n_obs, n_dims = X.shape
@@ -375,28 +162,27 @@ class LCGPPrior(Prior):
         K = int(min(int(n_neighbors), N - 1))
         if K < 1:
             raise ValueError(f"`n_neighbors` must be positive, received {n_neighbors}.")
+        super().__init__(
+            n_factors,
+            n_dims=p,
+            kernel=kernel,
+            lengthscale=lengthscale,
+            sigma=sigma,
+            group_embedding=group_embedding,
+            group_diff_param=group_diff_param,
+            per_factor_kernel=per_factor_kernel,
+            train_lengthscale=train_lengthscale,
+            train_sigma=train_sigma,
+            train_group_diff_param=train_group_diff_param,
+            diagonal_only=diagonal_only,
+        )
         self.n_obs, self.n_dims, self.n_neighbors = N, p, K
-        self.multigroup = group_embedding is not None
         if self.multigroup:
             self.name = "mggp_lcgp"
             if X is not None and groups is None:
                 raise ValueError("A multi-group prior needs the group of every training cell.")
-        self.kernel = Kernel(
-            kernel,  # type: ignore[arg-type]
-            n_dims=p,
-            lengthscale=np.asarray(lengthscale),
-            sigma=np.asarray(sigma),
-            n_factors=n_factors,
-            per_factor=per_factor_kernel,
-            group_embedding=group_embedding,
-            group_diff_param=group_diff_param,
-            train_lengthscale=train_lengthscale,
-            train_sigma=train_sigma,
-            train_group_diff_param=train_group_diff_param,
-        )
         S = self.kernel.n_sets
         self.nugget = float(nugget)
-        self.diagonal_only = bool(diagonal_only)
         self.slot_cache_budget = int(slot_cache_budget)
         # training inputs, ordering and conditioning sets (saved with the model)
         self.register_buffer("X_train", torch.zeros(N, p, dtype=torch.float64))
@@ -405,35 +191,17 @@ class LCGPPrior(Prior):
         self.register_buffer("nbr", torch.full((N, K), -1, dtype=torch.int64))
         self.register_buffer("b", torch.zeros(S, N, K, dtype=torch.float64))
         self.register_buffer("tau2", torch.ones(S, N, dtype=torch.float64))
-        # variational parameters
-        self.beta = nn.Parameter(torch.zeros(n_factors))
-        self.m = nn.Parameter(torch.zeros(n_factors, N))
-        self.raw_Lu_diag = nn.Parameter(torch.full((n_factors, N), math.log(0.1)))
-        if not self.diagonal_only:
-            self.Lu_offdiag = nn.Parameter(torch.zeros(n_factors, N, K))
-            # each row has K entries moving together: damp their Adam steps
-            self.Lu_offdiag.lr_scale = 1.0 / math.sqrt(K)
-        self._config = {
-            "n_factors": int(n_factors),
-            "n_obs": N,
-            "n_dims": p,
-            "n_neighbors": K,
-            "kernel": kernel,
-            "lengthscale": np.asarray(lengthscale, dtype=float).tolist(),
-            "sigma": np.asarray(sigma, dtype=float).tolist(),
-            "group_embedding": None if group_embedding is None else np.asarray(group_embedding).tolist(),
-            "group_diff_param": float(group_diff_param),
-            "per_factor_kernel": bool(per_factor_kernel),
-            "train_lengthscale": bool(train_lengthscale),
-            "train_sigma": bool(train_sigma),
-            "train_group_diff_param": bool(train_group_diff_param),
-            "nugget": float(nugget),
-            "diagonal_only": bool(diagonal_only),
-            "neighbor_method": neighbor_method,
-            "neighbor_selection": neighbor_selection,
-            "order_seed": int(order_seed),
-            "slot_cache_budget": int(slot_cache_budget),
-        }
+        self._init_variational(N, K)
+        self._config.update(
+            n_obs=N,
+            n_dims=p,
+            n_neighbors=K,
+            nugget=float(nugget),
+            neighbor_method=neighbor_method,
+            neighbor_selection=neighbor_selection,
+            order_seed=int(order_seed),
+            slot_cache_budget=int(slot_cache_budget),
+        )
         self.by_correlation = self.multigroup and neighbor_selection in ("auto", "correlation")
         self._tree = None
         self._slot_cache: Tensor | None = None
@@ -465,9 +233,6 @@ class LCGPPrior(Prior):
                 self.update_conditionals()
 
     # ------------------------------------------------------------------ conditionals
-    def _groups(self, g: Tensor | None) -> Tensor | None:
-        return g if self.multigroup else None
-
     @torch.no_grad()
     def _most_correlated(self, Xq: Tensor, gq: Tensor, cand: Tensor) -> Tensor:
         """The K candidates (n, C; -1 = none; duplicates allowed) most correlated with each query.
@@ -574,9 +339,9 @@ class LCGPPrior(Prior):
             c = self._slot_cache = torch.cat(parts)
         return c[idx]
 
-    def _apply(self, fn, recurse: bool = True):  # moving devices invalidates the caches
+    def _drop_caches(self) -> None:
         self._slot_cache = None
-        return super()._apply(fn, recurse)
+        self._tree = None
 
     # ------------------------------------------------------------------ prior interface
     def marginals(self, inp: PriorInput) -> tuple[Tensor, Tensor]:
@@ -618,8 +383,8 @@ class LCGPPrior(Prior):
     # ------------------------------------------------------------------ prediction
     def _trees(self) -> tuple:
         """kd-trees of the training cells (all, and per group with correlation-based selection)."""
-        key = (self.X_train, self.X_train._version, self.groups_train._version)
-        if self._tree is None or self._tree[0] is not key[0] or self._tree[1:3] != key[1:]:
+        key = (self.X_train, self.hyper_version)
+        if self._tree is None or self._tree[0] is not key[0] or self._tree[1] != key[1]:
             from scipy.spatial import cKDTree
 
             X = self.X_train.cpu().double().numpy()
@@ -630,7 +395,7 @@ class LCGPPrior(Prior):
                     members = np.flatnonzero(g == gg)
                     per_group[int(gg)] = (members, cKDTree(X[members]))
             self._tree = (*key, cKDTree(X), per_group)
-        return self._tree[3], self._tree[4]
+        return self._tree[2], self._tree[3]
 
     def _neighbors_of(self, X: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
         """Conditioning sets (n, K) of query points: the K nearest training cells (ties by index).
@@ -712,18 +477,9 @@ class LCGPPrior(Prior):
 
     # ------------------------------------------------------------------ bookkeeping
     @torch.no_grad()
-    def reorder(self, perm: Tensor) -> None:
-        """Permute the factors (variational parameters, per-factor kernels and conditionals)."""
-        self.beta.copy_(self.beta[perm])
-        self.m.copy_(self.m[perm])
-        self.raw_Lu_diag.copy_(self.raw_Lu_diag[perm])
-        if not self.diagonal_only:
-            self.Lu_offdiag.copy_(self.Lu_offdiag[perm])
-        if self.kernel.n_sets > 1:
-            for p in (self.kernel.raw_lengthscale, self.kernel.raw_sigma, self.kernel.raw_alpha):
-                p.copy_(p[perm])
-            self.b.copy_(self.b[perm])
-            self.tau2.copy_(self.tau2[perm])
+    def _reorder_kernel_sets(self, perm: Tensor) -> None:
+        self.b.copy_(self.b[perm])
+        self.tau2.copy_(self.tau2[perm])
 
     def _precision_matvec(self, x: Tensor, bT: Tensor, tau2T: Tensor) -> Tensor:
         """``Λ x`` with the Vecchia precision ``Λ = (I − B)ᵀ D⁻¹ (I − B)``.
@@ -799,23 +555,5 @@ class LCGPPrior(Prior):
         if not self.diagonal_only:
             self.Lu_offdiag.zero_()
 
-    def gp_info(self) -> dict[str, Any]:
-        """Kernel hyperparameters, neighbour count and prior name as plain values."""
-        return {
-            **self.kernel.info(),
-            "n_neighbors": int(self.n_neighbors),
-            "num_inducing": int(self.n_obs),
-            "nugget": self.nugget,
-            "prior": self.name,
-        }
-
-    def config(self) -> dict[str, Any]:
-        """Constructor arguments as plain values (the neighbour graph is in the state dict)."""
-        cfg = dict(self._config)
-        cfg["lengthscale"] = self.kernel.lengthscale.detach().cpu().double().numpy().tolist()
-        cfg["sigma"] = self.kernel.sigma.detach().cpu().double().numpy().tolist()
-        if self.multigroup:
-            cfg["group_diff_param"] = float(self.kernel.alpha.detach().cpu().double().mean())
-        if not cfg["per_factor_kernel"]:
-            cfg["lengthscale"], cfg["sigma"] = cfg["lengthscale"][0], cfg["sigma"][0]
-        return cfg
+    def _gp_info_extra(self) -> dict[str, Any]:
+        return {"n_neighbors": int(self.n_neighbors), "num_inducing": int(self.n_obs), "nugget": self.nugget}

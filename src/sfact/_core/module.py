@@ -12,18 +12,48 @@ costs O(nnz·L + (N+D)·L) and never forms a dense rate matrix.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from .._constants import ELBO_MODES, LOADINGS_MODES, ElboMode
 from .data import CountBatch
 from .priors import Prior, PriorInput
 
-ElboMode = Literal["lower-bound", "expanded", "simple"]
-LoadingsMode = Literal["multiplicative", "projected", "fixed"]
-ELBO_MODES = ("lower-bound", "expanded", "simple")
-LOADINGS_MODES = ("multiplicative", "projected", "fixed")
+#: ``"fixed"``: loadings set from outside and never updated (new cells of ``pnmf``)
+ModuleLoadingsMode = Literal["multiplicative", "projected", "fixed"]
+MODULE_LOADINGS_MODES = (*LOADINGS_MODES, "fixed")
+
+__all__ = ["ELBO_MODES", "ElboTerms", "FactorModule", "sparse_log_rate"]
+
+
+@dataclass
+class ElboTerms:
+    """One mini-batch estimate of the ELBO (:meth:`FactorModule.elbo`) and what the step reuses.
+
+    Attributes
+    ----------
+    elbo
+        ``loglik - kl_weight * kl``, the objective.
+    loglik
+        Expected log-likelihood, scaled to the full data set.
+    kl
+        KL(q || p), scaled to the full data set.
+    mu, var
+        The batch's marginals of ``q(F)`` (B, L).
+    mm_numerator
+        ``Σ_n y_nd φ_ndl`` (D, L) at ``mu`` (``lower-bound`` mode; ``None`` otherwise), for
+        :meth:`FactorModule.multiplicative_update`.
+    """
+
+    elbo: Tensor
+    loglik: Tensor
+    kl: Tensor
+    mu: Tensor
+    var: Tensor
+    mm_numerator: Tensor | None = None
 
 
 class _SparseLogRate(torch.autograd.Function):
@@ -85,12 +115,14 @@ class FactorModule(nn.Module):
         prior: Prior,
         n_vars: int,
         *,
-        loadings_mode: LoadingsMode = "multiplicative",
+        loadings_mode: ModuleLoadingsMode,
         w_floor: float = 1e-8,
     ):
         super().__init__()
-        if loadings_mode not in LOADINGS_MODES:
-            raise ValueError(f"`loadings_mode` must be one of {LOADINGS_MODES}, received {loadings_mode!r}.")
+        if loadings_mode not in MODULE_LOADINGS_MODES:
+            raise ValueError(
+                f"`loadings_mode` must be one of {MODULE_LOADINGS_MODES}, received {loadings_mode!r}."
+            )
         self.prior = prior
         self.loadings_mode = loadings_mode
         self.w_floor = float(w_floor)
@@ -113,6 +145,32 @@ class FactorModule(nn.Module):
         """``W`` clamped to its floor."""
         return self.W.clamp_min(self.w_floor)
 
+    @torch.no_grad()
+    def set_loadings(self, W: Tensor, rows: slice | Tensor | None = None) -> None:
+        """Set ``W`` (or its ``rows``) to ``W`` clamped to the floor ``w_floor``."""
+        W = W.clamp_min(self.w_floor)
+        if rows is None:
+            self.W.copy_(W)
+        else:
+            self.W[rows] = W
+
+    @torch.no_grad()
+    def floor_loadings(self) -> None:
+        """Clamp ``W`` in place to its floor (after an Adam step in ``projected`` mode)."""
+        self.W.clamp_(min=self.w_floor)
+
+    def param_groups(self) -> list[tuple[float, list[nn.Parameter]]]:
+        """Trainable parameters by learning-rate multiplier, ascending; module order within a group.
+
+        The multipliers come from :meth:`Prior.lr_scales` (1 for everything else).
+        """
+        scales = {f"prior.{k}": v for k, v in self.prior.lr_scales().items()}
+        groups: dict[float, list[nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                groups.setdefault(float(scales.get(name, 1.0)), []).append(p)
+        return sorted(groups.items(), key=lambda kv: kv[0])
+
     def expected_loglik(
         self,
         mu: Tensor,
@@ -129,13 +187,29 @@ class FactorModule(nn.Module):
 
         Includes the ``-log y!`` constant so values are comparable to a true log-likelihood.
         """
+        return self._expected_loglik(
+            mu, var, s, batch, mode=mode, n_samples=n_samples, generator=generator, gene_scale=gene_scale
+        )[0]
+
+    def _expected_loglik(
+        self,
+        mu: Tensor,
+        var: Tensor,
+        s: Tensor,
+        batch: CountBatch,
+        *,
+        mode: ElboMode,
+        n_samples: int,
+        generator: torch.Generator | None,
+        gene_scale: float,
+    ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`expected_loglik` and ``Σ_n y_nd φ_ndl`` (``lower-bound`` mode, else ``None``)."""
         W = self.loadings()
         r, c, y = batch.rows, batch.cols, batch.values
         Wsum = W.sum(0) if batch.genes is None else W[batch.genes].sum(0)
-        self._mm_numerator = None
+        num = None
         if mode == "lower-bound":
-            t1, num = sparse_log_rate(mu, W, batch)
-            self._mm_numerator = num  # Σ_n y_nd φ_ndl at this μ: reused by the loadings update
+            t1, num = sparse_log_rate(mu, W, batch)  # num: Σ_n y_nd φ_ndl, reused by the W update
             t2 = ((s[:, None] * torch.exp(mu + 0.5 * var)).sum(0) * Wsum).sum()
         elif mode in ("expanded", "simple"):
             gen_device = mu.device if generator is None else generator.device
@@ -155,7 +229,7 @@ class FactorModule(nn.Module):
             t0 = (batch.row_totals * torch.log(s)).sum() - batch.lgamma_sum
         else:
             t0 = (y * torch.log(s[r])).sum() - torch.lgamma(y + 1).sum()
-        return (t1 + t0 - t2) * gene_scale
+        return (t1 + t0 - t2) * gene_scale, num
 
     def elbo(
         self,
@@ -168,23 +242,27 @@ class FactorModule(nn.Module):
         generator: torch.Generator | None = None,
         gene_scale: float = 1.0,
         kl_weight: float = 1.0,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Unbiased mini-batch estimate of the full-data ELBO.
-
-        Returns
-        -------
-        elbo, expected log-likelihood (scaled), KL, and the batch marginals ``mu``, ``var``.
-        """
+    ) -> ElboTerms:
+        """Unbiased mini-batch estimate of the full-data ELBO (see :class:`ElboTerms`)."""
         mu, var = self.prior.marginals(inp)
-        ll = self.expected_loglik(
+        ll, num = self._expected_loglik(
             mu, var, s, batch, mode=mode, n_samples=n_samples, generator=generator, gene_scale=gene_scale
-        ) * (inp.n_total / inp.idx.numel())
+        )
+        ll = ll * (inp.n_total / inp.idx.numel())
         kl = self.prior.kl(inp)
-        return ll - kl_weight * kl, ll, kl, mu, var
+        return ElboTerms(elbo=ll - kl_weight * kl, loglik=ll, kl=kl, mu=mu, var=var, mm_numerator=num)
 
     @torch.no_grad()
     def multiplicative_update(
-        self, mu: Tensor, var: Tensor, s: Tensor, batch: CountBatch, *, rho: float = 1.0, scale: float = 1.0
+        self,
+        mu: Tensor,
+        var: Tensor,
+        s: Tensor,
+        batch: CountBatch,
+        *,
+        rho: float = 1.0,
+        scale: float = 1.0,
+        numerator: Tensor | None = None,
     ) -> None:
         """KL-NMF majorize-minimize step of ``W`` with ``q`` fixed.
 
@@ -192,15 +270,15 @@ class FactorModule(nn.Module):
         ``φ_ndl = W_dl e^{μ_nl} / Σ_l' W_dl' e^{μ_nl'}`` on the non-zeros: the exact maximizer of
         the Jensen surrogate, so with ``rho=1`` the lower bound never decreases. With ``rho<1``
         the statistics are running averages over mini-batches (stochastic MM); ``scale`` (N/B)
-        puts each batch's statistics on the full-data scale.
+        puts each batch's statistics on the full-data scale. ``numerator``: ``Σ_n y_nd φ_ndl``
+        if already at hand (:attr:`ElboTerms.mm_numerator`), else computed here.
         """
         W = self.loadings()
         r, c, y = batch.rows, batch.cols, batch.values
-        num = getattr(self, "_mm_numerator", None)
+        num = numerator
         if num is None or num.shape != W.shape:
             phi = torch.softmax(mu[r] + torch.log(W)[c], dim=1)
             num = torch.zeros_like(W).index_add_(0, c, y[:, None] * phi)
-        self._mm_numerator = None
         num = num * scale
         den = (s[:, None] * torch.exp(mu + 0.5 * var)).sum(0) * scale
         if batch.genes is not None:
@@ -214,10 +292,10 @@ class FactorModule(nn.Module):
         else:
             self.mm_num[rows] = (1 - rho) * self.mm_num[rows] + rho * num[rows]
             self.mm_den.mul_(1 - rho).add_(rho * den)
-        W_new = (self.mm_num[rows] / self.mm_den.clamp_min(1e-30)).clamp_min(self.w_floor)
+        W_new = self.mm_num[rows] / self.mm_den.clamp_min(1e-30)
         if not torch.isfinite(W_new).all():
             raise FloatingPointError("non-finite loadings in the multiplicative update")
-        self.W[rows] = W_new
+        self.set_loadings(W_new, rows)
 
     @torch.no_grad()
     def reorder(self, perm: Tensor) -> None:

@@ -61,6 +61,10 @@ class Prior(nn.Module):
         """Plain-valued constructor arguments (saved as JSON)."""
         return {"n_factors": self.n_factors}
 
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers of parameters (by name) that do not use the base rate."""
+        return {}
+
 
 class PNMFPrior(Prior):
     """``F_nl ~ N(0, 1)`` independently; ``q`` has a free mean and scale per cell and factor.
@@ -71,7 +75,7 @@ class PNMFPrior(Prior):
     name = "pnmf"
     per_cell = True
 
-    def __init__(self, n_factors: int, n_obs: int, *, init_scale: float = 0.1):
+    def __init__(self, n_factors: int, n_obs: int, *, init_scale: float):
         super().__init__(n_factors)
         self.n_obs = int(n_obs)
         self.init_scale = float(init_scale)
@@ -105,32 +109,3 @@ class PNMFPrior(Prior):
     def config(self) -> dict[str, Any]:
         """Constructor arguments."""
         return {"n_factors": self.n_factors, "n_obs": self.n_obs, "init_scale": self.init_scale}
-
-
-PRIOR_NAMES = ("pnmf", "svgp", "mggp_svgp", "lcgp", "mggp_lcgp")
-
-
-def _implemented() -> dict[str, type[Prior]]:
-    from .lcgp import LCGPPrior
-    from .svgp import SVGPPrior
-
-    return {
-        "pnmf": PNMFPrior,
-        "svgp": SVGPPrior,
-        "mggp_svgp": SVGPPrior,
-        "lcgp": LCGPPrior,
-        "mggp_lcgp": LCGPPrior,
-    }
-
-
-def prior_class(name: str) -> type[Prior]:
-    """The prior class registered under ``name``."""
-    if name not in PRIOR_NAMES:
-        raise ValueError(f"Unknown prior {name!r}; choose one of {PRIOR_NAMES}.")
-    implemented = _implemented()
-    if name not in implemented:
-        raise NotImplementedError(
-            f"The {name!r} prior is not implemented yet in this version of sfact; "
-            f"available: {tuple(implemented)}."
-        )
-    return implemented[name]

@@ -14,34 +14,22 @@ they share the kernel — is cached for the training cells when it fits the memo
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .kernels import Kernel
-from .priors import MIN_VAR, Prior, PriorInput
+from .gp import JITTER, GPPrior, cholesky_jitter
+from .priors import MIN_VAR, PriorInput
 
-JITTER = 1e-4
-
-
-def cholesky_jitter(K: Tensor, jitter: float = JITTER, max_tries: int = 6) -> Tensor:
-    """Cholesky of ``K + ε·mean(diag)·I``, growing ε tenfold until it succeeds."""
-    scale = K.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[..., None, None]
-    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
-    eps = jitter
-    for _ in range(max_tries):
-        L, info = torch.linalg.cholesky_ex(K + eps * scale * eye)
-        if not bool((info > 0).any()):
-            return L
-        eps *= 10
-    raise FloatingPointError(f"K_zz is not positive definite even with jitter {eps / 10:g}.")
+__all__ = ["JITTER", "SVGPPrior", "cholesky_jitter"]
 
 
-class SVGPPrior(Prior):
+class SVGPPrior(GPPrior):
     """Whitened sparse variational GP prior on each log-factor (``svgp``; ``mggp_svgp`` with groups).
+
+    Every argument is required: the defaults live in :class:`sfact.models._config.SVGPConfig`.
 
     Parameters
     ----------
@@ -51,16 +39,8 @@ class SVGPPrior(Prior):
         (M, p) inducing points (scaled coordinates).
     Z_groups
         (M,) group codes of the inducing points (multi-group kernel), or ``None``.
-    kernel
-        ``"matern32"`` or ``"rbf"``.
-    lengthscale, sigma
-        Kernel hyperparameters (scalar, or one per factor with ``per_factor_kernel``).
-    group_embedding
-        (G, q) group coordinates for the multi-group kernel (``None`` for ``svgp``).
-    group_diff_param
-        α of the multi-group kernel.
-    per_factor_kernel
-        One set of hyperparameters per factor.
+    kernel, lengthscale, sigma, group_embedding, group_diff_param, per_factor_kernel
+        The kernel (see :class:`~sfact._core.gp.GPPrior`).
     train_lengthscale, train_sigma, train_group_diff_param
         Train these hyperparameters (then ``K_zz`` is refactorized every step).
     diagonal_only
@@ -70,7 +50,6 @@ class SVGPPrior(Prior):
     """
 
     name = "svgp"
-    spatial = True
 
     def __init__(
         self,
@@ -78,22 +57,34 @@ class SVGPPrior(Prior):
         Z: np.ndarray,
         Z_groups: np.ndarray | None = None,
         *,
-        kernel: str = "matern32",
-        lengthscale: float | list[float] = 10.0,
-        sigma: float | list[float] = 1.0,
-        group_embedding: np.ndarray | None = None,
-        group_diff_param: float = 1.0,
-        per_factor_kernel: bool = False,
-        train_lengthscale: bool = False,
-        train_sigma: bool = False,
-        train_group_diff_param: bool = False,
-        diagonal_only: bool = False,
-        cache_budget: int = 50_000_000,
+        kernel: str,
+        lengthscale: float | list[float],
+        sigma: float | list[float],
+        group_embedding: np.ndarray | None,
+        group_diff_param: float,
+        per_factor_kernel: bool,
+        train_lengthscale: bool,
+        train_sigma: bool,
+        train_group_diff_param: bool,
+        diagonal_only: bool,
+        cache_budget: int,
     ):
-        super().__init__(n_factors)
         Z = np.asarray(Z, dtype=np.float64)
+        super().__init__(
+            n_factors,
+            n_dims=Z.shape[1],
+            kernel=kernel,
+            lengthscale=lengthscale,
+            sigma=sigma,
+            group_embedding=group_embedding,
+            group_diff_param=group_diff_param,
+            per_factor_kernel=per_factor_kernel,
+            train_lengthscale=train_lengthscale,
+            train_sigma=train_sigma,
+            train_group_diff_param=train_group_diff_param,
+            diagonal_only=diagonal_only,
+        )
         self.register_buffer("Z", torch.as_tensor(Z).float())
-        self.multigroup = group_embedding is not None
         if self.multigroup:
             if Z_groups is None:
                 raise ValueError("A multi-group prior needs the group of each inducing point.")
@@ -101,50 +92,18 @@ class SVGPPrior(Prior):
             self.name = "mggp_svgp"
         else:
             self.register_buffer("Z_groups", torch.zeros(len(Z), dtype=torch.int64))
-        self.kernel = Kernel(
-            kernel,  # type: ignore[arg-type]
-            n_dims=Z.shape[1],
-            lengthscale=np.asarray(lengthscale),
-            sigma=np.asarray(sigma),
-            n_factors=n_factors,
-            per_factor=per_factor_kernel,
-            group_embedding=group_embedding,
-            group_diff_param=group_diff_param,
-            train_lengthscale=train_lengthscale,
-            train_sigma=train_sigma,
-            train_group_diff_param=train_group_diff_param,
-        )
         M = Z.shape[0]
         self.n_inducing = M
-        self.diagonal_only = bool(diagonal_only)
         self.cache_budget = int(cache_budget)
         self._budget_noted = False  # the "over cache_budget" note is logged once per model
-        self.beta = nn.Parameter(torch.zeros(n_factors))
-        self.m = nn.Parameter(torch.zeros(n_factors, M))
-        if self.diagonal_only:
-            self.raw_Lu_diag = nn.Parameter(torch.full((n_factors, M), math.log(0.1)))
-        else:
-            self.raw_Lu_diag = nn.Parameter(torch.full((n_factors, M), math.log(0.1)))
-            self.Lu_offdiag = nn.Parameter(torch.zeros(n_factors, M, M))
-            # every row of L_u has up to M entries moving together: damp their Adam steps
-            self.Lu_offdiag.lr_scale = 1.0 / math.sqrt(M)
-        self._config = {
-            "n_factors": int(n_factors),
-            "Z": Z.tolist(),
-            "Z_groups": None if Z_groups is None else np.asarray(Z_groups).astype(int).tolist(),
-            "kernel": kernel,
-            "lengthscale": np.asarray(lengthscale, dtype=float).tolist(),
-            "sigma": np.asarray(sigma, dtype=float).tolist(),
-            "group_embedding": None if group_embedding is None else np.asarray(group_embedding).tolist(),
-            "group_diff_param": float(group_diff_param),
-            "per_factor_kernel": bool(per_factor_kernel),
-            "train_lengthscale": bool(train_lengthscale),
-            "train_sigma": bool(train_sigma),
-            "train_group_diff_param": bool(train_group_diff_param),
-            "diagonal_only": bool(diagonal_only),
-            "cache_budget": int(cache_budget),
-        }
+        self._init_variational(M, M)
+        self._config.update(
+            Z=Z.tolist(),
+            Z_groups=None if Z_groups is None else np.asarray(Z_groups).astype(int).tolist(),
+            cache_budget=int(cache_budget),
+        )
         self._Lzz: Tensor | None = None
+        self._Lzz_key: tuple | None = None
         self._A_cache: Tensor | None = None
         self._A_cache_key: tuple | None = None
         self._A_cache_src: tuple | None = None
@@ -157,19 +116,18 @@ class SVGPPrior(Prior):
             return torch.diag_embed(diag)
         return torch.tril(self.Lu_offdiag, -1) + torch.diag_embed(diag)
 
-    def _groups(self, g: Tensor | None) -> Tensor | None:
-        return g if self.multigroup else None
-
     def Lzz(self) -> Tensor:
         """Cholesky factor of ``K_zz`` (n_sets, M, M); computed once when hyperparameters are fixed."""
         if self.kernel.trainable:
             return cholesky_jitter(
                 self.kernel(self.Z, self.Z, self._groups(self.Z_groups), self._groups(self.Z_groups))
             )
-        if self._Lzz is None or self._Lzz.device != self.Z.device or self._Lzz.dtype != self.Z.dtype:
+        key = (self.hyper_version, self.Z.device, self.Z.dtype)
+        if self._Lzz is None or self._Lzz_key != key:
             with torch.no_grad():
                 K = self.kernel(self.Z, self.Z, self._groups(self.Z_groups), self._groups(self.Z_groups))
                 self._Lzz = cholesky_jitter(K.double()).to(self.Z.dtype)
+                self._Lzz_key = key
         return self._Lzz
 
     def _A(self, X: Tensor, g: Tensor | None) -> Tensor:
@@ -194,9 +152,9 @@ class SVGPPrior(Prior):
                 )
                 self._budget_noted = True
             return self._A(inp.X, inp.groups)
-        # valid for these very tensors (identity, not address) at their current versions
+        # valid for these very input tensors (identity, not address) and these hyperparameters
         g_all = inp.groups_all
-        key = (inp.X_all._version, None if g_all is None else g_all._version, self.Z.device, self.Z.dtype)
+        key = (self.hyper_version, self.Z.device, self.Z.dtype)
         src = self._A_cache_src
         same = src is not None and src[0] is inp.X_all and src[1] is g_all
         if self._A_cache is None or not same or self._A_cache_key != key:
@@ -213,14 +171,13 @@ class SVGPPrior(Prior):
 
     def invalidate_cache(self) -> None:
         """Forget ``L_zz`` and cached ``A`` (after changing hyperparameters or inducing points)."""
+        self.hyperparameters_changed()
+
+    def _drop_caches(self) -> None:
         self._Lzz = None
         self._A_cache = None
         self._A_cache_key = None
         self._A_cache_src = None
-
-    def _apply(self, fn, recurse: bool = True):  # moving devices/dtypes invalidates the caches
-        self.invalidate_cache()
-        return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------------ prior interface
     def _marginals_from_A(self, A: Tensor, X: Tensor, g: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -269,21 +226,6 @@ class SVGPPrior(Prior):
         return 0.5 * (tr + self.m.pow(2).sum(-1) - M - logdet).sum()
 
     @torch.no_grad()
-    def reorder(self, perm: Tensor) -> None:
-        """Permute the factors (variational parameters and per-factor kernels)."""
-        self.beta.copy_(self.beta[perm])
-        self.m.copy_(self.m[perm])
-        self.raw_Lu_diag.copy_(self.raw_Lu_diag[perm])
-        if not self.diagonal_only:
-            self.Lu_offdiag.copy_(self.Lu_offdiag[perm])
-        if self.kernel.n_sets > 1:
-            for p in (self.kernel.raw_lengthscale, self.kernel.raw_sigma, self.kernel.raw_alpha):
-                p.copy_(p[perm])
-            self.invalidate_cache()
-        self._config["lengthscale"] = self.kernel.lengthscale.cpu().double().numpy().tolist()
-        self._config["sigma"] = self.kernel.sigma.cpu().double().numpy().tolist()
-
-    @torch.no_grad()
     def init_from_log_factors(self, log_factors: Tensor, inp: PriorInput, ridge: float = 1.0) -> None:
         """Project log-factors onto the inducing points: ``β`` = mean, ``m`` by ridge regression.
 
@@ -313,17 +255,5 @@ class SVGPPrior(Prior):
             m = torch.stack([sol[k, :, k] for k in range(self.n_factors)])
         self.m.copy_(m.to(self.m))
 
-    def gp_info(self) -> dict[str, Any]:
-        """Kernel hyperparameters and inducing-point count as plain values."""
-        return {**self.kernel.info(), "num_inducing": int(self.n_inducing), "prior": self.name}
-
-    def config(self) -> dict[str, Any]:
-        """Constructor arguments as plain values."""
-        cfg = dict(self._config)
-        cfg["lengthscale"] = self.kernel.lengthscale.detach().cpu().double().numpy().tolist()
-        cfg["sigma"] = self.kernel.sigma.detach().cpu().double().numpy().tolist()
-        if self.multigroup:
-            cfg["group_diff_param"] = float(self.kernel.alpha.detach().cpu().double().mean())
-        if not cfg["per_factor_kernel"]:
-            cfg["lengthscale"], cfg["sigma"] = cfg["lengthscale"][0], cfg["sigma"][0]
-        return cfg
+    def _gp_info_extra(self) -> dict[str, Any]:
+        return {"num_inducing": int(self.n_inducing)}

@@ -17,25 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._constants import ELBO_MODES
+from .._exceptions import TrainingError
 from .data import SparseCounts
-from .module import ELBO_MODES, FactorModule
+from .module import FactorModule
 from .priors import PriorInput
-
-
-class TrainingError(FloatingPointError):
-    """Training produced a non-finite loss or parameters; the model keeps its last finite state.
-
-    Raised by :meth:`sfact.models.SpatialFactorization.train` (and so :func:`sfact.tl.fit`),
-    with a message naming the iteration; a :class:`FloatingPointError`.
-
-    Examples
-    --------
-    >>> try:  # doctest: +SKIP
-    ...     model.train(max_iter=500, learning_rate=1.0)
-    ... except sfact.models.TrainingError as err:
-    ...     print(err)
-    ...     model.train(max_iter=500, learning_rate=0.01)  # go on from the last finite state
-    """
 
 
 @dataclass
@@ -117,13 +103,13 @@ def relative_change(values: list[float], window: int) -> float:
 
 
 def make_optimizer(module: FactorModule, learning_rate: float) -> torch.optim.Optimizer:
-    """Adam over every trainable parameter (the loadings too in ``projected`` mode)."""
-    groups: dict[float, list] = {}
-    for p in module.parameters():
-        if p.requires_grad:
-            groups.setdefault(float(getattr(p, "lr_scale", 1.0)), []).append(p)
+    """Adam over every trainable parameter (the loadings too in ``projected`` mode).
+
+    One parameter group per learning-rate multiplier (:meth:`FactorModule.param_groups`), in
+    ascending order, each recording its ``lr_scale``.
+    """
     return torch.optim.Adam(
-        [{"params": ps, "lr": learning_rate * k, "lr_scale": k} for k, ps in sorted(groups.items())],
+        [{"params": ps, "lr": learning_rate * k, "lr_scale": k} for k, ps in module.param_groups()],
         lr=learning_rate,
     )
 
@@ -193,7 +179,7 @@ def train_loop(
                 batch = data.counts.batch(None if B >= N else idx, genes)
             inp = data.prior_input(idx)
             s_b = data.s[idx]
-            elbo, ll, kl, mu, var = module.elbo(
+            terms = module.elbo(
                 inp,
                 s_b,
                 batch,
@@ -203,7 +189,7 @@ def train_loop(
                 gene_scale=gene_scale,
                 kl_weight=cfg.kl_weight,
             )
-            loss = -elbo / n_entries
+            loss = -terms.elbo / n_entries
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"The ELBO became non-finite at iteration {first_iter + it + 1} (step {step + 1} of "
@@ -214,19 +200,25 @@ def train_loop(
             loss.backward()
             optimizer.step()
             if module.loadings_mode == "projected":
-                with torch.no_grad():
-                    module.W.clamp_(min=module.w_floor)
+                module.floor_loadings()
             elif module.loadings_mode == "multiplicative":
                 try:
                     module.multiplicative_update(
-                        mu.detach(), var.detach(), s_b, batch, rho=rho, scale=N / idx.numel()
+                        terms.mu.detach(),
+                        terms.var.detach(),
+                        s_b,
+                        batch,
+                        rho=rho,
+                        scale=N / idx.numel(),
+                        numerator=terms.mm_numerator,
                     )
                 except FloatingPointError as err:
                     raise TrainingError(
                         f"Non-finite loadings at iteration {first_iter + it + 1}; the loadings keep their "
                         "last finite values."
                     ) from err
-            acc += torch.stack([(ll - kl).detach(), ll.detach(), kl.detach()]).to(torch.float64)
+            ll, kl = terms.loglik.detach(), terms.kl.detach()
+            acc += torch.stack([ll - kl, ll, kl]).to(torch.float64)
         vals = (acc / n_steps / n_entries).cpu().numpy()
         history.elbo.append(float(vals[0]))
         history.loglik.append(float(vals[1]))

@@ -8,8 +8,18 @@ from typing import Any, Literal
 
 import numpy as np
 
-KernelName = Literal["matern32", "rbf"]
-Allocation = Literal["proportional", "equal", "derived"]
+from .._constants import (
+    ALLOCATIONS,
+    KERNELS,
+    NEIGHBOR_METHODS,
+    NEIGHBOR_SELECTIONS,
+    Allocation,
+    KernelName,
+    is_gpu,
+)
+
+NeighborMethod = Literal["auto", "exact", "pynndescent"]
+NeighborSelection = Literal["auto", "spatial", "correlation"]
 
 
 @dataclass
@@ -30,9 +40,70 @@ class PNMFConfig:
 
     init_scale: float = 0.1
 
+    def _for_device(self, device: str) -> PNMFConfig:
+        """The config with every device-dependent default filled in (nothing to fill for ``pnmf``)."""
+        return self
+
 
 @dataclass
-class SVGPConfig:
+class GPConfig:
+    """Kernel options shared by the Gaussian-process priors (base of :class:`SVGPConfig` and :class:`LCGPConfig`).
+
+    Attributes
+    ----------
+    kernel
+        ``"matern32"`` or ``"rbf"``.
+    lengthscale
+        Kernel lengthscale in scaled units (coordinates span 100 units along the longer side
+        after :func:`sfact.pp.prepare`); one value, or one per factor with ``per_factor_kernel``.
+    sigma
+        Kernel amplitude (prior standard deviation of the log-factors around their mean).
+    group_diff_param
+        α of the multi-group kernel: 0 makes all groups one; large values make them independent.
+    group_distances
+        Optional (G, G) distances between groups, embedded by classical MDS; all pairs of
+        different groups are at distance 1 when ``None``.
+    per_factor_kernel
+        One set of kernel hyperparameters per factor.
+    train_lengthscale, train_sigma, train_group_diff_param
+        Learn these hyperparameters.
+    diagonal_only
+        Diagonal variational covariance; ``None`` (default) uses it on the CPU only.
+    extra
+        Reserved: not settable through ``prior_kwargs`` and not saved with the model.
+    """
+
+    kernel: KernelName = "matern32"
+    lengthscale: float | list[float] = 5.0
+    sigma: float | list[float] = 1.0
+    group_diff_param: float = 1.0
+    group_distances: Any = None
+    per_factor_kernel: bool = False
+    train_lengthscale: bool = False
+    train_sigma: bool = False
+    train_group_diff_param: bool = False
+    diagonal_only: bool | None = None
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if np.any(np.asarray(self.lengthscale, dtype=float) <= 0) or np.any(
+            np.asarray(self.sigma, dtype=float) <= 0
+        ):
+            raise ValueError("`lengthscale` and `sigma` must be positive.")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"`kernel` must be 'matern32' or 'rbf', received {self.kernel!r}.")
+        if self.group_diff_param < 0:
+            raise ValueError(f"`group_diff_param` must be >= 0, received {self.group_diff_param}.")
+
+    def _for_device(self, device: str) -> GPConfig:
+        """The config with every device-dependent default (``None``) filled in for ``device``."""
+        if self.diagonal_only is None:
+            return dataclasses.replace(self, diagonal_only=not is_gpu(device))
+        return self
+
+
+@dataclass
+class SVGPConfig(GPConfig):
     """Options of the ``svgp`` and ``mggp_svgp`` priors.
 
     Attributes
@@ -78,23 +149,33 @@ class SVGPConfig:
     """
 
     num_inducing: int | None = None
-    kernel: KernelName = "matern32"
-    lengthscale: float | list[float] = 5.0
-    sigma: float | list[float] = 1.0
-    group_diff_param: float = 1.0
-    group_distances: Any = None
     allocation: Allocation = "proportional"
-    per_factor_kernel: bool = False
-    train_lengthscale: bool = False
-    train_sigma: bool = False
-    train_group_diff_param: bool = False
-    diagonal_only: bool | None = None
     cache_budget: int | None = None
-    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_inducing is not None and int(self.num_inducing) < 1:
+            raise ValueError(f"`num_inducing` must be positive, received {self.num_inducing}.")
+        super().__post_init__()
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(
+                f"`allocation` must be 'proportional', 'equal' or 'derived', received {self.allocation!r}."
+            )
+
+    def _for_device(self, device: str) -> SVGPConfig:
+        """The config with ``diagonal_only``, ``num_inducing`` and ``cache_budget`` filled in for ``device``."""
+        gpu = is_gpu(device)
+        return dataclasses.replace(
+            self,
+            diagonal_only=(not gpu) if self.diagonal_only is None else bool(self.diagonal_only),
+            num_inducing=(3000 if gpu else 1000) if self.num_inducing is None else int(self.num_inducing),
+            cache_budget=(500_000_000 if gpu else 50_000_000)
+            if self.cache_budget is None
+            else int(self.cache_budget),
+        )
 
 
 @dataclass
-class LCGPConfig:
+class LCGPConfig(GPConfig):
     """Options of the ``lcgp`` and ``mggp_lcgp`` priors (every training cell an inducing point).
 
     Attributes
@@ -141,22 +222,28 @@ class LCGPConfig:
     ... )
     """
 
-    n_neighbors: int = 50
-    kernel: KernelName = "matern32"
     lengthscale: float | list[float] = 8.0
-    sigma: float | list[float] = 1.0
-    group_diff_param: float = 1.0
-    group_distances: Any = None
-    per_factor_kernel: bool = False
-    train_lengthscale: bool = False
-    train_sigma: bool = False
-    train_group_diff_param: bool = False
+    n_neighbors: int = 50
     nugget: float = 0.03
-    diagonal_only: bool | None = None
-    neighbor_method: Literal["auto", "exact", "pynndescent"] = "auto"
-    neighbor_selection: Literal["auto", "spatial", "correlation"] = "auto"
+    neighbor_method: NeighborMethod = "auto"
+    neighbor_selection: NeighborSelection = "auto"
     order_seed: int = 0
-    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if int(self.n_neighbors) < 1:
+            raise ValueError(f"`n_neighbors` must be positive, received {self.n_neighbors}.")
+        super().__post_init__()
+        if not self.nugget > 0:
+            raise ValueError(f"`nugget` must be positive, received {self.nugget}.")
+        if self.neighbor_method not in NEIGHBOR_METHODS:
+            raise ValueError(
+                f"`neighbor_method` must be 'auto', 'exact' or 'pynndescent', received {self.neighbor_method!r}."
+            )
+        if self.neighbor_selection not in NEIGHBOR_SELECTIONS:
+            raise ValueError(
+                "`neighbor_selection` must be 'auto', 'spatial' or 'correlation', "
+                f"received {self.neighbor_selection!r}."
+            )
 
 
 CONFIGS = {
@@ -180,45 +267,7 @@ def make_config(prior: str, kwargs: dict[str, Any] | None) -> Any:
         raise TypeError(
             f"Unknown option(s) {unknown} for the {prior!r} prior; valid options: {sorted(names)}."
         )
-    cfg = cls(**kwargs)
-    if isinstance(cfg, SVGPConfig):
-        if cfg.num_inducing is not None and int(cfg.num_inducing) < 1:
-            raise ValueError(f"`num_inducing` must be positive, received {cfg.num_inducing}.")
-        if np.any(np.asarray(cfg.lengthscale, dtype=float) <= 0) or np.any(
-            np.asarray(cfg.sigma, dtype=float) <= 0
-        ):
-            raise ValueError("`lengthscale` and `sigma` must be positive.")
-        if cfg.kernel not in ("matern32", "rbf"):
-            raise ValueError(f"`kernel` must be 'matern32' or 'rbf', received {cfg.kernel!r}.")
-        if cfg.allocation not in ("proportional", "equal", "derived"):
-            raise ValueError(
-                f"`allocation` must be 'proportional', 'equal' or 'derived', received {cfg.allocation!r}."
-            )
-        if cfg.group_diff_param < 0:
-            raise ValueError(f"`group_diff_param` must be >= 0, received {cfg.group_diff_param}.")
-    if isinstance(cfg, LCGPConfig):
-        if int(cfg.n_neighbors) < 1:
-            raise ValueError(f"`n_neighbors` must be positive, received {cfg.n_neighbors}.")
-        if np.any(np.asarray(cfg.lengthscale, dtype=float) <= 0) or np.any(
-            np.asarray(cfg.sigma, dtype=float) <= 0
-        ):
-            raise ValueError("`lengthscale` and `sigma` must be positive.")
-        if cfg.kernel not in ("matern32", "rbf"):
-            raise ValueError(f"`kernel` must be 'matern32' or 'rbf', received {cfg.kernel!r}.")
-        if cfg.group_diff_param < 0:
-            raise ValueError(f"`group_diff_param` must be >= 0, received {cfg.group_diff_param}.")
-        if not cfg.nugget > 0:
-            raise ValueError(f"`nugget` must be positive, received {cfg.nugget}.")
-        if cfg.neighbor_method not in ("auto", "exact", "pynndescent"):
-            raise ValueError(
-                f"`neighbor_method` must be 'auto', 'exact' or 'pynndescent', received {cfg.neighbor_method!r}."
-            )
-        if cfg.neighbor_selection not in ("auto", "spatial", "correlation"):
-            raise ValueError(
-                "`neighbor_selection` must be 'auto', 'spatial' or 'correlation', "
-                f"received {cfg.neighbor_selection!r}."
-            )
-    return cfg
+    return cls(**kwargs)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -5,9 +5,33 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from .._constants import (
+    ELBO_MODES,
+    LOADINGS_MODES,
+    PRIOR_NAMES,
+    check_choice,
+    is_multigroup,
+    prior_family,
+)
+from .._scaling import apply_scaling, fit_scaling
+from .._utils import check_counts, get_coordinates, get_counts, slot_name, warn
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 __all__ = ["ModelSetup"]
+
+_PREPARE_KEY = "sfact_prepare"  # sfact.pp.prepare's record in adata.uns
+
+
+def _totals(X: Any) -> np.ndarray:
+    """Total count of each cell (float64)."""
+    return np.asarray(X.sum(axis=1)).ravel().astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -50,6 +74,13 @@ class ModelSetup:
         Integer seed.
     dtype
         ``"float32"`` or ``"float64"``.
+
+    Examples
+    --------
+    >>> model = sfact.models.SpatialFactorization(adata, prior="svgp", n_factors=5)  # doctest: +SKIP
+    >>> model.setup.prior, model.setup.n_factors  # doctest: +SKIP
+    ('svgp', 5)
+    >>> model.setup.scaled_coords(adata_new)  # coordinates as the model sees them  # doctest: +SKIP
     """
 
     prior: str
@@ -80,17 +111,310 @@ class ModelSetup:
     @property
     def multigroup(self) -> bool:
         """Whether the prior uses the multi-group kernel."""
-        from .._constants import is_multigroup
-
         return is_multigroup(self.prior)
+
+    @property
+    def n_groups(self) -> int | None:
+        """Number of groups G of a multi-group prior (1 without ``group_key``); ``None`` otherwise."""
+        return len(self.group_categories or [None]) if self.multigroup else None
 
     @property
     def n_vars(self) -> int:
         """Number of genes."""
         return len(self.var_names)
 
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_adata(
+        cls,
+        adata: AnnData,
+        *,
+        prior: str,
+        n_factors: int,
+        layer: str | None,
+        spatial_key: str,
+        group_key: str | None,
+        size_factors: str | None,
+        elbo_mode: str,
+        loadings_mode: str,
+        n_samples: int,
+        prior_kwargs: dict[str, Any] | None,
+        random_state: Any,
+    ) -> ModelSetup:
+        """Validate the training data and the arguments of :class:`~sfact.models.SpatialFactorization`.
+
+        Checks the counts, coordinates, groups and size factors of ``adata``, picks up the group
+        key and coordinate scaling recorded by :func:`sfact.pp.prepare`, and records the median
+        total count (``size_factors="total"``).
+
+        Parameters
+        ----------
+        adata
+            The training cells.
+        prior, n_factors, layer, spatial_key, group_key, size_factors, elbo_mode, loadings_mode, n_samples, prior_kwargs, random_state
+            As for :class:`~sfact.models.SpatialFactorization`.
+
+        Returns
+        -------
+        The set-up.
+
+        Examples
+        --------
+        >>> setup = sfact.models.ModelSetup.from_adata(  # doctest: +SKIP
+        ...     adata, prior="svgp", n_factors=5, layer=None, spatial_key="spatial", group_key=None,
+        ...     size_factors="total", elbo_mode="lower-bound", loadings_mode="multiplicative",
+        ...     n_samples=4, prior_kwargs=None, random_state=0,
+        ... )
+        """
+        from .._settings import settings
+        from .._utils import seed_of
+        from ._config import config_to_dict, make_config
+
+        if prior not in PRIOR_NAMES:
+            raise ValueError(f"Unknown prior {prior!r}; choose one of {PRIOR_NAMES}.")
+        prior_config = make_config(prior, prior_kwargs)
+        check_choice("elbo_mode", elbo_mode, ELBO_MODES)
+        if loadings_mode not in LOADINGS_MODES:
+            raise ValueError(
+                f"`loadings_mode` must be 'multiplicative' or 'projected', received {loadings_mode!r}."
+            )
+        if not isinstance(n_factors, int | np.integer) or n_factors < 1:
+            raise ValueError(f"`n_factors` must be a positive integer, received {n_factors!r}.")
+        if n_factors > adata.n_vars:
+            raise ValueError(
+                f"`n_factors={n_factors}` is more than the number of genes ({adata.n_vars}); "
+                "choose at most as many factors as genes."
+            )
+        if adata.n_obs < 2:
+            raise ValueError(f"Need at least 2 cells, received {adata.n_obs}.")
+        X = get_counts(adata, layer)
+        check_counts(X, slot_name(layer))
+        coords = get_coordinates(adata, spatial_key)
+        if not np.isfinite(coords).all():
+            raise ValueError(
+                f"`adata.obsm[{spatial_key!r}]` has NaN or infinite coordinates; remove those cells with "
+                "`sfact.pp.prepare(adata)` first."
+            )
+        prep = adata.uns.get(_PREPARE_KEY, {})
+        if (
+            group_key is None
+            and prep.get("group_key") is not None
+            and prep.get("spatial_key", spatial_key) == spatial_key
+        ):
+            group_key = str(prep["group_key"])
+        group_categories = None if group_key is None else _group_categories(adata, group_key)
+        if is_multigroup(prior) and group_key is None:
+            warn(
+                f"`prior={prior!r}` without `group_key`: all cells form one group, so the fit equals "
+                f"{prior_family(prior)!r}. Pass `group_key=` (or set it in `sfact.pp.prepare`) to "
+                "use the multi-group kernel."
+            )
+        if prep.get("spatial_key", None) == spatial_key and "factor" in prep:
+            # the scaling recorded by sfact.pp.prepare, so new data is scaled the same way
+            scaling = {
+                "scale": str(prep.get("scale", "box")),
+                "offset": [float(v) for v in np.atleast_1d(prep["offset"])],
+                "factor": float(prep["factor"]),
+                "box_size": float(prep.get("box_size", 100.0)),
+            }
+        else:
+            scaling = fit_scaling(coords, "box", 100.0)
+        sf_reference = None
+        if size_factors == "total":
+            totals = _totals(X)
+            sf_reference = float(np.median(totals[totals > 0])) if (totals > 0).any() else 1.0
+        elif size_factors is not None:
+            if size_factors not in adata.obs.columns:
+                raise KeyError(
+                    f"`size_factors={size_factors!r}` is neither 'total' nor a column of `adata.obs` "
+                    f"(columns: {list(adata.obs.columns)})."
+                )
+            v = np.asarray(adata.obs[size_factors], dtype=np.float64)
+            if not (np.isfinite(v).all() and (v > 0).all()):
+                raise ValueError(f"`adata.obs[{size_factors!r}]` must be positive and finite.")
+        return cls(
+            prior=prior,
+            n_factors=int(n_factors),
+            layer=layer,
+            spatial_key=spatial_key,
+            group_key=group_key,
+            group_categories=group_categories,
+            size_factors=size_factors,
+            size_factor_reference=sf_reference,
+            elbo_mode=elbo_mode,
+            loadings_mode=loadings_mode,
+            n_samples=int(n_samples),
+            prior_kwargs=config_to_dict(prior_config),
+            scaling=scaling,
+            var_names=[str(v) for v in adata.var_names],
+            n_obs=int(adata.n_obs),
+            seed=seed_of(random_state),
+            dtype=settings.dtype,
+        )
+
+    def prior_config(self) -> Any:
+        """The prior's validated config (:mod:`sfact.models._config`) from :attr:`prior_kwargs`.
+
+        Returns
+        -------
+        A :class:`~sfact.models._config.PNMFConfig`, :class:`~sfact.models._config.SVGPConfig`
+        or :class:`~sfact.models._config.LCGPConfig`.
+
+        Examples
+        --------
+        >>> model.setup.prior_config().lengthscale  # doctest: +SKIP
+        5.0
+        """
+        from ._config import make_config
+
+        return make_config(self.prior, self.prior_kwargs)
+
+    # ------------------------------------------------------------------ applied to an AnnData
+    def counts(self, adata: AnnData, *, check: bool = True) -> sp.csr_matrix:
+        """The counts of ``adata`` (from :attr:`layer`) as a sparse matrix, checked unless ``check=False``.
+
+        Parameters
+        ----------
+        adata
+            Cells with the model's genes.
+        check
+            Check that they are counts (finite, non-negative; a warning if not integers).
+
+        Returns
+        -------
+        A :class:`scipy.sparse.csr_matrix` (n_cells, n_genes), or the sparse matrix as stored.
+
+        Examples
+        --------
+        >>> Y = model.setup.counts(adata_new)  # doctest: +SKIP
+        """
+        X = get_counts(adata, self.layer)
+        if check:
+            check_counts(X, slot_name(self.layer))
+        return X if sp.issparse(X) else sp.csr_matrix(np.asarray(X))
+
+    def size_factors_of(self, adata: AnnData, X: Any = None) -> np.ndarray:
+        """Size factors of the cells of ``adata`` (``X``: their counts, read from ``adata`` when needed).
+
+        ``"total"``: each cell's total count over :attr:`size_factor_reference`; ``None``: all 1;
+        otherwise the column :attr:`size_factors` of ``adata.obs``.
+
+        Parameters
+        ----------
+        adata
+            Cells.
+        X
+            Their counts, if at hand.
+
+        Returns
+        -------
+        One positive value per cell (float64).
+
+        Examples
+        --------
+        >>> s = model.setup.size_factors_of(adata_new)  # doctest: +SKIP
+        """
+        mode = self.size_factors
+        if mode is None:
+            return np.ones(adata.n_obs)
+        if mode == "total":
+            if X is None:
+                X = get_counts(adata, self.layer)
+            return np.maximum(_totals(X) / self.size_factor_reference, 1e-8)
+        if mode not in adata.obs.columns:
+            raise KeyError(f"`adata.obs[{mode!r}]` (the size factors) not found.")
+        return np.asarray(adata.obs[mode], dtype=np.float64)
+
+    def scaled_coords(self, adata: AnnData) -> np.ndarray:
+        """Coordinates of ``adata`` scaled as the training cells' (float64, N x p).
+
+        Parameters
+        ----------
+        adata
+            Cells with coordinates in ``obsm[spatial_key]``.
+
+        Returns
+        -------
+        Array (n_cells, n_dims): ``(coords - offset) / factor`` with the model's :attr:`scaling`.
+
+        Examples
+        --------
+        >>> X = model.setup.scaled_coords(adata_new)  # doctest: +SKIP
+        """
+        coords = get_coordinates(adata, self.spatial_key)
+        if not np.isfinite(coords).all():
+            raise ValueError(f"`adata.obsm[{self.spatial_key!r}]` has NaN or infinite coordinates.")
+        return apply_scaling(coords, self.scaling)
+
+    def group_codes(self, adata: AnnData) -> np.ndarray | None:
+        """Group code of each cell of ``adata``: its index in :attr:`group_categories`.
+
+        Parameters
+        ----------
+        adata
+            Cells with groups in ``obs[group_key]`` among the training groups.
+
+        Returns
+        -------
+        An int64 array (n_cells,); ``None`` without ``group_key`` (all 0 for a multi-group prior).
+
+        Examples
+        --------
+        >>> codes = model.setup.group_codes(adata_new)  # doctest: +SKIP
+        """
+        gk = self.group_key
+        if gk is None:
+            return np.zeros(adata.n_obs, dtype=np.int64) if self.multigroup else None
+        if gk not in adata.obs.columns:
+            raise KeyError(f"`adata.obs[{gk!r}]` (the groups) not found.")
+        cats = list(self.group_categories)
+        values = adata.obs[gk].astype(str).to_numpy()
+        lookup = {c: i for i, c in enumerate(cats)}
+        unknown = sorted(set(values) - set(lookup))
+        if unknown:
+            raise ValueError(
+                f"`adata.obs[{gk!r}]` has groups the model was not trained on: {unknown[:5]}; "
+                f"expected a subset of {cats}."
+            )
+        return np.array([lookup[v] for v in values], dtype=np.int64)
+
+    def check_vars(self, adata: AnnData) -> None:
+        """Raise :class:`ValueError` unless ``adata`` has the genes of :attr:`var_names`, in that order.
+
+        Parameters
+        ----------
+        adata
+            Cells to check.
+
+        Examples
+        --------
+        >>> model.setup.check_vars(adata_new[:, model.var_names])  # doctest: +SKIP
+        """
+        expected = list(self.var_names)
+        received = [str(v) for v in adata.var_names]
+        if received != expected:
+            missing = [v for v in expected if v not in set(received)]
+            raise ValueError(
+                f"Genes do not match the model: expected {len(expected)} genes "
+                f"({expected[:3]}...), received {len(received)} ({received[:3]}...)"
+                + (f"; missing {missing[:5]}" if missing else "; same genes in another order")
+                + ". Subset/reorder with `adata[:, model.var_names]`."
+            )
+
+    # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-safe values (lists for the sequences); the format saved in ``metadata.json``."""
+        """Plain, JSON-safe values (lists for the sequences); the format saved in ``metadata.json``.
+
+        Returns
+        -------
+        A dict with one key per field.
+
+        Examples
+        --------
+        >>> d = model.setup.to_dict()  # doctest: +SKIP
+        >>> sfact.models.ModelSetup.from_dict(d) == model.setup  # doctest: +SKIP
+        True
+        """
         d = dataclasses.asdict(self)
         d["group_categories"] = None if self.group_categories is None else list(self.group_categories)
         d["var_names"] = list(self.var_names)
@@ -98,7 +422,21 @@ class ModelSetup:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSetup:
-        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ValueError` naming them."""
+        """Inverse of :meth:`to_dict`; unknown or missing keys raise :class:`ValueError` naming them.
+
+        Parameters
+        ----------
+        d
+            A dict as written by :meth:`to_dict`.
+
+        Returns
+        -------
+        The set-up.
+
+        Examples
+        --------
+        >>> setup = sfact.models.ModelSetup.from_dict(model.setup.to_dict())  # doctest: +SKIP
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         missing = sorted(names - set(d))
@@ -112,10 +450,50 @@ class ModelSetup:
         return cls(**d)
 
     def to_json(self) -> str:
-        """:meth:`to_dict` as a JSON string."""
+        """:meth:`to_dict` as a JSON string.
+
+        Returns
+        -------
+        A JSON string.
+
+        Examples
+        --------
+        >>> text = model.setup.to_json()  # doctest: +SKIP
+        """
         return json.dumps(self.to_dict())
 
     @classmethod
     def from_json(cls, text: str) -> ModelSetup:
-        """Inverse of :meth:`to_json`."""
+        """Inverse of :meth:`to_json`.
+
+        Parameters
+        ----------
+        text
+            A JSON string written by :meth:`to_json`.
+
+        Returns
+        -------
+        The set-up.
+
+        Examples
+        --------
+        >>> setup = sfact.models.ModelSetup.from_json(model.setup.to_json())  # doctest: +SKIP
+        """
         return cls.from_dict(json.loads(text))
+
+
+def _group_categories(adata: AnnData, group_key: str) -> list[str]:
+    """The groups of ``adata.obs[group_key]`` (in category order), checked for missing values."""
+    if group_key not in adata.obs.columns:
+        raise KeyError(
+            f"`adata.obs[{group_key!r}]` not found: pass an existing `group_key` "
+            f"(columns: {list(adata.obs.columns)})."
+        )
+    g = adata.obs[group_key]
+    if g.isna().any():
+        raise ValueError(
+            f"`adata.obs[{group_key!r}]` has missing values; remove those cells with "
+            f"`sfact.pp.prepare(adata, group_key={group_key!r})`."
+        )
+    cat = g.astype("category").cat.remove_unused_categories()
+    return [str(c) for c in cat.cat.categories]

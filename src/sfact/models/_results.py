@@ -1,0 +1,296 @@
+"""Results of a trained :class:`~sfact.models.SpatialFactorization`: factors, loadings, predictions.
+
+:class:`ResultsMixin` holds the model's read-out methods; the computations are in
+:mod:`sfact.models._inference`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._constants import is_multigroup
+from .._utils import get_counts
+from . import _inference
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from ._setup import ModelSetup
+
+__all__ = ["ResultsMixin"]
+
+
+class ResultsMixin:
+    """Read-out methods of :class:`~sfact.models.SpatialFactorization` (mixed into it)."""
+
+    setup: ModelSetup
+    adata: AnnData | None
+    device: str
+    module: Any
+
+    def inducing_points(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Inducing points in the data's coordinate units, and their group codes (multi-group priors).
+
+        Returns
+        -------
+        ``(coords, groups)``: an (M, 2) array and an (M,) array of group codes or ``None``.
+
+        Examples
+        --------
+        >>> Z, Z_groups = model.inducing_points()  # doctest: +SKIP
+        """
+        from .._scaling import unscale
+
+        if self.module is None:
+            raise RuntimeError(
+                "The model is not trained yet: call `model.train()` (or fit with "
+                "`sfact.tl.fit(adata, save_model=dir)` and load it with `SpatialFactorization.load(dir, adata)`)."
+            )
+        prior = self.module.prior
+        Z = getattr(prior, "Z", None)
+        if Z is None:
+            raise ValueError(f"The {self.prior!r} prior has no inducing points; only the SVGP priors do.")
+        coords = unscale(Z.detach().cpu().double().numpy(), self.setup.scaling)
+        groups = None
+        if getattr(prior, "multigroup", False) and getattr(prior, "Z_groups", None) is not None:
+            groups = prior.Z_groups.detach().cpu().numpy().astype(np.int64)
+        return coords, groups
+
+    def _marginals(self, adata: AnnData | None, batch_size: int = 10000):
+        return _inference.marginals(self, adata, batch_size)
+
+    def groupwise_factors(
+        self, adata: AnnData | None = None, *, groups: list[str] | None = None, batch_size: int = 10000
+    ) -> tuple[np.ndarray, list[str]]:
+        """Factors ``exp(μ)`` of each cell as if it belonged to each group (multi-group priors).
+
+        Parameters
+        ----------
+        adata
+            Cells whose coordinates are used; the training cells when ``None``.
+        groups
+            Group names to evaluate; all training groups when ``None``.
+        batch_size
+            Cells per batch of the GP predictive.
+
+        Returns
+        -------
+        ``(factors, groups)``: an array (n_groups, n_cells, n_factors) and the group names.
+
+        Raises
+        ------
+        ValueError
+            If the prior is not a multi-group one, or a group is unknown.
+
+        Examples
+        --------
+        >>> F, groups = model.groupwise_factors(groups=["Microglia", "Pericytes"])  # doctest: +SKIP
+        >>> F.shape  # doctest: +SKIP
+        (2, 4839, 5)
+        """
+        self._require_trained()
+        if not is_multigroup(self.prior):
+            raise ValueError(f"Group-wise factors need a multi-group prior, not {self.prior!r}.")
+        cats = list(self.setup.group_categories or ["all"])
+        groups = list(cats) if groups is None else [str(g) for g in groups]
+        unknown = [g for g in groups if g not in cats]
+        if unknown:
+            raise ValueError(f"Unknown groups {unknown}; the model knows {cats}.")
+        X = self._training_inputs()[0] if adata is None else self.setup.scaled_coords(adata)
+        out = np.empty((len(groups), X.shape[0], self.n_factors))
+        for k, g in enumerate(groups):
+            codes = np.full(X.shape[0], cats.index(g), dtype=np.int64)
+            mu, _ = _inference.predict_arrays(self, X, codes, batch_size=batch_size)
+            out[k] = np.exp(mu)
+        return out, groups
+
+    def gp_info(self) -> dict[str, Any]:
+        """Kernel hyperparameters and inducing-point count (spatial priors), as plain values.
+
+        Returns
+        -------
+        A dict: ``kernel``, ``lengthscale`` and ``sigma`` (lists, one value per kernel),
+        ``group_diff_param`` (multi-group priors), ``num_inducing`` and ``prior``; for the LCGP
+        priors also ``n_neighbors`` and ``nugget``. Empty for ``pnmf``.
+
+        Examples
+        --------
+        >>> model.gp_info()  # doctest: +SKIP
+        {'kernel': 'matern32', 'lengthscale': [5.0], 'sigma': [1.0], 'group_diff_param': [1.0],
+         'num_inducing': 1000, 'prior': 'mggp_svgp'}
+        """
+        self._require_trained()
+        info = getattr(self.module.prior, "gp_info", None)
+        return {} if info is None else info()
+
+    def get_factors(
+        self, adata: AnnData | None = None, *, expected: bool = False, batch_size: int = 10000
+    ) -> np.ndarray:
+        """Factors ``exp(μ)`` (N, L) of the training cells, or of the cells of ``adata``.
+
+        Parameters
+        ----------
+        adata
+            New cells: predicted from their coordinates (spatial priors) or fitted to their counts
+            with the loadings fixed (``pnmf``). The training cells when ``None``.
+        expected
+            Return the posterior mean ``E[e^F] = exp(μ + σ²/2)`` instead of ``exp(μ)``.
+        batch_size
+            Cells per batch of the GP forward.
+
+        Returns
+        -------
+        Array (n_cells, n_factors).
+
+        Examples
+        --------
+        >>> F = model.get_factors()  # doctest: +SKIP
+        >>> F.shape  # doctest: +SKIP
+        (4839, 5)
+        >>> F_new = model.get_factors(adata_new)  # doctest: +SKIP
+        """
+        mu, var = self._marginals(adata, batch_size)
+        return np.exp(mu + 0.5 * var) if expected else np.exp(mu)
+
+    def get_scales(self, adata: AnnData | None = None, *, batch_size: int = 10000) -> np.ndarray:
+        """Posterior standard deviations σ (N, L) of the log-factors.
+
+        Parameters
+        ----------
+        adata
+            New cells (see :meth:`get_factors`); the training cells when ``None``.
+        batch_size
+            Cells per batch of the GP forward.
+
+        Returns
+        -------
+        Array (n_cells, n_factors).
+
+        Examples
+        --------
+        >>> sigma = model.get_scales()  # doctest: +SKIP
+        """
+        _, var = self._marginals(adata, batch_size)
+        return np.sqrt(var)
+
+    def get_log_factors(
+        self, adata: AnnData | None = None, *, batch_size: int = 10000
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior means ``μ`` and variances ``σ²`` (each N x L) of the log-factors.
+
+        Parameters
+        ----------
+        adata
+            New cells (see :meth:`get_factors`); the training cells when ``None``.
+        batch_size
+            Cells per batch of the GP forward.
+
+        Returns
+        -------
+        ``(mu, var)``, each an array (n_cells, n_factors).
+
+        Examples
+        --------
+        >>> mu, var = model.get_log_factors()  # doctest: +SKIP
+        """
+        return self._marginals(adata, batch_size)
+
+    def get_loadings(self) -> np.ndarray:
+        """Non-negative loadings ``W`` (D, L).
+
+        Returns
+        -------
+        Array (n_vars, n_factors), rows in the order of :attr:`var_names`.
+
+        Examples
+        --------
+        >>> import pandas as pd
+        >>> W = model.get_loadings()  # doctest: +SKIP
+        >>> pd.DataFrame(W, index=model.var_names, columns=model.factor_names)  # doctest: +SKIP
+        """
+        self._require_trained()
+        return self.module.loadings().detach().cpu().double().numpy()
+
+    def transform(self, adata_new: AnnData, *, batch_size: int = 10000) -> tuple[np.ndarray, np.ndarray]:
+        """Factors and scales of new cells.
+
+        From their coordinates (and groups) through the GP predictive for the spatial priors; from
+        their counts with the loadings fixed for ``pnmf``.
+
+        Parameters
+        ----------
+        adata_new
+            New cells with the model's genes, coordinates in ``obsm[spatial_key]`` and, for the
+            multi-group priors, groups in ``obs[group_key]`` among the training groups.
+        batch_size
+            Cells per batch of the GP predictive.
+
+        Returns
+        -------
+        ``(factors, scales)``, each (n_new, n_factors): ``exp(μ)`` and ``σ``.
+
+        Examples
+        --------
+        >>> train, test = sfact.tl.heldout_split(adata)  # doctest: +SKIP
+        >>> model = sfact.models.SpatialFactorization(train, prior="svgp").train()  # doctest: +SKIP
+        >>> factors, scales = model.transform(test)  # doctest: +SKIP
+        """
+        mu, var = _inference.new_marginals(self, adata_new, batch_size=batch_size)
+        return np.exp(mu), np.sqrt(var)
+
+    def predict(self, adata_new: AnnData | None = None, *, batch_size: int = 10000) -> np.ndarray:
+        """Expected counts ``E[λ_nd] = s_n Σ_l W_dl e^{μ_nl+σ²_nl/2}`` (dense, n x D).
+
+        Size factors of new cells come from their own counts (``"total"``) or ``obs`` column.
+
+        Parameters
+        ----------
+        adata_new
+            New cells (see :meth:`transform`); the training cells when ``None``.
+        batch_size
+            Cells per batch of the GP predictive.
+
+        Returns
+        -------
+        Dense array (n_cells, n_vars) of expected counts.
+
+        Examples
+        --------
+        >>> Y_hat = model.predict(test)  # doctest: +SKIP
+        """
+        adata = self.adata if adata_new is None else adata_new
+        mu, var = self._marginals(adata_new, batch_size)
+        if adata is None:
+            raise RuntimeError("No training data attached: pass `adata_new` (or `adata` to `load`).")
+        X = get_counts(adata, self.setup.layer) if self.setup.size_factors == "total" else None
+        s = self.setup.size_factors_of(adata, X)
+        W = self.get_loadings()
+        return s[:, None] * (np.exp(mu + 0.5 * var) @ W.T)
+
+    def reorder_factors(self, order: np.ndarray) -> None:
+        """Permute the factors everywhere in the model (``order[k]`` is the old index of factor k).
+
+        Loadings, variational parameters and per-factor kernels are permuted together;
+        :func:`sfact.tl.fit` and :func:`sfact.tl.analyze` use it to order the factors by Moran's I.
+        The optimizer state is reset (its moments belong to the old order).
+
+        Parameters
+        ----------
+        order
+            A permutation of ``0..n_factors-1``.
+
+        Examples
+        --------
+        >>> model.reorder_factors([1, 0, 2, 3, 4])  # swap the first two factors  # doctest: +SKIP
+        """
+        import torch
+
+        self._require_trained()
+        order = np.asarray(order, dtype=np.int64)
+        if sorted(order.tolist()) != list(range(self.n_factors)):
+            raise ValueError(f"`order` must be a permutation of 0..{self.n_factors - 1}, received {order}.")
+        self.module.reorder(torch.as_tensor(order, device=self.device))
+        self._optimizer_state = None
+        self._optimizer = None  # Adam moments belong to the old order

@@ -1,0 +1,221 @@
+"""Training of a :class:`~sfact.models.SpatialFactorization`: data on the device, initialization, :meth:`train`.
+
+:class:`TrainingMixin` holds the model's training methods; the torch work is in
+:mod:`sfact._core.factory`, :mod:`sfact._core.init` and :mod:`sfact._core.train`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from .. import _logging as logg
+from .._settings import settings
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from anndata import AnnData
+
+    from ._model import SpatialFactorization
+    from ._setup import ModelSetup
+
+__all__ = ["TrainingMixin"]
+
+
+class TrainingMixin:
+    """Training methods of :class:`~sfact.models.SpatialFactorization` (mixed into it)."""
+
+    setup: ModelSetup
+    adata: AnnData | None
+    device: str
+    module: Any
+
+    def _build_data(self, adata: AnnData, *, with_inputs: bool = True):
+        """Counts and size factors of ``adata`` on the device (and the training inputs)."""
+        import torch
+
+        from .._core.data import SparseCounts
+        from .._core.factory import torch_dtype
+        from .._core.train import TrainData
+
+        dtype = torch_dtype(self.setup.dtype)
+        X = self.setup.counts(adata, check=adata is not self.adata)  # training data checked at set-up
+        counts = SparseCounts(X, device=self.device, dtype=dtype)
+        s = torch.as_tensor(self.setup.size_factors_of(adata, X), dtype=dtype, device=self.device)
+        if not with_inputs:
+            return TrainData(counts=counts, s=s)
+        coords, groups = self._training_tensors()
+        return TrainData(counts=counts, s=s, X=coords, groups=groups)
+
+    def _initialize(self, data, init_iter: int) -> None:
+        from .._core.factory import make_module, make_prior
+        from .._core.init import initialize
+
+        setup = self.setup
+        prior = make_prior(
+            setup.prior,
+            setup.n_factors,
+            setup.prior_config()._for_device(self.device),
+            n_obs=data.n_obs,
+            X=data.X,
+            groups=data.groups,
+            n_groups=setup.n_groups,
+            seed=setup.seed,
+        )
+        module = make_module(prior, data.n_vars, setup.loadings_mode, device=self.device, dtype=setup.dtype)
+        initialize(module, data, init_iter, self._generator)
+        self.module = module
+
+    def train(
+        self,
+        max_iter: int = 1000,
+        *,
+        tol: float = 1e-4,
+        learning_rate: float | None = None,
+        batch_size: int | None = None,
+        y_batch_size: int | None = None,
+        kl_weight: float = 1.0,
+        init_iter: int = 30,
+        min_iter: int = 20,
+        device: str | None = None,
+        progress_bar: bool | None = None,
+        callback: Callable[[int, float], None] | None = None,
+    ) -> SpatialFactorization:
+        """Train the model; a second call continues where the first stopped (history appended).
+
+        Parameters
+        ----------
+        max_iter
+            Maximum number of iterations (passes over the cells) in this call.
+        tol
+            Stop when the per-iteration relative change of the smoothed ELBO falls below this.
+        learning_rate
+            Adam learning rate of the variational parameters; ``None`` uses 0.05 for ``pnmf``
+            and 0.1 for the GP priors.
+        batch_size
+            Cells per step; all cells when ``None``. Clamped to the number of cells.
+        y_batch_size
+            Genes per step (the likelihood is rescaled); all genes when ``None``.
+        kl_weight
+            Weight of the KL term (1 is the standard ELBO).
+        init_iter
+            Iterations of the KL-NMF used to initialize the factors and loadings (first call
+            only). ``0`` starts from random log-factors and random loadings instead; the NMF start
+            reaches a given ELBO sooner (``benchmarks/bench_init.py``).
+        min_iter
+            Iterations before convergence is checked.
+        device
+            Move the model to this device first (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``).
+        progress_bar
+            Show a progress bar with the ELBO; defaults to :attr:`sfact.settings.progress_bar`.
+        callback
+            Called as ``callback(iteration, elbo_per_entry)`` after every iteration.
+
+        Returns
+        -------
+        The model itself, trained.
+
+        Raises
+        ------
+        sfact.models.TrainingError
+            If the ELBO becomes non-finite; the message names the iteration and the model keeps
+            its last finite parameters.
+
+        Examples
+        --------
+        >>> import sfact
+        >>> adata = sfact.datasets.osmfish()
+        >>> sfact.pp.prepare(adata, group_key="ClusterName")
+        >>> model = sfact.models.SpatialFactorization(adata, prior="mggp_svgp", n_factors=5)
+        >>> model.train(max_iter=200)  # doctest: +SKIP
+        >>> model.train(max_iter=100)  # continues; the history is appended  # doctest: +SKIP
+        >>> model.history["elbo"].tail()  # doctest: +SKIP
+        """
+        import torch
+
+        from .._core.train import TrainConfig, make_optimizer, train_loop
+
+        if max_iter < 0:
+            raise ValueError(f"`max_iter` must be >= 0, received {max_iter}.")
+        if learning_rate is None:
+            learning_rate = 0.05 if self.prior == "pnmf" else 0.1
+        if device is not None:
+            self.to_device(device)
+        N, D = self.setup.n_obs, self.setup.n_vars
+        if batch_size is not None and batch_size > N:
+            logg.info(f"    `batch_size={batch_size}` is more than the {N} cells; using {N}.")
+            batch_size = N
+        if y_batch_size is not None and y_batch_size > D:
+            logg.info(f"    `y_batch_size={y_batch_size}` is more than the {D} genes; using {D}.")
+            y_batch_size = D
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"`batch_size` must be positive, received {batch_size}.")
+        if settings.deterministic:
+            torch.use_deterministic_algorithms(True)
+        if self._generator is None:
+            self._generator = torch.Generator().manual_seed(self.setup.seed)
+        if self._data is None:
+            if self.adata is None:
+                raise RuntimeError("No training data attached: pass `adata` to `SpatialFactorization.load`.")
+            self.setup.check_vars(self.adata)
+            if self.adata.n_obs != N:
+                raise ValueError(f"Expected {N} cells (the training data), received {self.adata.n_obs}.")
+            self._data = self._build_data(self.adata)
+        start = logg.info(
+            f"training {self.prior} with {self.n_factors} factors on {N} cells x {D} genes ({self.device})"
+        )
+        if self.module is None:
+            t_init = time.perf_counter()
+            self._initialize(self._data, init_iter)
+            self._init_time_s = time.perf_counter() - t_init
+        if self._optimizer is None:
+            self._optimizer = make_optimizer(self.module, learning_rate)
+            if self._optimizer_state is not None:
+                self._optimizer.load_state_dict(self._optimizer_state)
+                self._optimizer_state = None
+        cfg = TrainConfig(
+            max_iter=int(max_iter),
+            tol=float(tol),
+            learning_rate=float(learning_rate),
+            batch_size=batch_size,
+            y_batch_size=y_batch_size,
+            elbo_mode=self.setup.elbo_mode,
+            n_samples=self.setup.n_samples,
+            kl_weight=float(kl_weight),
+            min_iter=int(min_iter),
+        )
+        self.module.train()
+        show = settings.progress_bar if progress_bar is None else progress_bar
+        result = train_loop(
+            self.module,
+            self._data,
+            cfg,
+            optimizer=self._optimizer,
+            history=self.history_,
+            generator=self._generator,
+            progress_bar=show,
+            callback=callback,
+        )
+        self.module.eval()
+        self.is_trained = True
+        self.converged = bool(result["converged"])
+        self.train_info = {
+            "max_iter": int(max_iter),
+            "tol": float(tol),
+            "learning_rate": float(learning_rate),
+            "batch_size": batch_size if batch_size is not None else N,
+            "y_batch_size": y_batch_size if y_batch_size is not None else D,
+            "kl_weight": float(kl_weight),
+            "init_iter": int(init_iter),
+            "n_iter": len(self.history_),
+            "converged": self.converged,
+            "train_time_s": float(self.history_.time[-1]) if self.history_.time else 0.0,
+            "init_time_s": float(getattr(self, "_init_time_s", 0.0)),
+        }
+        if not self.converged and max_iter > 0:
+            logg.info(
+                f"    not converged after {result['n_iter']} iterations (tol={tol}); call `train` again to continue."
+            )
+        logg.info("    finished", time=start)
+        return self
