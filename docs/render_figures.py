@@ -26,6 +26,7 @@ import anndata as ad
 import matplotlib.pyplot as plt
 
 import sfact
+from sfact._constants import GP_PRIORS
 
 HERE = Path(__file__).resolve().parent
 GROUPS = ["Pyramidal L6", "Oligodendrocyte Mature", "Inhibitory CP", "Microglia"]
@@ -72,7 +73,7 @@ def figures(adata, model) -> dict:
         ),
         "enrichment_by_factor": lambda: sfact.pl.enrichment_by_factor(adata, return_fig=True),
     }
-    if model.module.prior.spatial:
+    if model.setup.prior in GP_PRIORS:
         figs["inducing_points"] = lambda: sfact.pl.inducing_points(adata, model, return_fig=True)
         figs["inducing_points_split"] = lambda: sfact.pl.inducing_points(
             adata, model, split_groups=True, return_fig=True

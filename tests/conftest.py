@@ -11,6 +11,32 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One torch thread for the whole suite: the data are tiny, and spinning threads crawl on shared cores."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def osmfish_pnmf_fit(tmp_path_factory):
+    """osmFISH (cell types as groups) fitted once with pnmf, 4 factors, 30 iterations: (adata, model dir).
+
+    Shared by the analysis and getter tests; take ``adata.copy()`` before changing it.
+    """
+    import sfact
+
+    adata = sfact.datasets.osmfish()
+    sfact.pp.prepare(adata, group_key="ClusterName")
+    model_dir = tmp_path_factory.mktemp("osmfish_pnmf") / "model"
+    sfact.tl.fit(adata, prior="pnmf", n_factors=4, max_iter=30, save_model=model_dir, progress_bar=False)
+    return adata, model_dir
+
+
 @pytest.fixture(autouse=True)
 def _quiet_sfact():
     import sfact

@@ -286,19 +286,6 @@ class SpatialFactorization(TrainingMixin, ResultsMixin):
             f"{len(self.history_)} iterations)"
         )
 
-    # ------------------------------------------------------------------ backward-compatible private names
-    # (for code not yet switched to ``model.setup``, ``model.size_factors``, ``model.check_vars``)
-    @property
-    def _setup(self) -> dict[str, Any]:
-        """Read-only plain-dict copy of :attr:`setup` (deprecated: use ``model.setup``)."""
-        return self.setup.to_dict()
-
-    def _size_factors(self, adata: AnnData, X) -> np.ndarray:
-        return self.setup.size_factors_of(adata, X)
-
-    def _check_vars(self, adata: AnnData) -> None:
-        self.setup.check_vars(adata)
-
     # ------------------------------------------------------------------ training data
     def _training_inputs(self) -> tuple[np.ndarray, np.ndarray | None]:
         """Scaled coordinates and group codes of the training cells (stored at construction)."""

@@ -91,7 +91,7 @@ def write_summaries(plan: Plan, results: Sequence[JobResult], *, command: str | 
     --------
     >>> write_summaries(plan, results, command="sfact run all -c general.yaml")  # doctest: +SKIP
     """
-    from .. import __version__
+    from .._version import __version__
 
     by_dir: dict[str, list[JobResult]] = {}
     for r in results:

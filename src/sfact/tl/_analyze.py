@@ -191,7 +191,7 @@ def compute_analysis(
     -------
     The :class:`Analysis`.
     """
-    from .. import __version__
+    from .._version import __version__
     from ._analysis import _adata_counts, poisson_deviance_sparse, reconstruction_error
 
     step = step or (lambda name: None)

@@ -37,14 +37,6 @@ def Kernel(name: str = "matern32", **kw) -> _Kernel:  # stands in for the class
 P = 2  # spatial dimension
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # ---------------------------------------------------------------------- reference formulas
 def _dist(X1: np.ndarray, X2: np.ndarray) -> np.ndarray:
     return np.sqrt(((X1[:, None, :] - X2[None, :, :]) ** 2).sum(-1))

@@ -12,7 +12,7 @@ import sfact
 from sfact.pipeline import Config, ConfigError, load_config, write_prior_configs
 from sfact.pipeline._config import MULTIGROUP_PRIORS, PRIORS, ModelConfig, PreprocessingConfig, TrainingConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "configs").glob("*/*.yaml"))
 
 

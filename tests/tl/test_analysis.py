@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-import torch
 
 import sfact
 from sfact.models import SpatialFactorization
@@ -17,25 +16,11 @@ from sfact.tl._groups import enrichment_log2fc, refit_loadings
 N_FACTORS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: spinning threads crawl on shared cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
-def osmfish_fit(tmp_path_factory):
-    """osmFISH fitted once with pnmf (with its cell types as groups); (adata, model dir)."""
-    adata = sfact.datasets.osmfish()
-    sfact.pp.prepare(adata, group_key="ClusterName")
-    model_dir = tmp_path_factory.mktemp("analysis") / "model"
-    sfact.tl.fit(
-        adata, prior="pnmf", n_factors=N_FACTORS, max_iter=30, save_model=model_dir, progress_bar=False
-    )
-    return adata, model_dir
+def osmfish_fit(osmfish_pnmf_fit):
+    """osmFISH fitted once with pnmf (with its cell types as groups); (adata copy, model dir)."""
+    adata, model_dir = osmfish_pnmf_fit
+    return adata.copy(), model_dir
 
 
 def _dense(adata):

@@ -45,17 +45,6 @@ def _train(
     return model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_settings():
-    """No progress bars; one torch thread (tiny data, and spinning threads crawl on shared cores)."""
-    old_bar, old_threads = sfact.settings.progress_bar, torch.get_num_threads()
-    sfact.settings.progress_bar = False
-    torch.set_num_threads(1)
-    yield
-    sfact.settings.progress_bar = old_bar
-    torch.set_num_threads(old_threads)
-
-
 @pytest.fixture(scope="module")
 def adata() -> ad.AnnData:
     return _synthetic()

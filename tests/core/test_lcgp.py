@@ -45,14 +45,6 @@ def LCGPPrior(*args, **kw) -> _LCGPPrior:  # stands in for the class
     return _LCGPPrior(*args, **{**CORE_KWARGS, **kw})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # ====================================================================== helpers
 def _points(n: int, seed: int = 0, n_dup: int = 4) -> np.ndarray:
     """Random coordinates with some exact duplicates (as in osmFISH)."""

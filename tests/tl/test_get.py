@@ -10,7 +10,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 import sfact
 from sfact._keys import Keys
@@ -19,21 +18,10 @@ from sfact.get._view import FitView
 N_FACTORS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
-def fitted():
-    """osmFISH fitted once with pnmf."""
-    adata = sfact.datasets.osmfish()
-    sfact.pp.prepare(adata, group_key="ClusterName")
-    sfact.tl.fit(adata, prior="pnmf", n_factors=N_FACTORS, max_iter=30, progress_bar=False)
-    return adata
+def fitted(osmfish_pnmf_fit):
+    """osmFISH fitted once with pnmf (a copy of the session's fit)."""
+    return osmfish_pnmf_fit[0].copy()
 
 
 def _snapshot(adata):
