@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .priors import Prior
     from .train import TrainData
 
-__all__ = ["fit_new_factors", "initialize", "kl_nmf", "nonneg_project"]
+__all__ = ["fit_new_factors", "initialize", "kl_nmf", "nmf_start", "nonneg_project"]
 
 #: NMF factors have exact zeros; flooring them at 5% of a factor's mean keeps the log-factors
 #: within reach of the prior (a floor of 1e-3 made spatial fits need ~10x more iterations to
@@ -97,17 +97,38 @@ def _ratio_products(
 
 
 @torch.no_grad()
+def nmf_start(
+    data: TrainData, n_factors: int, init_iter: int, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """The factors ``H`` (N, L) and loadings ``W`` (D, L) that :func:`initialize` starts from.
+
+    A KL-NMF of ``data`` with ``init_iter`` iterations; ``init_iter = 0``: random factors instead
+    (kept for comparisons). It depends only on the counts, size factors, ``n_factors`` and the
+    generator, not on the prior, so models of different priors can share it.
+    """
+    H, W = kl_nmf(data.counts, n_factors, n_iter=init_iter, size_factors=data.s, generator=generator)
+    if init_iter == 0:
+        H = torch.exp(0.1 * torch.randn(H.shape, generator=generator, dtype=H.dtype).to(H.device))
+    return H, W
+
+
+@torch.no_grad()
 def initialize(
-    module: FactorModule, data: TrainData, init_iter: int, generator: torch.Generator | None
+    module: FactorModule,
+    data: TrainData,
+    init_iter: int,
+    generator: torch.Generator | None,
+    *,
+    start: tuple[Tensor, Tensor] | None = None,
 ) -> None:
     """Set the loadings and the prior's posterior of ``module`` from a KL-NMF of ``data``.
 
     ``init_iter = 0``: random log-factors instead of NMF factors (kept for comparisons).
+    ``start``: the ``(H, W)`` of :func:`nmf_start`, computed before (and shared between models).
     """
-    L = module.n_factors
-    H, W = kl_nmf(data.counts, L, n_iter=init_iter, size_factors=data.s, generator=generator)
-    if init_iter == 0:
-        H = torch.exp(0.1 * torch.randn(H.shape, generator=generator, dtype=H.dtype).to(H.device))
+    if start is None:
+        start = nmf_start(data, module.n_factors, init_iter, generator)
+    H, W = start
     logH = torch.log(H.clamp_min(INIT_FACTOR_FLOOR))
     center = logH.mean(0)
     module.set_loadings(W * torch.exp(center)[None, :])

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .. import _logging as logg
@@ -23,6 +24,28 @@ if TYPE_CHECKING:
 __all__ = ["TrainingMixin"]
 
 
+@dataclass(frozen=True)
+class _SharedStart:
+    """The set-up that models of any prior on the same cells can share (:func:`sfact.tl.select_model`).
+
+    The counts and size factors on the device and the KL-NMF start of :func:`sfact._core.init.nmf_start`
+    with the state of the model's generator after it, so a model started from it trains exactly as
+    if it had computed them itself. Valid for models with the same training cells, ``n_factors``,
+    seed, ``init_iter``, layer, size factors, device and dtype.
+    """
+
+    n_obs: int
+    n_factors: int
+    seed: int
+    init_iter: int
+    device: str
+    counts: Any
+    s: Any
+    H: Any
+    W: Any
+    generator_state: Any
+
+
 class TrainingMixin:
     """Training methods of :class:`~sfact.models.SpatialFactorization` (mixed into it)."""
 
@@ -30,6 +53,51 @@ class TrainingMixin:
     adata: AnnData | None
     device: str
     module: Any
+    #: set by :meth:`_use_shared_start`: the data and KL-NMF start to train from (private hook)
+    _shared_start: _SharedStart | None = None
+
+    def _make_shared_start(self, init_iter: int = 30) -> _SharedStart:
+        """Compute this model's data and KL-NMF start once, for it and other models to share.
+
+        Private hook of :func:`sfact.tl.select_model`: pass the result to
+        :meth:`_use_shared_start` of every model on the same training cells with the same
+        ``n_factors`` (any prior, any prior options), instead of letting each compute it.
+        """
+        import torch
+
+        from .._core.init import nmf_start
+
+        if self.adata is None:
+            raise RuntimeError("No training data attached.")
+        data = self._build_data(self.adata, with_inputs=False)
+        generator = torch.Generator().manual_seed(self.setup.seed)
+        H, W = nmf_start(data, self.setup.n_factors, int(init_iter), generator)
+        return _SharedStart(
+            n_obs=self.setup.n_obs,
+            n_factors=self.setup.n_factors,
+            seed=self.setup.seed,
+            init_iter=int(init_iter),
+            device=self.device,
+            counts=data.counts,
+            s=data.s,
+            H=H,
+            W=W,
+            generator_state=generator.get_state(),
+        )
+
+    def _use_shared_start(self, start: _SharedStart) -> None:
+        """Train from ``start`` (see :meth:`_make_shared_start`) instead of computing the data and NMF."""
+        if self.module is not None:
+            raise RuntimeError(
+                "The model is already initialized; a shared start applies before training only."
+            )
+        mine = (self.setup.n_obs, self.setup.n_factors, self.setup.seed, self.device)
+        theirs = (start.n_obs, start.n_factors, start.seed, start.device)
+        if mine != theirs:
+            raise ValueError(
+                f"Shared start for (n_obs, n_factors, seed, device) = {theirs}, model has {mine}."
+            )
+        self._shared_start = start
 
     def _build_data(self, adata: AnnData, *, with_inputs: bool = True):
         """Counts and size factors of ``adata`` on the device (and the training inputs)."""
@@ -48,6 +116,13 @@ class TrainingMixin:
         coords, groups = self._training_tensors()
         return TrainData(counts=counts, s=s, X=coords, groups=groups)
 
+    def _shared_data(self, start: _SharedStart):
+        """The training data from a shared start: its counts and size factors, this model's inputs."""
+        from .._core.train import TrainData
+
+        coords, groups = self._training_tensors()
+        return TrainData(counts=start.counts, s=start.s, X=coords, groups=groups)
+
     def _initialize(self, data, init_iter: int) -> None:
         from .._core.factory import make_module, make_prior
         from .._core.init import initialize
@@ -64,7 +139,16 @@ class TrainingMixin:
             seed=setup.seed,
         )
         module = make_module(prior, data.n_vars, setup.loadings_mode, device=self.device, dtype=setup.dtype)
-        initialize(module, data, init_iter, self._generator)
+        shared = self._shared_start
+        if shared is None:
+            initialize(module, data, init_iter, self._generator)
+        else:
+            if shared.init_iter != init_iter:
+                raise ValueError(
+                    f"Shared start with `init_iter={shared.init_iter}`, `train` got {init_iter}."
+                )
+            self._generator.set_state(shared.generator_state)  # as if this model had drawn the NMF start
+            initialize(module, data, init_iter, self._generator, start=(shared.H, shared.W))
         self.module = module
 
     def train(
@@ -161,7 +245,8 @@ class TrainingMixin:
             self.setup.check_vars(self.adata)
             if self.adata.n_obs != N:
                 raise ValueError(f"Expected {N} cells (the training data), received {self.adata.n_obs}.")
-            self._data = self._build_data(self.adata)
+            shared = self._shared_start
+            self._data = self._build_data(self.adata) if shared is None else self._shared_data(shared)
         start = logg.info(
             f"training {self.prior} with {self.n_factors} factors on {N} cells x {D} genes ({self.device})"
         )

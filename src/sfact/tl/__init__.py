@@ -7,6 +7,7 @@ from ._analyze import analyze
 from ._fit import fit, groupwise_factors
 from ._groups import gene_enrichment, group_loadings
 from ._heldout import heldout_deviance, heldout_split
+from ._select import select_model
 
 __all__ = [
     "analyze",
@@ -18,4 +19,5 @@ __all__ = [
     "heldout_deviance",
     "heldout_split",
     "morans_i",
+    "select_model",
 ]

@@ -44,16 +44,23 @@ def heldout_split(
     >>> test.n_obs
     242
     """
+    test = heldout_mask(adata.n_obs, fraction=fraction, random_state=random_state)
+    return adata[~test].copy(), adata[test].copy()
+
+
+def heldout_mask(
+    n_obs: int, *, fraction: float, random_state: int | np.random.Generator | None
+) -> np.ndarray:
+    """The held-out cells of :func:`heldout_split` as a boolean mask of length ``n_obs``."""
     if not 0 < fraction < 1:
         raise ValueError(f"`fraction` must be in (0, 1), received {fraction}.")
-    N = adata.n_obs
-    n_test = round(fraction * N)
-    if n_test < 1 or n_test >= N:
-        raise ValueError(f"`fraction={fraction}` of {N} cells leaves no training or no held-out cells.")
-    perm = check_random_state(random_state).permutation(N)
-    test = np.zeros(N, dtype=bool)
+    n_test = round(fraction * n_obs)
+    if n_test < 1 or n_test >= n_obs:
+        raise ValueError(f"`fraction={fraction}` of {n_obs} cells leaves no training or no held-out cells.")
+    perm = check_random_state(random_state).permutation(n_obs)
+    test = np.zeros(n_obs, dtype=bool)
     test[perm[:n_test]] = True
-    return adata[~test].copy(), adata[test].copy()
+    return test
 
 
 def heldout_deviance(model: SpatialFactorization, adata_test: AnnData, *, batch_size: int = 10000) -> float:
