@@ -203,4 +203,8 @@ def test_before_fit_raises(name):
 
 
 def test_every_public_plot_is_tested():
-    assert set(sfact.pl.__all__) == {*ALL, "inducing_points"}
+    assert set(sfact.pl.__all__) == {
+        *ALL,
+        "inducing_points",
+        "model_selection",
+    }  # model_selection: test_selection.py

@@ -436,8 +436,9 @@ def _plan(
     tasks = []
     for fold, test_idx in enumerate(folds):
         for group in by_n.values():
-            # split a group (which shares one KL-NMF start) only when there are more processes than groups
-            n_parts = min(len(group), max(1, math.ceil(jobs / n_groups)))
+            # a group shares one KL-NMF start; with several processes it is cut into parts so that
+            # there are about two tasks per process (the fits of a grid differ in cost)
+            n_parts = 1 if jobs == 1 else min(len(group), max(1, math.ceil(2 * jobs / n_groups)))
             for part in np.array_split(np.arange(len(group)), n_parts):
                 tasks.append(_Task(fold, test_idx, tuple(group[i] for i in part)))
     return tasks, max(1, min(jobs, len(tasks)))
