@@ -315,6 +315,7 @@ def config_markdown() -> str:
     from sfact.models import SpatialFactorization
     from sfact.pipeline import _config as cfgmod
     from sfact.pp import prepare
+    from sfact.tl import select_model
 
     resolve = _resolver("sfact.pipeline", "sfact.models.SpatialFactorization", "sfact")
     sections = [
@@ -324,6 +325,7 @@ def config_markdown() -> str:
         ("training", pl.TrainingConfig, [SpatialFactorization.train]),
         ("analysis", pl.AnalysisConfig, []),
         ("figures", pl.FiguresConfig, []),
+        ("selection", pl.SelectionConfig, [select_model]),
     ]
     assert [s for s, *_ in sections] == list(cfgmod._SECTIONS), "sections out of step with the code"
     out = [
@@ -338,7 +340,8 @@ def config_markdown() -> str:
         "| `base` | string | | Another config file (relative to this one) to start from; this file "
         "overrides it key by key. |",
         "| `dataset` | section | (required) | Where the counts come from: `loader` or `path`. |",
-        "| `preprocessing`, `model`, `training`, `analysis`, `figures` | section | | See below; every key "
+        "| `preprocessing`, `model`, `training`, `analysis`, `figures`, `selection` | section | | See below; "
+        "every key "
         "is optional. |",
         "| `output_dir` | string | `outputs/<name>` | Folder of the outputs, relative to the config "
         "file's folder. |",

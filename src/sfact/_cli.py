@@ -58,6 +58,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 _PIPELINE_HELP = {
     "preprocess": "load the data set and run sfact.pp.prepare -> prepared.h5ad",
+    "select": "compare priors, numbers of factors and prior options by held-out deviance "
+    "(config section `selection`) -> selection/",
     "train": "train each prior on prepared.h5ad -> <prior>/model/",
     "analyze": "analyse each trained prior -> <prior>/results.h5ad, arrays, metrics.json",
     "figures": "draw each analysed prior's figures -> <prior>/figures/*.png",
@@ -68,6 +70,7 @@ examples:
   sfact run all -c configs/osmfish/general.yaml          every prior of one data set
   sfact run all -c configs/ --config-name general.yaml   every data set below configs/
   sfact run train analyze -c svgp.yaml --resume          continue training, then re-analyse
+  sfact select -c configs/osmfish/general.yaml           model selection (section `selection`)
   sfact generate -c configs/osmfish/general.yaml         pnmf.yaml, svgp.yaml, ... next to it
   sfact run all -c general.yaml --dry-run                print the plan, run nothing
 
@@ -156,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(func=_pipeline, stages=[stage])
     r = sub.add_parser(
         "run",
-        help="run several stages in pipeline order (all: every stage)",
-        description="Run the given stages, sorted into pipeline order; `all` runs every stage. "
+        help="run several stages in pipeline order (all: every stage but select)",
+        description="Run the given stages, sorted into pipeline order; `all` runs every stage but "
+        "`select` (model selection, many fits: name it to run it). "
         "Nothing unrequested is added: a stage whose input is missing fails, naming what to run first.",
     )
     r.add_argument("stages", nargs="+", choices=("all", *STAGES), metavar="STAGE")

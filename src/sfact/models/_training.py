@@ -14,14 +14,14 @@ from .. import _logging as logg
 from .._settings import settings
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from anndata import AnnData
 
     from ._model import SpatialFactorization
     from ._setup import ModelSetup
 
-__all__ = ["TrainingMixin"]
+__all__ = ["TrainingMixin", "share_training_start"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,22 @@ class _SharedStart:
     H: Any
     W: Any
     generator_state: Any
+
+
+def share_training_start(models: Sequence[SpatialFactorization], *, init_iter: int = 30) -> None:
+    """Let untrained models on the same training cells share their data set-up and KL-NMF start.
+
+    Private hook of :func:`sfact.tl.select_model`: the counts on the device, the size factors and
+    the KL-NMF start (with the generator's state after it) are computed once, from the first
+    model, and used by all, so each trains exactly as it would alone. The models must share the
+    training cells, ``n_factors``, seed, layer, size factors and device; the prior and its options
+    may differ. ``init_iter`` must be the one passed to each model's :meth:`train`.
+    """
+    if not models:
+        return
+    start = models[0]._make_shared_start(init_iter)
+    for model in models:
+        model._use_shared_start(start)
 
 
 class TrainingMixin:

@@ -17,6 +17,7 @@ from ._config_schema import (
     FiguresConfig,
     ModelConfig,
     PreprocessingConfig,
+    SelectionConfig,
     TrainingConfig,
 )
 from ._jobs import STAGES, Job, JobResult
@@ -39,6 +40,7 @@ __all__ = [
     "ModelConfig",
     "Plan",
     "PreprocessingConfig",
+    "SelectionConfig",
     "TrainingConfig",
     "collect_configs",
     "find_configs",

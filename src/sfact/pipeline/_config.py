@@ -31,6 +31,7 @@ from ._config_schema import (
     ModelConfig,
     PreprocessingConfig,
     PriorName,
+    SelectionConfig,
     TrainingConfig,
 )
 from ._config_validate import validate
@@ -49,6 +50,7 @@ __all__ = [
     "ModelConfig",
     "PreprocessingConfig",
     "PriorName",
+    "SelectionConfig",
     "TrainingConfig",
 ]
 
@@ -68,6 +70,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     figures: FiguresConfig = field(default_factory=FiguresConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     source: str | None = None
     """The config file (not a key of the YAML)."""
 

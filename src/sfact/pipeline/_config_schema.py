@@ -281,6 +281,40 @@ class FiguresConfig:
     groups: list[str] | None = None
 
 
+@dataclass
+class SelectionConfig:
+    """Arguments of :func:`sfact.tl.select_model` for ``sfact select``.
+
+    The fits use the ``model`` section's ``size_factors`` and its shared ``prior_kwargs`` (not
+    the per-prior sections; a key also in ``prior_kwargs_grid`` takes the grid's values), the
+    ``training`` section's ``max_iter``, ``tol``, ``learning_rate``, ``init_iter``, ``device``
+    and ``random_state``.
+
+    Attributes
+    ----------
+    priors
+        Priors to compare; ``null``: the ``--prior`` options, else ``model.prior``, else every
+        prior that applies (the multi-group priors need a group key).
+    n_factors
+        Numbers of factors to compare; ``null``: ``[model.n_factors]``.
+    prior_kwargs_grid
+        Prior options to compare, each with its values, e.g. ``{lengthscale: [5, 10, 20]}``.
+    n_folds
+        Folds of k-fold cross-validation over cells; ``null`` for one held-out split.
+    heldout_fraction
+        Fraction of cells held out by the single split.
+    n_jobs
+        Processes fitting in parallel; ``null``: one per CPU core.
+    """
+
+    priors: list[PriorName] | None = None
+    n_factors: list[int] | None = None
+    prior_kwargs_grid: dict[str, list[Any]] = field(default_factory=dict)
+    n_folds: int | None = None
+    heldout_fraction: float = 0.05
+    n_jobs: int | None = None
+
+
 _SECTIONS: dict[str, type] = {
     "dataset": DatasetConfig,
     "preprocessing": PreprocessingConfig,
@@ -288,6 +322,7 @@ _SECTIONS: dict[str, type] = {
     "training": TrainingConfig,
     "analysis": AnalysisConfig,
     "figures": FiguresConfig,
+    "selection": SelectionConfig,
 }
 _TOP_KEYS = ("name", "base", *_SECTIONS, "output_dir")
 

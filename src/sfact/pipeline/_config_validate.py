@@ -28,6 +28,7 @@ from ._config_schema import (
     FiguresConfig,
     ModelConfig,
     PreprocessingConfig,
+    SelectionConfig,
     TrainingConfig,
     _prior_options,
     _suggest,
@@ -89,6 +90,7 @@ def validate(
     _check_model(sections["model"], ds, err)
     _check_training(sections["training"], err)
     _check_analysis_and_figures(sections["analysis"], sections["figures"], err)
+    _check_selection(sections["selection"], sections["model"], ds, err)
     return {
         "name": name,
         "output_dir": output_dir,
@@ -208,6 +210,44 @@ def _check_analysis_and_figures(an: AnalysisConfig, fig: FiguresConfig, err: _Er
             raise err(f"must be a positive integer, received {getattr(an, k)}.", f"analysis.{k}")
     if fig.dpi < 1:
         raise err(f"must be a positive integer, received {fig.dpi}.", "figures.dpi")
+
+
+def _check_selection(sel: SelectionConfig, model: ModelConfig, ds: DatasetConfig, err: _Err) -> None:
+    """The grid of ``sfact select``: known priors with their groups, positive n_factors, known options."""
+    if sel.priors is not None:
+        if not sel.priors:
+            raise err("list at least one prior, or null for the default.", "selection.priors")
+        for p in sel.priors:
+            if p in MULTIGROUP_PRIORS and ds.group_key is None:
+                raise err(
+                    f"the {p!r} prior needs groups: set `dataset.group_key` or leave it out.",
+                    "selection.priors",
+                )
+    if sel.n_factors is not None:
+        if not sel.n_factors or any(n < 1 for n in sel.n_factors):
+            raise err(f"must list positive integers, received {sel.n_factors}.", "selection.n_factors")
+    priors = sel.priors or ([model.prior] if model.prior is not None else list(PRIORS))
+    options = {p: _prior_options(p) for p in PRIORS}
+    all_options = sorted(set().union(*options.values()))
+    for k, values in sel.prior_kwargs_grid.items():
+        key = f"selection.prior_kwargs_grid.{k}"
+        if k not in all_options:
+            raise err(
+                f"not an option of any prior{_suggest(str(k), all_options)} (options: {', '.join(all_options)})",
+                key,
+            )
+        if not any(k in options[p] for p in priors):
+            raise err(f"not an option of the priors compared ({', '.join(priors)}).", key)
+        if not values:
+            raise err("list at least one value.", key)
+    if sel.n_folds is not None and sel.n_folds < 2:
+        raise err(
+            f"must be an integer >= 2, or null for one split; received {sel.n_folds}.", "selection.n_folds"
+        )
+    if not 0 < sel.heldout_fraction < 1:
+        raise err(f"must be in (0, 1), received {sel.heldout_fraction}.", "selection.heldout_fraction")
+    if sel.n_jobs is not None and sel.n_jobs < 1:
+        raise err(f"must be a positive integer or null, received {sel.n_jobs}.", "selection.n_jobs")
 
 
 def _resolve_path(value: str | None, key: str, base_dirs: Mapping[str, str]) -> str | None:

@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-Task = Literal["preprocess", "train", "analyze", "figures"]
+Task = Literal["preprocess", "select", "train", "analyze", "figures"]
 #: pipeline order of the stages
-STAGES: tuple[Task, ...] = ("preprocess", "train", "analyze", "figures")
+STAGES: tuple[Task, ...] = ("preprocess", "select", "train", "analyze", "figures")
+#: the stages of ``run all``: model selection (``select``, many fits) runs only when asked for
+ALL_STAGES: tuple[Task, ...] = ("preprocess", "train", "analyze", "figures")
 Status = Literal["pending", "running", "done", "skipped", "failed", "cancelled"]
 
 

@@ -7,7 +7,9 @@ Output layout of a data set (``output_dir``)::
     <prior>/results.h5ad, factors.npy, scales.npy, loadings.npy, names.json, metrics.json
                                           analyze
     <prior>/figures/*.png                 figures
-    logs/preprocess.log, logs/<prior>.log
+    selection/selection.csv, selection.json, model_selection.png
+                                          select (``sfact select``)
+    logs/preprocess.log, logs/select.log, logs/<prior>.log
     run_summary.json                      written by the command line after each run
 
 Files and folders are written to a temporary sibling and renamed into place, so a failure
@@ -69,6 +71,31 @@ class Layout:
         """Log of the preprocessing (``prior=None``) or of a prior's train/analyze/figures jobs."""
         return self.logs / ("preprocess.log" if prior is None else f"{prior}.log")
 
+    @property
+    def select_log(self) -> Path:
+        """Log of the model selection."""
+        return self.logs / "select.log"
+
+    @property
+    def selection_dir(self) -> Path:
+        """Folder of the model selection's outputs (:func:`sfact.tl.select_model`)."""
+        return self.root / "selection"
+
+    @property
+    def selection_table(self) -> Path:
+        """The selection's table, one row per setting and fold (CSV)."""
+        return self.selection_dir / "selection.csv"
+
+    @property
+    def selection_json(self) -> Path:
+        """The table, the best setting and the parameters (JSON); written last, it marks a finished selection."""
+        return self.selection_dir / "selection.json"
+
+    @property
+    def selection_figure(self) -> Path:
+        """The figure of :func:`sfact.pl.model_selection`."""
+        return self.selection_dir / "model_selection.png"
+
     def prior_dir(self, prior: str) -> Path:
         """Folder of one prior's outputs."""
         return self.root / prior
@@ -97,6 +124,8 @@ class Layout:
         """The path whose existence means ``task`` finished."""
         if task == "preprocess":
             return self.prepared
+        if task == "select":
+            return self.selection_json
         if prior is None:
             raise ValueError(f"The {task!r} stage needs a prior.")
         return {

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ._config import Config
 from ._config_files import find_configs, load_config
 from ._config_schema import MULTIGROUP_PRIORS, PRIORS, ConfigError
-from ._jobs import STAGES, Job, JobResult
+from ._jobs import ALL_STAGES, STAGES, Job, JobResult
 from ._layout import Layout
 from ._runner import run_jobs
 from ._stages import STAGE_FUNCTIONS
@@ -97,12 +97,11 @@ def collect_configs(paths: Sequence[str | os.PathLike], config_name: str = "gene
 
 
 def _stages_in_order(stages: Sequence[str]) -> list[Task]:
-    if "all" in stages:
-        return list(STAGES)
-    unknown = [s for s in stages if s not in STAGES]
+    unknown = [s for s in stages if s not in STAGES and s != "all"]
     if unknown:
         raise ValueError(f"Unknown stage(s) {unknown}; stages: {', '.join(STAGES)} or all.")
-    return [s for s in STAGES if s in stages]
+    wanted = set(stages) | (set(ALL_STAGES) if "all" in stages else set())
+    return [s for s in STAGES if s in wanted]
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -180,6 +179,8 @@ def make_plan(
         plan.datasets[name] = out_dir
         ds = _Dataset(plan, name, out_dir, order, force=force, resume=resume)
         pre_runs = _plan_preprocess(ds, group)
+        if "select" in order:
+            _plan_select(ds, group, priors, pre_runs)
         for prior, pc in group.fits.items():
             _plan_prior(ds, prior, pc, pre_runs)
     return plan
@@ -347,6 +348,42 @@ def _plan_preprocess(ds: _Dataset, group: _Group) -> bool:
                 "it is kept: use --force to redo it."
             )
     return runs
+
+
+def _plan_select(ds: _Dataset, group: _Group, priors: Sequence[str] | None, pre_runs: bool) -> None:
+    """The model-selection job of a data set (``sfact select``), after preprocessing when that runs."""
+    from ._stage_select import select_priors
+
+    cfg0, layout = group.configs[0], ds.layout
+    job = Job(
+        name=f"{ds.name}/select",
+        task="select",
+        fn=STAGE_FUNCTIONS["select"],
+        kwargs={
+            "config": cfg0.to_dict(),
+            "config_file": cfg0.source,
+            "force": ds.force,
+            "priors": select_priors(cfg0, priors),
+        },
+        log_path=layout.select_log,
+        depends_on=(ds.preprocess_name,) if pre_runs else (),
+        dataset=ds.name,
+    )
+    done = layout.done("select")
+    ran = ds.add(
+        job,
+        run=ds.force or not done or pre_runs,
+        reason=f"outputs exist ({layout.selection_json})",
+        source=cfg0.source,
+    )
+    if ran and done and pre_runs and not ds.force:
+        job.kwargs["force"] = True  # the selection would be stale once the data are prepared again
+        ds.plan.redo[job.name] = ds.preprocess_name
+    if ran and not pre_runs and not layout.prepared.exists():
+        ds.plan.notes.append(
+            f"{job.name} needs {layout.prepared}, which is missing: run "
+            f"`{_command_hint(cfg0, 'preprocess')}` first."
+        )
 
 
 def _plan_prior(ds: _Dataset, prior: str, pc: Config, pre_runs: bool) -> None:

@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 from ._jobs import null_reporter
 from ._layout import Layout, _jsonable, _swap_dir, _tmp_dir, _tmp_sibling, _write_json, _write_text
 from ._stage_figures import figures
+from ._stage_select import select
 from ._stage_utils import _config, _device, _job_context, _read_prepared, _require, _say, _skipped
 
 if TYPE_CHECKING:
     from ._jobs import Reporter
 
-__all__ = ["STAGE_FUNCTIONS", "Layout", "analyze", "figures", "preprocess", "train"]
+__all__ = ["STAGE_FUNCTIONS", "Layout", "analyze", "figures", "preprocess", "select", "train"]
 
 
 def preprocess(
@@ -390,4 +391,10 @@ def analyze(
 
 
 #: the job function of each task
-STAGE_FUNCTIONS = {"preprocess": preprocess, "train": train, "analyze": analyze, "figures": figures}
+STAGE_FUNCTIONS = {
+    "preprocess": preprocess,
+    "select": select,
+    "train": train,
+    "analyze": analyze,
+    "figures": figures,
+}
