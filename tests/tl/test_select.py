@@ -107,7 +107,9 @@ def test_uns_survives_h5ad_round_trip(tiny, tmp_path):
     adata.write_h5ad(tmp_path / "a.h5ad")
     back = ad.read_h5ad(tmp_path / "a.h5ad").uns["sfact_selection"]
     pd.testing.assert_frame_equal(back["results"], df, check_dtype=False)
-    assert back["best"]["prior"] == adata.uns["sfact_selection"]["best"]["prior"]
+    best = adata.uns["sfact_selection"]["best"]
+    assert back["best"]["prior"] == best["prior"]
+    assert dict(back["best"]["prior_kwargs"]) == best["prior_kwargs"]
     assert list(back["params"]["priors"]) == ["pnmf", "svgp"]
 
 

@@ -211,8 +211,8 @@ def select_model(
         f"({len(tasks)} tasks, {n_workers} process(es))"
     )
     rows = _run(data_adata, tasks, options, n_workers)
+    best = _best(rows, settings)
     df = _table(rows, settings, hyper_names)
-    best = _best(df, hyper_names)
     elapsed = time.perf_counter() - t0
     params = {
         "priors": list(priors_),
@@ -505,26 +505,29 @@ def _run_task(adata: AnnData, task: _Task, options: dict[str, Any]) -> list[dict
     test_mask[task.test_idx] = True
     train, test = adata[~test_mask].copy(), adata[test_mask].copy()
     baseline = baseline_deviance(train.X, test.X)
-    models = [
-        SpatialFactorization(
-            train,
-            prior=s.prior,
-            n_factors=s.n_factors,
-            spatial_key=options["spatial_key"],
-            group_key=options["group_key"],
-            size_factors=options["size_factors"],
-            prior_kwargs=dict(s.prior_kwargs) | dict(s.hyper),
-            device=options["device"],
-            random_state=options["seed"],
+    models, t_build = [], []
+    for s in task.settings:
+        t0 = time.perf_counter()
+        models.append(
+            SpatialFactorization(
+                train,
+                prior=s.prior,
+                n_factors=s.n_factors,
+                spatial_key=options["spatial_key"],
+                group_key=options["group_key"],
+                size_factors=options["size_factors"],
+                prior_kwargs=dict(s.prior_kwargs) | dict(s.hyper),
+                device=options["device"],
+                random_state=options["seed"],
+            )
         )
-        for s in task.settings
-    ]
-    t_shared = time.perf_counter()
+        t_build.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
     share_training_start(models, init_iter=options["init_iter"])
-    t_shared = time.perf_counter() - t_shared  # counted in the first setting's time
+    t_build[0] += time.perf_counter() - t0  # the shared start counts in the first setting's time
     rows = []
     for i, (s, model) in enumerate(zip(task.settings, models, strict=True)):
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() - t_build[i]
         try:
             model.train(
                 options["max_iter"],
@@ -547,7 +550,7 @@ def _run_task(adata: AnnData, task: _Task, options: dict[str, Any]) -> list[dict
                 "baseline_deviance": baseline,
                 "n_iter": len(model.history_),
                 "converged": bool(model.converged),
-                "fit_time_s": time.perf_counter() - t0 + (t_shared if i == 0 else 0.0),
+                "fit_time_s": time.perf_counter() - t0,
             }
         )
     return rows
@@ -618,23 +621,31 @@ def _setting_means(df: pd.DataFrame) -> pd.DataFrame:
     return out.loc[order].reset_index(drop=True)
 
 
-def _best(df: pd.DataFrame, hyper_names: list[str]) -> dict[str, Any]:
-    means = _setting_means(df)
-    if means["heldout_deviance"].isna().all():
+def _best(rows: list[dict[str, Any]], settings: list[_Setting]) -> dict[str, Any]:
+    """The setting with the lowest mean held-out deviance over the folds (the first of ties), with its options."""
+    by_setting: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_setting.setdefault(r["setting"], []).append(r)
+    means = {
+        i: (
+            np.nanmean([r["heldout_deviance"] for r in rs]),
+            float(np.mean([r["baseline_deviance"] for r in rs])),
+        )
+        if not all(np.isnan(r["heldout_deviance"]) for r in rs)
+        else (np.nan, np.nan)
+        for i, rs in sorted(by_setting.items())
+    }
+    finite = {i: m for i, m in means.items() if np.isfinite(m[0])}
+    if not finite:
         raise RuntimeError("Every fit of the grid failed (non-finite ELBO); see the warnings above.")
-    row = means.loc[means["heldout_deviance"].idxmin()]
-    prior_kwargs = {}
-    for k in hyper_names:
-        v = row[k]
-        if (isinstance(v, str) and v == "") or (isinstance(v, float) and np.isnan(v)):
-            continue
-        prior_kwargs[k] = v.item() if isinstance(v, np.generic) else v
+    i = min(finite, key=lambda k: (finite[k][0], k))
+    s = settings[i]
     return {
-        "prior": str(row["prior"]),
-        "n_factors": int(row["n_factors"]),
-        "prior_kwargs": prior_kwargs,
-        "heldout_deviance": float(row["heldout_deviance"]),
-        "baseline_deviance": float(row["baseline_deviance"]),
+        "prior": s.prior,
+        "n_factors": int(s.n_factors),
+        "prior_kwargs": dict(s.hyper),  # the values as given (not as the table's column types)
+        "heldout_deviance": float(finite[i][0]),
+        "baseline_deviance": float(finite[i][1]),
     }
 
 
