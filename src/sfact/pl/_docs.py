@@ -25,6 +25,14 @@ key = """\
 key
     The fit's ``key_added``."""
 
+adata_selection = """\
+adata
+    AnnData after :func:`sfact.tl.select_model`."""
+
+key_selection = """\
+key
+    The ``key_added`` of :func:`sfact.tl.select_model`."""
+
 spatial_key = """\
 spatial_key
     Key of the coordinates in ``adata.obsm``."""
@@ -72,6 +80,8 @@ FRAGMENTS: dict[str, str] = {
     "adata": adata,
     "adata_enrichment": adata_enrichment,
     "key": key,
+    "adata_selection": adata_selection,
+    "key_selection": key_selection,
     "spatial_key": spatial_key,
     "ncols": ncols,
     "cmap": cmap,

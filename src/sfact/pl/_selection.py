@@ -33,10 +33,8 @@ def model_selection(
 
     Parameters
     ----------
-    adata
-        AnnData after :func:`sfact.tl.select_model`.
-    key
-        The ``key_added`` of :func:`sfact.tl.select_model`.
+    {adata_selection}
+    {key_selection}
     {ax}
     {show}
     {return_fig}
