@@ -181,6 +181,10 @@ def select_model(
     t0 = time.perf_counter()
     priors_, ns = _check_grid_axes(adata, priors, n_factors)
     grid = _check_grid(prior_kwargs_grid, "prior_kwargs_grid")
+    if prior_kwargs is not None and not isinstance(prior_kwargs, Mapping):
+        raise TypeError(
+            f"`prior_kwargs` must map option names to values, received {type(prior_kwargs).__name__}."
+        )
     fixed = dict(prior_kwargs or {})
     settings, hyper_names = _expand(priors_, ns, grid, fixed)
     seed = seed_of(random_state)
