@@ -19,7 +19,7 @@ from .._constants import (
     prior_family,
 )
 from .._scaling import apply_scaling, fit_scaling
-from .._utils import check_counts, get_coordinates, get_counts, slot_name, warn
+from .._utils import check_counts, get_coordinates, get_counts, group_codes, slot_name, warn
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -368,15 +368,14 @@ class ModelSetup:
         if gk not in adata.obs.columns:
             raise KeyError(f"`adata.obs[{gk!r}]` (the groups) not found.")
         cats = list(self.group_categories)
-        values = adata.obs[gk].astype(str).to_numpy()
-        lookup = {c: i for i, c in enumerate(cats)}
-        unknown = sorted(set(values) - set(lookup))
-        if unknown:
-            raise ValueError(
-                f"`adata.obs[{gk!r}]` has groups the model was not trained on: {unknown[:5]}; "
+        return group_codes(
+            adata.obs[gk].astype(str).to_numpy(),
+            cats,
+            unknown=lambda u: (
+                f"`adata.obs[{gk!r}]` has groups the model was not trained on: {sorted(set(u))[:5]}; "
                 f"expected a subset of {cats}."
-            )
-        return np.array([lookup[v] for v in values], dtype=np.int64)
+            ),
+        )
 
     def check_vars(self, adata: AnnData) -> None:
         """Raise :class:`ValueError` unless ``adata`` has the genes of :attr:`var_names`, in that order.

@@ -10,7 +10,7 @@ import scipy.sparse as sp
 
 from .. import _logging as logg
 from .._keys import Keys
-from .._utils import view_to_actual
+from .._utils import group_codes, view_to_actual
 from ..get._view import FitView
 
 if TYPE_CHECKING:
@@ -168,15 +168,13 @@ def _group_codes(
     cat = col.astype("category").cat.remove_unused_categories()
     names = [str(c) for c in cat.cat.categories]
     codes = cat.cat.codes.to_numpy().astype(np.int64)  # -1 for missing
-    if groups is not None:
-        groups = [str(g) for g in groups]
-        unknown = [g for g in groups if g not in names]
-        if unknown:
-            raise ValueError(f"Unknown groups {unknown} in `adata.obs[{group_key!r}]`; groups are {names}.")
-        names_sel = groups
-    else:
-        names_sel = names
-    return codes, [names.index(g) for g in names_sel], names_sel
+    names_sel = names if groups is None else [str(g) for g in groups]
+    sel = group_codes(
+        names_sel,
+        names,
+        unknown=lambda u: f"Unknown groups {u} in `adata.obs[{group_key!r}]`; groups are {names}.",
+    )
+    return codes, sel.tolist(), names_sel
 
 
 def group_loadings(
