@@ -219,6 +219,10 @@ class LCGPPrior(GPPrior):
         k64 = copy.deepcopy(self.kernel).to(dtype=torch.float64, device=cand.device)
         X = self.X_train.to(device=cand.device, dtype=torch.float64)
         Xq = Xq.to(device=cand.device, dtype=torch.float64)
+        # every operand on the candidates' device (prediction runs the selection on the CPU for a
+        # model trained on CUDA)
+        g_train = self.groups_train.to(cand.device)
+        gq = gq.to(cand.device)
         out = torch.empty(cand.shape[0], K, dtype=torch.int64, device=cand.device)
         q = self.kernel.group_embedding.shape[1]  # the kernel gathers (chunk, C, q) group coordinates
         chunk = max(1, _COND_ELEMENTS // (cand.shape[1] * (1 + q)))
@@ -230,7 +234,7 @@ class LCGPPrior(GPPrior):
             dup[:, 1:] = srt[:, 1:] == srt[:, :-1]
             c = torch.where(dup | (srt < 0), torch.full_like(srt, -1), srt)
             cc = c.clamp_min(0)
-            corr = k64(X[cc], Xq[sl, None, :], self.groups_train[cc], gq[sl, None])[..., 0].mean(0)
+            corr = k64(X[cc], Xq[sl, None, :], g_train[cc], gq[sl, None])[..., 0].mean(0)
             corr = torch.where(c >= 0, corr, torch.full_like(corr, -math.inf))
             dist = torch.where(
                 c >= 0, (X[cc] - Xq[sl, None, :]).pow(2).sum(-1), torch.full_like(corr, math.inf)

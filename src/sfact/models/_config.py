@@ -47,7 +47,9 @@ class PNMFConfig:
 
 @dataclass
 class GPConfig:
-    """Kernel options shared by the Gaussian-process priors (base of :class:`SVGPConfig` and :class:`LCGPConfig`).
+    """Kernel options shared by the Gaussian-process priors.
+
+    The base of :class:`~sfact.models._config.SVGPConfig` and :class:`~sfact.models._config.LCGPConfig`.
 
     Attributes
     ----------
