@@ -143,6 +143,14 @@ def enrichment_log2fc(W_groups: np.ndarray, W: np.ndarray, *, pseudocount: float
 
 
 # ---------------------------------------------------------------------------- AnnData level
+def _writable(fit: FitView, copy: bool) -> FitView:
+    """The fit in the AnnData to write into: a copy when ``copy``, else its own (a view made actual)."""
+    if copy:
+        return FitView(fit.adata.copy(), fit.keys)
+    view_to_actual(fit.adata)
+    return FitView(fit.adata, fit.keys)
+
+
 def _drop_group_slots(adata: AnnData, keys: Keys) -> None:
     """Remove per-group loadings and enrichment written earlier under ``keys`` (stale after a refit)."""
     uns = adata.uns.get(keys.uns, {})
@@ -262,12 +270,8 @@ def group_loadings(
     if max_iter < 1:
         raise ValueError(f"`max_iter` must be positive, received {max_iter}.")
     codes, sel, names = _group_codes(adata, group_key, groups)
-    if copy:
-        adata = adata.copy()
-    else:
-        view_to_actual(adata)
-    fit = FitView(adata, fit.keys)
-    keys = fit.keys
+    fit = _writable(fit, copy)
+    adata, keys = fit.adata, fit.keys
     start = logg.info(f"refitting loadings of {len(names)} groups of {group_key!r}")
     Y = _adata_counts(adata, fit.layer)
     s = fit.size_factors(Y)
@@ -399,12 +403,8 @@ def gene_enrichment(
     fit = FitView.from_adata(adata, key, what="`sfact.tl.gene_enrichment`")
     W = np.asarray(fit.loadings, dtype=np.float64)  # the global loadings (raises when missing)
     info = fit.group_loadings_info
-    if copy:
-        adata = adata.copy()
-    else:
-        view_to_actual(adata)
-    fit = FitView(adata, fit.keys)
-    keys = fit.keys
+    fit = _writable(fit, copy)
+    adata, keys = fit.adata, fit.keys
     if info is None or (group_key is not None and str(info["group_key"]) != str(group_key)):
         group_loadings(adata, group_key=group_key, key=key)
         info = fit.group_loadings_info
