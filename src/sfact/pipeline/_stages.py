@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._jobs import null_reporter
-from ._layout import Layout, _jsonable, _swap_dir, _tmp_dir, _tmp_sibling, _write_json, _write_text
+from ._layout import Layout, _json_text, _swap_dir, _tmp_dir, _tmp_sibling, _write_json, _write_text
 from ._stage_figures import figures
 from ._stage_utils import _read_prepared, _require, _say, _skipped, _stage_context
 
@@ -356,7 +356,7 @@ def analyze(
                     }
                 )
             )
-            (tmp / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1) + "\n")
+            (tmp / "metrics.json").write_text(_json_text(metrics))
             # everything is written: move it into place, metrics.json last
             for f in (
                 "results.h5ad",
