@@ -9,13 +9,12 @@ output folder, all at once: the folder is written as a temporary sibling and ren
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._config_schema import MULTIGROUP_PRIORS, PRIORS
 from ._jobs import null_reporter
-from ._layout import Layout, _swap_dir, _tmp_dir, _write_json
-from ._stage_utils import _config, _job_context, _read_prepared, _require, _say, _skipped
+from ._layout import _swap_dir, _tmp_dir, _write_json
+from ._stage_utils import _read_prepared, _say, _skipped, _stage_context
 
 if TYPE_CHECKING:
     from ._config import Config
@@ -94,21 +93,17 @@ def select(
     >>> cfg = Config.from_dict({"dataset": {"loader": "osmfish"}, "output_dir": "out"})
     >>> select(config=cfg.to_dict(), priors=["svgp"])  # doctest: +SKIP
     """
-    cfg = _config(config, config_file)
-    layout = Layout(Path(cfg.output_dir))
-    with _job_context(f"{cfg.name}: select"):
+    with _stage_context(config, config_file, "select") as (cfg, layout):
         if layout.done("select") and not force:
             return _skipped(
                 f"{layout.selection_json} exists (use --force to redo it)",
                 selection=str(layout.selection_dir),
             )
-        _require(layout.prepared, "prepared data", "preprocess", cfg)
+        adata, dev = _read_prepared(layout, cfg, device)
         import matplotlib
 
         matplotlib.use("Agg")
         import sfact
-
-        from ._stage_utils import _device
 
         sel, tr = cfg.selection, cfg.training
         priors = select_priors(cfg, priors)
@@ -121,7 +116,6 @@ def select(
             for k, v in cfg.model.prior_kwargs.items()
             if k in accepted and k not in PRIORS and k not in sel.prior_kwargs_grid
         }
-        adata = _read_prepared(layout)
         _say(
             f"comparing {', '.join(priors)} x n_factors {n_factors}"
             + "".join(f" x {k} {v}" for k, v in sel.prior_kwargs_grid.items())
@@ -145,7 +139,7 @@ def select(
             learning_rate=tr.learning_rate,
             init_iter=tr.init_iter,
             n_jobs=sel.n_jobs,
-            device=_device(device, cfg),
+            device=dev,
             random_state=tr.random_state,
         )
         res = adata.uns["sfact_selection"]
