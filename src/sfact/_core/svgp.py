@@ -47,6 +47,8 @@ class SVGPPrior(GPPrior):
         Diagonal ``S`` (O(B·M·L) variance instead of O(B·M²·L)).
     cache_budget
         Cache ``A`` for the training cells when M·N is at most this many numbers.
+    hyper_iter, hyper_lr_scale, lengthscale_bounds
+        The learning phase of the hyperparameters (see :class:`~sfact._core.gp.GPPrior`).
     """
 
     name = "svgp"
@@ -68,6 +70,9 @@ class SVGPPrior(GPPrior):
         train_group_diff_param: bool,
         diagonal_only: bool,
         cache_budget: int,
+        hyper_iter: int | None = None,
+        hyper_lr_scale: float = 1.0,
+        lengthscale_bounds: tuple[float, float] = (1e-3, 1e4),
     ):
         Z = np.asarray(Z, dtype=np.float64)
         super().__init__(
@@ -83,6 +88,9 @@ class SVGPPrior(GPPrior):
             train_sigma=train_sigma,
             train_group_diff_param=train_group_diff_param,
             diagonal_only=diagonal_only,
+            hyper_iter=hyper_iter,
+            hyper_lr_scale=hyper_lr_scale,
+            lengthscale_bounds=lengthscale_bounds,
         )
         self.register_buffer("Z", torch.as_tensor(Z).float())
         if self.multigroup:
@@ -118,7 +126,7 @@ class SVGPPrior(GPPrior):
 
     def Lzz(self) -> Tensor:
         """Cholesky factor of ``K_zz`` (n_sets, M, M); computed once when hyperparameters are fixed."""
-        if self.kernel.trainable:
+        if self.hyper_trainable:
             return cholesky_jitter(
                 self.kernel(self.Z, self.Z, self._groups(self.Z_groups), self._groups(self.Z_groups))
             )
@@ -137,7 +145,7 @@ class SVGPPrior(GPPrior):
 
     def _A_train(self, inp: PriorInput) -> Tensor:
         """``A`` for training cells, from the cache when it is valid and fits the budget."""
-        if self.kernel.trainable or inp.X_all is None:
+        if self.hyper_trainable or inp.X_all is None:
             return self._A(inp.X, inp.groups)
         N = inp.X_all.shape[0]
         if self.n_inducing * N * self.kernel.n_sets > self.cache_budget:
