@@ -122,3 +122,25 @@ def test_predictions_after_the_phase_equal_an_uncached_computation(prior, tmp_pa
     np.testing.assert_allclose(
         loaded.get_log_factors(adata)[0], model.get_log_factors(adata)[0], rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("prior", ["mggp_svgp", "mggp_lcgp"])
+def test_multigroup_alpha_is_learned_and_frozen(prior):
+    adata = sfact.datasets.simulate(
+        n_obs=300, n_vars=30, n_factors=2, n_groups=2, lengthscale=15.0, random_state=0
+    )
+    sfact.pp.prepare(adata, group_key="group")
+    opts = {"num_inducing": 60} if prior == "mggp_svgp" else {"n_neighbors": 6}
+    model = SpatialFactorization(
+        adata,
+        prior=prior,
+        n_factors=2,
+        group_key="group",
+        prior_kwargs={**opts, "group_diff_param": None, "hyper_iter": 5},
+        random_state=0,
+    )
+    model.train(max_iter=8, min_iter=100)
+    alpha = model.gp_info()["group_diff_param"][0]
+    assert alpha != pytest.approx(1.0, rel=1e-3)
+    assert model.gp_info()["lengthscale"] == [pytest.approx(5.0 if prior == "mggp_svgp" else 8.0)]
+    assert not model.module.prior.hyper_trainable
