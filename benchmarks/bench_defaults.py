@@ -14,17 +14,22 @@ cells, whose factors are predicted from their coordinates. References: the basel
 ``bench_spatial.py``, best over k in 5...50 (chosen on the held-out cells themselves, so an
 optimistic reference).
 
-Rows per data set: the default ``svgp`` and ``lcgp`` (hyperparameters initialized from the
-data and learned), and both priors with every hyperparameter fixed at today's values except the
-lengthscale, fixed at 5, 10 and 20 (``svgp`` with lengthscale 5 *is* the previous default;
-``lcgp`` also with its previous default lengthscale 8). Simulated data (``sfact.datasets.simulate``,
-coordinates uniform in the 100 x 100 box, which ``pp.prepare`` keeps at the same scale) have a
-known squared-exponential lengthscale; there the default priors are also fitted with
+Rows per data set: the default ``svgp`` (lengthscale 5, sigma 1, all fixed) and ``lcgp``
+(lengthscale 8, sigma 1, nugget 0.03), the same priors with *learned* hyperparameters
+(``lengthscale=None, sigma=None`` and for ``lcgp`` ``nugget=None``: started from the data,
+learned during the first ``hyper_iter`` iterations, then frozen and cached), and both priors
+with the lengthscale fixed at 5, 10 and 20 (the rest at the defaults). ``vs best fixed`` is
+relative to the best of the fixed lengthscales 5, 10, 20 of the same prior; ``time x`` is the
+fit time over the same prior's default fit. ``BENCH_VARIANTS=1`` adds other learning schedules
+(50 iterations at twice the step; the lengthscale alone). Simulated data
+(``sfact.datasets.simulate``, ``BENCH_SIM_CELLS`` cells, default 3000, uniform in the 100 x 100
+box, which ``pp.prepare`` keeps at the same scale) have a known squared-exponential lengthscale
+(5: about 2.7 cell spacings; 25: about 14); there the learned priors are also fitted with
 ``kernel="rbf"``, whose learned lengthscale is comparable to the truth.
 
 Every fit runs in its own process with one torch thread, ``--jobs`` at a time (default: the CPU
 count), all fits of one run side by side: compare times as ratios within a run (``time x``: fit
-time over the previous default's fit time on the same data).
+time over the default's fit time on the same data).
 """
 
 from __future__ import annotations
