@@ -289,3 +289,32 @@ def test_train_loop_freezes_after_hyper_iter():
         progress_bar=False,
     )
     assert prior.kernel.lengthscale.item() == ls
+
+
+def test_no_convergence_stop_during_or_right_after_the_phase():
+    import scipy.sparse as sp
+
+    from sfact._core.data import SparseCounts
+    from sfact._core.train import History, TrainConfig, TrainData, train_loop
+
+    rng = np.random.default_rng(1)
+    Y = sp.csr_matrix(rng.poisson(2.0, (50, 6)).astype(np.float64))
+    prior = _svgp(_X(10, 5), hyper_iter=6)
+    module = FactorModule(prior, 6, loadings_mode="multiplicative")
+    data = TrainData(
+        counts=SparseCounts(Y, device="cpu", dtype=torch.float32),
+        s=torch.ones(50),
+        X=torch.as_tensor(_X(50), dtype=torch.float32),
+    )
+    hist = History()
+    out = train_loop(
+        module,
+        data,
+        TrainConfig(max_iter=40, min_iter=1, tol=1.0, window=2),  # converges as soon as allowed
+        optimizer=make_optimizer(module, 0.1),
+        history=hist,
+        generator=torch.Generator().manual_seed(0),
+        progress_bar=False,
+    )
+    assert out["converged"] and len(hist) == 6 + 2 * 2
+    assert prior.hyper_phase_end() == 6 and not prior.hyper_trainable

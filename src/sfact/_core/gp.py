@@ -192,14 +192,15 @@ class GPPrior(Prior):
         return self.hyper_trainable and self.hyper_iter is not None and n_iter >= self.hyper_iter
 
     def hyper_phase_end(self) -> int | None:
-        """``hyper_iter`` while hyperparameters are trained in a phase, else ``None``."""
-        if self.hyper_iter is None or not self.hyper_trainable:
+        """``hyper_iter`` when hyperparameters are (or were) trained in a phase, else ``None``."""
+        if self.hyper_iter is None or not (self.hyper_trainable or getattr(self, "_phase_done", False)):
             return None
         return self.hyper_iter
 
     def freeze_hyperparameters(self) -> None:
         """Stop training every hyperparameter and recompute what is cached from them."""
         self.kernel.set_trainable(False)
+        self._phase_done = True
         self._freeze_extra()
         self.hyperparameters_changed()
 
