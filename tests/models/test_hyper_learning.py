@@ -30,17 +30,18 @@ def _sim(lengthscale: float):
     return adata
 
 
-@pytest.mark.parametrize("start", [6.0, 60.0])
-def test_learned_lengthscale_moves_towards_the_truth(start):
+@pytest.mark.parametrize(("prior", "start"), [("svgp", 6.0), ("svgp", 60.0), ("lcgp", 6.0), ("lcgp", 60.0)])
+def test_learned_lengthscale_moves_towards_the_truth(prior, start):
     truth = 20.0
     adata = _sim(truth)
+    opts = {"num_inducing": 150} if prior == "svgp" else {"n_neighbors": 15}
     model = SpatialFactorization(
         adata,
-        prior="svgp",
+        prior=prior,
         n_factors=3,
         prior_kwargs={
+            **opts,
             "kernel": "rbf",
-            "num_inducing": 150,
             "lengthscale": start,
             "train_lengthscale": True,
             "hyper_iter": 150,
