@@ -58,23 +58,24 @@ class GPConfig:
     lengthscale
         Kernel lengthscale in scaled units (coordinates span 100 units along the longer side
         after :func:`sfact.pp.prepare`); one value, or one per factor with ``per_factor_kernel``.
-        ``None`` (default): initialized from the data (a multiple of the median distance from a
-        cell to its 10th nearest neighbour) and learned; a number: fixed unless
-        ``train_lengthscale=True``.
+        Default 5 (``svgp``) or 8 (``lcgp``), fixed unless ``train_lengthscale=True``; ``None``:
+        initialized from the data (4 x the median distance from a cell to its 10th nearest
+        neighbour) and learned (opt-in: see "Learned hyperparameters" in the model docs).
     sigma
         Kernel amplitude (prior standard deviation of the log-factors around their mean).
-        ``None`` (default): starts at 1 and is learned; a number: fixed unless ``train_sigma=True``.
+        Default 1, fixed unless ``train_sigma=True``; ``None``: starts at 1 and is learned.
     group_diff_param
         α of the multi-group kernel: 0 makes all groups one; large values make them independent.
-        ``None`` (default): starts at 1 and is learned; a number: fixed unless
-        ``train_group_diff_param=True``.
+        Default 1, fixed unless ``train_group_diff_param=True``; ``None``: starts at 1 and is
+        learned.
     group_distances
         Optional (G, G) distances between groups, embedded by classical MDS; all pairs of
         different groups are at distance 1 when ``None``.
     per_factor_kernel
         One set of kernel hyperparameters per factor.
     train_lengthscale, train_sigma, train_group_diff_param
-        Learn these hyperparameters; ``None`` (default): learned when their value is ``None``.
+        Learn these hyperparameters; ``None`` (default): learned exactly when their value is
+        ``None``.
     hyper_iter
         Learned hyperparameters train during the first ``hyper_iter`` iterations only, then they
         are frozen and what derives from them is cached (the speed of fixed hyperparameters);
@@ -148,14 +149,14 @@ class SVGPConfig(GPConfig):
     lengthscale
         Kernel lengthscale in scaled units (coordinates span 100 units along the longer side
         after :func:`sfact.pp.prepare`); one value, or one per factor with ``per_factor_kernel``.
-        ``None`` (default): initialized from the data and learned (see :class:`GPConfig`); a
-        number: fixed unless ``train_lengthscale=True``.
+        Default 5, fixed unless ``train_lengthscale=True``; ``None``: initialized from the data
+        and learned (see :class:`GPConfig`).
     sigma
         Kernel amplitude (prior standard deviation of the log-factors around their mean);
-        ``None`` (default): starts at 1 and is learned.
+        default 1 (fixed); ``None``: starts at 1 and is learned.
     group_diff_param
         α of the multi-group kernel: 0 makes all groups one; large values make them independent;
-        ``None`` (default): starts at 1 and is learned.
+        default 1 (fixed); ``None``: starts at 1 and is learned.
     group_distances
         Optional (G, G) distances between groups, embedded by classical MDS; all pairs of
         different groups are at distance 1 when ``None``.
@@ -165,7 +166,7 @@ class SVGPConfig(GPConfig):
         One set of kernel hyperparameters per factor (slower: no sharing of ``L_zz⁻¹K_zx``).
     train_lengthscale, train_sigma, train_group_diff_param
         Learn these hyperparameters (``K_zz`` is then refactorized every step of the learning
-        phase); ``None`` (default): learned when their value is ``None``.
+        phase); ``None`` (default): learned exactly when their value is ``None``.
     hyper_iter
         Iterations of the hyperparameters' learning phase, after which they are frozen and
         ``L_zz⁻¹K_zx`` is cached again; ``None``: learned for the whole fit.
@@ -225,19 +226,20 @@ class LCGPConfig(GPConfig):
     kernel
         ``"matern32"`` or ``"rbf"``.
     lengthscale
-        Kernel lengthscale in scaled units (the longer side of the tissue spans 100); ``None``
-        (default): initialized from the data and learned (see :class:`GPConfig`).
+        Kernel lengthscale in scaled units (the longer side of the tissue spans 100); default 8,
+        fixed unless ``train_lengthscale=True``; ``None``: initialized from the data and learned
+        (see :class:`GPConfig`).
     sigma
-        Kernel amplitude; ``None`` (default): starts at 1 and is learned.
+        Kernel amplitude; default 1 (fixed); ``None``: starts at 1 and is learned.
     group_diff_param
-        α of the multi-group kernel; ``None`` (default): starts at 1 and is learned.
+        α of the multi-group kernel; default 1 (fixed); ``None``: starts at 1 and is learned.
     group_distances
         Optional (G, G) distances between groups (classical MDS), as for ``svgp``.
     per_factor_kernel
         One set of kernel hyperparameters per factor.
     train_lengthscale, train_sigma, train_group_diff_param
         Learn these hyperparameters (the K x K conditionals are then recomputed every step of the
-        learning phase); ``None`` (default): learned when their value is ``None``.
+        learning phase); ``None`` (default): learned exactly when their value is ``None``.
     hyper_iter
         Iterations of the hyperparameters' learning phase, after which they are frozen and the
         conditionals are cached again; ``None``: learned for the whole fit.
@@ -247,9 +249,9 @@ class LCGPConfig(GPConfig):
         Independent cell-level prior variance, as a fraction of σ² (keeps conditional variances
         positive for cells with identical coordinates). Larger values fit held-out cells better
         on osmFISH and Visium prostate, smaller ones give smoother factors (higher Moran's I).
-        ``None`` (default): starts at 0.03 and is learned (within [1e-4, 1]).
+        Default 0.03 (fixed); ``None``: starts at 0.03 and is learned (within [1e-4, 1]).
     train_nugget
-        Learn the nugget; ``None`` (default): learned when ``nugget`` is ``None``.
+        Learn the nugget; ``None`` (default): learned exactly when ``nugget`` is ``None``.
     diagonal_only
         Mean-field posterior (diagonal L_u): O(B·K·L) per step instead of O(B·K²·L). ``None``
         (default) uses it on the CPU and the sparse L_u on a GPU.
