@@ -238,13 +238,18 @@ def fit(
         deep=(
             f"added\n    '{keys.factors}', '{keys.scales}' (adata.obsm)\n    '{keys.loadings}' (adata.varm)\n"
             f"    '{keys.uns}' (adata.uns)"
+            + ("" if mask is None else f"\n    '{keys.obs_validation()}' (adata.obs)")
         ),
     )
     return adata if copy else None
 
 
 def _recorded_group_key(adata: AnnData, group_key: str | None, spatial_key: str) -> str | None:
-    """The group key a model of ``adata`` will use: ``group_key``, or the one of ``sfact.pp.prepare``."""
+    """The group key a model of ``adata`` will use: ``group_key``, or the one of ``sfact.pp.prepare``.
+
+    The rule of :meth:`sfact.models.ModelSetup.from_adata`, needed before the model is built (the
+    validation cells are drawn first).
+    """
     if group_key is not None:
         return group_key
     prep = adata.uns.get("sfact_prepare", {})
