@@ -64,16 +64,13 @@ def main() -> None:
     times = np.diff(model.history["time"].to_numpy())[-args.iters :]
     steps = int(np.ceil(adata.n_obs / args.batch_size))
     gp = model.gp_info()
-    diag_used = model.setup.prior_kwargs.get("diagonal_only")
-    if diag_used is None:  # "auto": the model's rule, mean-field S on the CPU, full S on a GPU
-        diag_used = not str(model.device).startswith("cuda")
     print(f"device {model.device}; torch {torch.__version__}; threads {torch.get_num_threads()}")
     print(
         f"data: {adata.n_obs} x {adata.n_vars}, {adata.X.nnz} non-zeros, 14 groups (simulated in {t_sim:.0f} s)"
     )
     print(
         f"mggp_svgp M={gp['num_inducing']} L=10 batch={args.batch_size} "
-        f"({steps} steps/iteration), {'diagonal' if diag_used else 'full'} S"
+        f"({steps} steps/iteration), {'diagonal' if gp['diagonal_only'] else 'full'} S"
     )
     print(f"first call (set-up, k-means, KL-NMF init, 1 iteration): {t_first:.1f} s")
     print(f"s/iteration: {times.mean():.3f} (s/step {times.mean() / steps:.3f}) over {len(times)} iterations")

@@ -322,7 +322,7 @@ def _case_text(adata, extra: str = "") -> str:
 
 
 def _s_kind(model) -> str:
-    diag = getattr(getattr(model.module, "prior", None), "diagonal_only", None)
+    diag = model.gp_info().get("diagonal_only")
     return "?" if diag is None else "diagonal" if diag else "full"
 
 
@@ -409,7 +409,7 @@ def section_slideseq(ch: Child) -> None:
             row["setup_s"] = _fmt(setup_s)
             ch.flush()
             res = _timed_iters(ch, model, n_iter=cfg["iters"], batch_size=cfg["batch_size"])
-            diag = getattr(getattr(model.module, "prior", None), "diagonal_only", None)
+            diag = model.gp_info().get("diagonal_only")
             row.update(
                 s_iter=_fmt(res["s_iter"]),
                 s_step=_fmt(res["s_iter"] / steps),
@@ -537,7 +537,7 @@ def section_lcgp(ch: Child) -> None:
     row["setup_s"] = _fmt(setup_s)
     ch.flush()
     res = _timed_iters(ch, model, n_iter=cfg["iters"], batch_size=cfg["batch_size"])
-    diag = getattr(getattr(model.module, "prior", None), "diagonal_only", None)
+    diag = model.gp_info().get("diagonal_only")
     row.update(
         s_iter=_fmt(res["s_iter"]),
         s_step=_fmt(res["s_iter"] / steps),
@@ -631,7 +631,7 @@ def _fit_real(
         model.to_device("cpu")
         dev = float(sfact.tl.heldout_deviance(model, test))
     info = model.gp_info()
-    diag = getattr(getattr(model.module, "prior", None), "diagonal_only", None)
+    diag = info.get("diagonal_only")
     return {
         "setup_s": setup_s,
         "fit_s": fit_s,

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 if TYPE_CHECKING:
@@ -109,6 +111,20 @@ def get_coordinates(adata: AnnData, spatial_key: str = "spatial") -> np.ndarray:
     if X.ndim != 2 or X.shape[0] != adata.n_obs:
         raise ValueError(f"`adata.obsm[{spatial_key!r}]` must be (n_obs, n_dims), received {X.shape}.")
     return X
+
+
+def group_codes(values: Any, categories: Any, *, unknown: Callable[[list], str] | None = None) -> np.ndarray:
+    """Integer code of each value: its index in ``categories`` (unique), -1 where it is not there.
+
+    The one rule by which groups become codes (model set-up, :func:`sfact.pp.prepare`,
+    :mod:`sfact.tl` group tools). A missing value (NaN) gets -1. With ``unknown``, values not
+    among the categories raise :class:`ValueError` with the message ``unknown(those values)``
+    (in their order, repeats kept) instead.
+    """
+    codes = pd.Index(categories).get_indexer(values).astype(np.int64, copy=False)
+    if unknown is not None and (codes < 0).any():
+        raise ValueError(unknown([v for v, c in zip(values, codes, strict=True) if c < 0]))
+    return codes
 
 
 def check_random_state(random_state: Any) -> np.random.Generator:

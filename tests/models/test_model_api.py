@@ -490,3 +490,23 @@ def test_previous_format_models_load(prior):
     assert model._optimizer_state is not None
     optimizer = torch.optim.Adam([{"params": ps, "lr_scale": k} for k, ps in model.module.param_groups()])
     optimizer.load_state_dict(model._optimizer_state)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("prior", ["svgp", "mggp_svgp", "lcgp", "mggp_lcgp"])
+def test_cuda_predicts_new_cells_like_cpu(prior):
+    """A model trained on CUDA predicts new cells (and groups) as the same model moved to the CPU.
+
+    (``mggp_lcgp`` used to fail here with a device mismatch in its neighbour selection.)
+    """
+    data = sfact.datasets.simulate(n_obs=300, n_vars=12, n_factors=2, n_groups=2, random_state=0)
+    sfact.pp.prepare(data, group_key="group")
+    train, test = sfact.tl.heldout_split(data, fraction=0.1, random_state=0)
+    kw = {"group_key": "group"} if prior.startswith("mggp") else {}
+    pk = {"num_inducing": 30} if "svgp" in prior else {"n_neighbors": 8}
+    model = SpatialFactorization(train, prior=prior, n_factors=2, device="cuda", prior_kwargs=pk, **kw)
+    model.train(max_iter=10, min_iter=1, progress_bar=False)
+    on_gpu = model.predict(test)
+    on_cpu = model.to_device("cpu").predict(test)
+    np.testing.assert_allclose(on_gpu, on_cpu, rtol=1e-4, atol=1e-6)

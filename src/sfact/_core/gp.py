@@ -184,8 +184,13 @@ class GPPrior(Prior):
         """Permute what is stored per kernel set (subclasses), after the kernel's own parameters."""
 
     def gp_info(self) -> dict[str, Any]:
-        """Kernel hyperparameters, inducing-point count and prior name as plain values."""
-        return {**self.kernel.info(), **self._gp_info_extra(), "prior": self.name}
+        """Kernel hyperparameters, inducing-point count, ``diagonal_only`` and prior name as plain values."""
+        return {
+            **self.kernel.info(),
+            **self._gp_info_extra(),
+            "diagonal_only": self.diagonal_only,
+            "prior": self.name,
+        }
 
     def _gp_info_extra(self) -> dict[str, Any]:
         return {}

@@ -90,15 +90,8 @@ class LCGPPrior(GPPrior):
         N and p when ``X`` is ``None``.
     n_neighbors
         K, the size of the conditioning sets (capped at N - 1).
-    kernel, lengthscale, sigma, group_embedding, group_diff_param, per_factor_kernel
-        As for :class:`~sfact._core.svgp.SVGPPrior`.
-    train_lengthscale, train_sigma, train_group_diff_param
-        Train these hyperparameters (the conditionals are then recomputed for each batch,
-        O(B·K³) per step).
     nugget
         δ: the prior covariance is ``k + δσ²I`` (see the module notes).
-    diagonal_only
-        Mean-field ``q`` (diagonal L_u): O(B·K·L) per step instead of O(B·K²·L).
     neighbor_method
         ``"auto"``, ``"exact"`` or ``"pynndescent"`` for the conditioning sets.
     neighbor_selection
@@ -111,6 +104,11 @@ class LCGPPrior(GPPrior):
         Seed of the random ordering of the cells.
     slot_cache_budget
         Cache the column grouping of the KL's sparse rows when N·(K+1)² is at most this.
+    **gp_options
+        The kernel options and ``diagonal_only`` of :class:`~sfact._core.gp.GPPrior`, all
+        required. Trained hyperparameters make the conditionals be recomputed for each batch
+        (O(B·K³) per step); ``diagonal_only`` gives a mean-field ``q`` (diagonal L_u): O(B·K·L)
+        per step instead of O(B·K²·L).
     """
 
     name = "lcgp"
@@ -125,21 +123,12 @@ class LCGPPrior(GPPrior):
         n_obs: int | None = None,
         n_dims: int | None = None,
         n_neighbors: int,
-        kernel: str,
-        lengthscale: float | list[float],
-        sigma: float | list[float],
-        group_embedding: np.ndarray | None,
-        group_diff_param: float,
-        per_factor_kernel: bool,
-        train_lengthscale: bool,
-        train_sigma: bool,
-        train_group_diff_param: bool,
         nugget: float,
-        diagonal_only: bool,
         neighbor_method: str,
         neighbor_selection: str,
         order_seed: int,
         slot_cache_budget: int = 50_000_000,
+        **gp_options: Any,
     ):
         if X is not None:
             X = np.asarray(X, dtype=np.float64)
@@ -162,20 +151,7 @@ class LCGPPrior(GPPrior):
         K = int(min(int(n_neighbors), N - 1))
         if K < 1:
             raise ValueError(f"`n_neighbors` must be positive, received {n_neighbors}.")
-        super().__init__(
-            n_factors,
-            n_dims=p,
-            kernel=kernel,
-            lengthscale=lengthscale,
-            sigma=sigma,
-            group_embedding=group_embedding,
-            group_diff_param=group_diff_param,
-            per_factor_kernel=per_factor_kernel,
-            train_lengthscale=train_lengthscale,
-            train_sigma=train_sigma,
-            train_group_diff_param=train_group_diff_param,
-            diagonal_only=diagonal_only,
-        )
+        super().__init__(n_factors, n_dims=p, **gp_options)
         self.n_obs, self.n_dims, self.n_neighbors = N, p, K
         if self.multigroup:
             self.name = "mggp_lcgp"
@@ -243,6 +219,10 @@ class LCGPPrior(GPPrior):
         k64 = copy.deepcopy(self.kernel).to(dtype=torch.float64, device=cand.device)
         X = self.X_train.to(device=cand.device, dtype=torch.float64)
         Xq = Xq.to(device=cand.device, dtype=torch.float64)
+        # every operand on the candidates' device (prediction runs the selection on the CPU for a
+        # model trained on CUDA)
+        g_train = self.groups_train.to(cand.device)
+        gq = gq.to(cand.device)
         out = torch.empty(cand.shape[0], K, dtype=torch.int64, device=cand.device)
         q = self.kernel.group_embedding.shape[1]  # the kernel gathers (chunk, C, q) group coordinates
         chunk = max(1, _COND_ELEMENTS // (cand.shape[1] * (1 + q)))
@@ -254,7 +234,7 @@ class LCGPPrior(GPPrior):
             dup[:, 1:] = srt[:, 1:] == srt[:, :-1]
             c = torch.where(dup | (srt < 0), torch.full_like(srt, -1), srt)
             cc = c.clamp_min(0)
-            corr = k64(X[cc], Xq[sl, None, :], self.groups_train[cc], gq[sl, None])[..., 0].mean(0)
+            corr = k64(X[cc], Xq[sl, None, :], g_train[cc], gq[sl, None])[..., 0].mean(0)
             corr = torch.where(c >= 0, corr, torch.full_like(corr, -math.inf))
             dist = torch.where(
                 c >= 0, (X[cc] - Xq[sl, None, :]).pow(2).sum(-1), torch.full_like(corr, math.inf)

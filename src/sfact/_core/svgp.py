@@ -39,14 +39,12 @@ class SVGPPrior(GPPrior):
         (M, p) inducing points (scaled coordinates).
     Z_groups
         (M,) group codes of the inducing points (multi-group kernel), or ``None``.
-    kernel, lengthscale, sigma, group_embedding, group_diff_param, per_factor_kernel
-        The kernel (see :class:`~sfact._core.gp.GPPrior`).
-    train_lengthscale, train_sigma, train_group_diff_param
-        Train these hyperparameters (then ``K_zz`` is refactorized every step).
-    diagonal_only
-        Diagonal ``S`` (O(B·M·L) variance instead of O(B·M²·L)).
     cache_budget
         Cache ``A`` for the training cells when M·N is at most this many numbers.
+    **gp_options
+        The kernel options and ``diagonal_only`` of :class:`~sfact._core.gp.GPPrior`, all
+        required. Trained hyperparameters refactorize ``K_zz`` every step; ``diagonal_only``
+        makes ``S`` diagonal (O(B·M·L) variance instead of O(B·M²·L)).
     """
 
     name = "svgp"
@@ -57,33 +55,11 @@ class SVGPPrior(GPPrior):
         Z: np.ndarray,
         Z_groups: np.ndarray | None = None,
         *,
-        kernel: str,
-        lengthscale: float | list[float],
-        sigma: float | list[float],
-        group_embedding: np.ndarray | None,
-        group_diff_param: float,
-        per_factor_kernel: bool,
-        train_lengthscale: bool,
-        train_sigma: bool,
-        train_group_diff_param: bool,
-        diagonal_only: bool,
         cache_budget: int,
+        **gp_options: Any,
     ):
         Z = np.asarray(Z, dtype=np.float64)
-        super().__init__(
-            n_factors,
-            n_dims=Z.shape[1],
-            kernel=kernel,
-            lengthscale=lengthscale,
-            sigma=sigma,
-            group_embedding=group_embedding,
-            group_diff_param=group_diff_param,
-            per_factor_kernel=per_factor_kernel,
-            train_lengthscale=train_lengthscale,
-            train_sigma=train_sigma,
-            train_group_diff_param=train_group_diff_param,
-            diagonal_only=diagonal_only,
-        )
+        super().__init__(n_factors, n_dims=Z.shape[1], **gp_options)
         self.register_buffer("Z", torch.as_tensor(Z).float())
         if self.multigroup:
             if Z_groups is None:

@@ -86,25 +86,24 @@ class FitView:
         """Whether the posterior scales are stored."""
         return self.keys.scales in self.adata.obsm
 
+    def _fit_slot(self, mapping: str, slot: str) -> np.ndarray:
+        """``adata.<mapping>[slot]``, a slot :func:`sfact.tl.fit` writes; :class:`KeyError` when missing."""
+        store = getattr(self.adata, mapping)
+        if slot not in store:
+            raise KeyError(
+                f"`adata.{mapping}[{slot!r}]` not found: run `sfact.tl.fit(adata, key_added={self.key!r})`."
+            )
+        return store[slot]
+
     @property
     def scales(self) -> np.ndarray:
         """Posterior standard deviations of the log-factors (n_obs, n_factors)."""
-        if not self.has_scales:
-            raise KeyError(
-                f"`adata.obsm[{self.keys.scales!r}]` not found: run "
-                f"`sfact.tl.fit(adata, key_added={self.key!r})`."
-            )
-        return self.adata.obsm[self.keys.scales]
+        return self._fit_slot("obsm", self.keys.scales)
 
     @property
     def loadings(self) -> np.ndarray:
         """Loadings (n_vars, n_factors)."""
-        if self.keys.loadings not in self.adata.varm:
-            raise KeyError(
-                f"`adata.varm[{self.keys.loadings!r}]` not found: run "
-                f"`sfact.tl.fit(adata, key_added={self.key!r})`."
-            )
-        return self.adata.varm[self.keys.loadings]
+        return self._fit_slot("varm", self.keys.loadings)
 
     @property
     def n_factors(self) -> int:

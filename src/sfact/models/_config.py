@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -47,7 +47,9 @@ class PNMFConfig:
 
 @dataclass
 class GPConfig:
-    """Kernel options shared by the Gaussian-process priors (base of :class:`SVGPConfig` and :class:`LCGPConfig`).
+    """Kernel options shared by the Gaussian-process priors.
+
+    The base of :class:`~sfact.models._config.SVGPConfig` and :class:`~sfact.models._config.LCGPConfig`.
 
     Attributes
     ----------
@@ -69,8 +71,6 @@ class GPConfig:
         Learn these hyperparameters.
     diagonal_only
         Diagonal variational covariance; ``None`` (default) uses it on the CPU only.
-    extra
-        Reserved: not settable through ``prior_kwargs`` and not saved with the model.
     """
 
     kernel: KernelName = "matern32"
@@ -83,7 +83,6 @@ class GPConfig:
     train_sigma: bool = False
     train_group_diff_param: bool = False
     diagonal_only: bool | None = None
-    extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if np.any(np.asarray(self.lengthscale, dtype=float) <= 0) or np.any(
@@ -135,8 +134,6 @@ class SVGPConfig(GPConfig):
     cache_budget
         Cache ``L_zz⁻¹K_zx`` of all training cells when M·N is at most this many numbers;
         ``None``: 5·10⁷ on the CPU (200 MB), 5·10⁸ on a GPU (2 GB in float32).
-    extra
-        Reserved: not settable through ``prior_kwargs`` and not saved with the model.
 
     Examples
     --------
@@ -212,8 +209,6 @@ class LCGPConfig(GPConfig):
         ``"auto"``: correlation for ``mggp_lcgp``, spatial for ``lcgp``.
     order_seed
         Seed of the random ordering of the cells (the Vecchia factorization's order).
-    extra
-        Reserved: not settable through ``prior_kwargs`` and not saved with the model.
 
     Examples
     --------
@@ -261,7 +256,7 @@ def make_config(prior: str, kwargs: dict[str, Any] | None) -> Any:
     if cls is None:
         return None
     kwargs = dict(kwargs or {})
-    names = {f.name for f in dataclasses.fields(cls) if f.name != "extra"}
+    names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(kwargs) - names)
     if unknown:
         raise TypeError(
@@ -276,8 +271,6 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         return {}
     out = {}
     for f in dataclasses.fields(cfg):
-        if f.name == "extra":
-            continue
         v = getattr(cfg, f.name)
         if isinstance(v, np.ndarray):
             v = v.tolist()

@@ -112,14 +112,15 @@ class ResultsMixin:
         Returns
         -------
         A dict: ``kernel``, ``lengthscale`` and ``sigma`` (lists, one value per kernel),
-        ``group_diff_param`` (multi-group priors), ``num_inducing`` and ``prior``; for the LCGP
-        priors also ``n_neighbors`` and ``nugget``. Empty for ``pnmf``.
+        ``group_diff_param`` (multi-group priors), ``num_inducing``, ``diagonal_only`` (whether
+        the variational covariance is diagonal) and ``prior``; for the LCGP priors also
+        ``n_neighbors`` and ``nugget``. Empty for ``pnmf``.
 
         Examples
         --------
         >>> model.gp_info()  # doctest: +SKIP
         {'kernel': 'matern32', 'lengthscale': [5.0], 'sigma': [1.0], 'group_diff_param': [1.0],
-         'num_inducing': 1000, 'prior': 'mggp_svgp'}
+         'num_inducing': 1000, 'diagonal_only': True, 'prior': 'mggp_svgp'}
         """
         self._require_trained()
         info = getattr(self.module.prior, "gp_info", None)

@@ -19,7 +19,7 @@ from .._constants import (
     prior_family,
 )
 from .._scaling import apply_scaling, fit_scaling
-from .._utils import check_counts, get_coordinates, get_counts, slot_name, warn
+from .._utils import check_counts, get_coordinates, get_counts, group_codes, slot_name, warn
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -39,13 +39,13 @@ class ModelSetup:
     """The set-up of a :class:`~sfact.models.SpatialFactorization`, as plain values.
 
     Built once when the model is constructed (from the AnnData and the arguments), saved with
-    the model as JSON (:meth:`to_dict` / :meth:`from_dict`), and read by everything that needs
+    the model as JSON (:meth:`~sfact.models.ModelSetup.to_dict` / :meth:`~sfact.models.ModelSetup.from_dict`), and read by everything that needs
     to apply the model to new cells (size factors, coordinate scaling, group codes, genes).
 
     Attributes
     ----------
     prior
-        Name of the prior (one of :data:`sfact._constants.PRIOR_NAMES`).
+        Name of the prior (one of ``sfact._constants.PRIOR_NAMES``).
     n_factors
         Number of factors L.
     layer
@@ -253,7 +253,7 @@ class ModelSetup:
         )
 
     def prior_config(self) -> Any:
-        """The prior's validated config (:mod:`sfact.models._config`) from :attr:`prior_kwargs`.
+        """The prior's validated config (``sfact.models._config``) from ``prior_kwargs``.
 
         Returns
         -------
@@ -271,7 +271,7 @@ class ModelSetup:
 
     # ------------------------------------------------------------------ applied to an AnnData
     def counts(self, adata: AnnData, *, check: bool = True) -> sp.csr_matrix:
-        """The counts of ``adata`` (from :attr:`layer`) as a sparse matrix, checked unless ``check=False``.
+        """The counts of ``adata`` (from ``layer``) as a sparse matrix, checked unless ``check=False``.
 
         Parameters
         ----------
@@ -296,8 +296,8 @@ class ModelSetup:
     def size_factors_of(self, adata: AnnData, X: Any = None) -> np.ndarray:
         """Size factors of the cells of ``adata`` (``X``: their counts, read from ``adata`` when needed).
 
-        ``"total"``: each cell's total count over :attr:`size_factor_reference`; ``None``: all 1;
-        otherwise the column :attr:`size_factors` of ``adata.obs``.
+        ``"total"``: each cell's total count over ``size_factor_reference``; ``None``: all 1;
+        otherwise the column ``size_factors`` of ``adata.obs``.
 
         Parameters
         ----------
@@ -335,7 +335,7 @@ class ModelSetup:
 
         Returns
         -------
-        Array (n_cells, n_dims): ``(coords - offset) / factor`` with the model's :attr:`scaling`.
+        Array (n_cells, n_dims): ``(coords - offset) / factor`` with the model's ``scaling``.
 
         Examples
         --------
@@ -347,7 +347,7 @@ class ModelSetup:
         return apply_scaling(coords, self.scaling)
 
     def group_codes(self, adata: AnnData) -> np.ndarray | None:
-        """Group code of each cell of ``adata``: its index in :attr:`group_categories`.
+        """Group code of each cell of ``adata``: its index in ``group_categories``.
 
         Parameters
         ----------
@@ -368,18 +368,17 @@ class ModelSetup:
         if gk not in adata.obs.columns:
             raise KeyError(f"`adata.obs[{gk!r}]` (the groups) not found.")
         cats = list(self.group_categories)
-        values = adata.obs[gk].astype(str).to_numpy()
-        lookup = {c: i for i, c in enumerate(cats)}
-        unknown = sorted(set(values) - set(lookup))
-        if unknown:
-            raise ValueError(
-                f"`adata.obs[{gk!r}]` has groups the model was not trained on: {unknown[:5]}; "
+        return group_codes(
+            adata.obs[gk].astype(str).to_numpy(),
+            cats,
+            unknown=lambda u: (
+                f"`adata.obs[{gk!r}]` has groups the model was not trained on: {sorted(set(u))[:5]}; "
                 f"expected a subset of {cats}."
-            )
-        return np.array([lookup[v] for v in values], dtype=np.int64)
+            ),
+        )
 
     def check_vars(self, adata: AnnData) -> None:
-        """Raise :class:`ValueError` unless ``adata`` has the genes of :attr:`var_names`, in that order.
+        """Raise :class:`ValueError` unless ``adata`` has the genes of ``var_names``, in that order.
 
         Parameters
         ----------
@@ -422,12 +421,12 @@ class ModelSetup:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSetup:
-        """Inverse of :meth:`to_dict`; unknown or missing keys raise :class:`ValueError` naming them.
+        """Inverse of :meth:`~sfact.models.ModelSetup.to_dict`; unknown or missing keys raise :class:`ValueError` naming them.
 
         Parameters
         ----------
         d
-            A dict as written by :meth:`to_dict`.
+            A dict as written by :meth:`~sfact.models.ModelSetup.to_dict`.
 
         Returns
         -------
@@ -450,7 +449,7 @@ class ModelSetup:
         return cls(**d)
 
     def to_json(self) -> str:
-        """:meth:`to_dict` as a JSON string.
+        """:meth:`~sfact.models.ModelSetup.to_dict` as a JSON string.
 
         Returns
         -------
@@ -464,12 +463,12 @@ class ModelSetup:
 
     @classmethod
     def from_json(cls, text: str) -> ModelSetup:
-        """Inverse of :meth:`to_json`.
+        """Inverse of :meth:`~sfact.models.ModelSetup.to_json`.
 
         Parameters
         ----------
         text
-            A JSON string written by :meth:`to_json`.
+            A JSON string written by :meth:`~sfact.models.ModelSetup.to_json`.
 
         Returns
         -------

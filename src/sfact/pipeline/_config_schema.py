@@ -303,4 +303,4 @@ def _prior_options(prior: str) -> set[str]:
     """The options of ``prior`` (the fields of its :mod:`sfact.models` config)."""
     from sfact.models._config import CONFIGS
 
-    return {f.name for f in dataclasses.fields(CONFIGS[prior]) if f.name != "extra"}
+    return {f.name for f in dataclasses.fields(CONFIGS[prior])}

@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._constants import check_device, prior_family
 from ._config_coerce import origin_of, section
@@ -22,16 +22,20 @@ from ._config_schema import (
     _TOP_KEYS,
     MULTIGROUP_PRIORS,
     PRIORS,
-    AnalysisConfig,
     ConfigError,
-    DatasetConfig,
-    FiguresConfig,
-    ModelConfig,
-    PreprocessingConfig,
-    TrainingConfig,
     _prior_options,
     _suggest,
 )
+
+if TYPE_CHECKING:
+    from ._config_schema import (
+        AnalysisConfig,
+        DatasetConfig,
+        FiguresConfig,
+        ModelConfig,
+        PreprocessingConfig,
+        TrainingConfig,
+    )
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 

@@ -79,3 +79,16 @@ class JobResult:
     """The dict the job function returned."""
     dataset: str = ""
     prior: str | None = None
+
+    @classmethod
+    def for_job(cls, job: Job, status: Status, **fields: Any) -> JobResult:
+        """The result of ``job`` (its name, task, log, data set and prior) with ``status`` and ``fields``."""
+        return cls(
+            name=job.name,
+            task=job.task,
+            status=status,
+            log_path=Path(job.log_path),
+            dataset=job.dataset,
+            prior=job.prior,
+            **fields,
+        )

@@ -122,7 +122,12 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    _write_text(path, json.dumps(_jsonable(obj), indent=1) + "\n")
+    _write_text(path, _json_text(obj))
+
+
+def _json_text(obj: Any) -> str:
+    """The text of the pipeline's JSON files: plain values (:func:`_jsonable`), indented, a final newline."""
+    return json.dumps(_jsonable(obj), indent=1) + "\n"
 
 
 def _jsonable(obj: Any) -> Any:

@@ -302,17 +302,7 @@ class _Dataset:
         if run:
             self.plan.jobs.append(job)
         else:
-            self.plan.skipped.append(
-                JobResult(
-                    name=job.name,
-                    task=job.task,
-                    status="skipped",
-                    log_path=job.log_path,
-                    output={"reason": reason},
-                    dataset=job.dataset,
-                    prior=job.prior,
-                )
-            )
+            self.plan.skipped.append(JobResult.for_job(job, "skipped", output={"reason": reason}))
         return run
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._constants import prior_family
 from ._jobs import null_reporter
-from ._layout import Layout, _swap_dir, _tmp_dir
-from ._stage_utils import _config, _job_context, _require, _say, _skipped
+from ._layout import _swap_dir, _tmp_dir
+from ._stage_utils import _require, _say, _skipped, _stage_context
 
 if TYPE_CHECKING:
     from ._config import Config
@@ -92,10 +91,8 @@ def figures(
     --------
     >>> stages.figures(config=cfg.to_dict(), prior="svgp")  # doctest: +SKIP
     """
-    cfg = _config(config, config_file)
-    layout = Layout(Path(cfg.output_dir))
-    fig_dir = layout.figures(prior)
-    with _job_context(f"{cfg.name}/{prior}: figures"):
+    with _stage_context(config, config_file, "figures", prior) as (cfg, layout):
+        fig_dir = layout.figures(prior)
         if fig_dir.exists() and not force:
             return _skipped(f"{fig_dir} exists (use --force to redo it)")
         _require(layout.results(prior), "analysis results", "analyze", cfg)

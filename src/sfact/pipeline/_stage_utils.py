@@ -8,11 +8,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._layout import Layout
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from ._config import Config
-    from ._layout import Layout
 
 
 def _config(config: dict[str, Any] | Config, config_file: str | None) -> Config:
@@ -22,6 +23,20 @@ def _config(config: dict[str, Any] | Config, config_file: str | None) -> Config:
     if config_file is not None:
         cfg.source = config_file
     return cfg
+
+
+@contextlib.contextmanager
+def _stage_context(
+    config: dict[str, Any] | Config, config_file: str | None, stage: str, prior: str | None = None
+) -> Iterator[tuple[Config, Layout]]:
+    """The stage's config and output layout, yielded inside its :func:`_job_context`.
+
+    The job's title is ``name: stage``, or ``name/prior: stage`` for a prior's stage.
+    """
+    cfg = _config(config, config_file)
+    layout = Layout(Path(cfg.output_dir))
+    with _job_context(f"{cfg.name}: {stage}" if prior is None else f"{cfg.name}/{prior}: {stage}"):
+        yield cfg, layout
 
 
 @contextlib.contextmanager
@@ -72,7 +87,10 @@ def _require(path: Path, what: str, run_first: str, cfg: Config) -> None:
         raise FileNotFoundError(f"{what} not found ({path}): run `sfact {run_first}{src}` first.")
 
 
-def _read_prepared(layout: Layout):
+def _read_prepared(layout: Layout, cfg: Config, device: str | None):
+    """The prepared data (``preprocess`` must have run) and the stage's device (:func:`_device`)."""
     import anndata as ad
 
-    return ad.read_h5ad(layout.prepared)
+    _require(layout.prepared, "prepared data", "preprocess", cfg)
+    dev = _device(device, cfg)
+    return ad.read_h5ad(layout.prepared), dev

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._jobs import null_reporter
-from ._layout import Layout, _jsonable, _swap_dir, _tmp_dir, _tmp_sibling, _write_json, _write_text
+from ._layout import Layout, _json_text, _swap_dir, _tmp_dir, _tmp_sibling, _write_json, _write_text
 from ._stage_figures import figures
-from ._stage_utils import _config, _device, _job_context, _read_prepared, _require, _say, _skipped
+from ._stage_utils import _read_prepared, _require, _say, _skipped, _stage_context
 
 if TYPE_CHECKING:
     from ._jobs import Reporter
@@ -66,9 +66,7 @@ def preprocess(
     >>> stages.preprocess(config=cfg.to_dict())  # doctest: +SKIP
     {'prepared': 'out/prepared.h5ad', 'n_obs': 452, ...}
     """
-    cfg = _config(config, config_file)
-    layout = Layout(Path(cfg.output_dir))
-    with _job_context(f"{cfg.name}: preprocess"):
+    with _stage_context(config, config_file, "preprocess") as (cfg, layout):
         if layout.prepared.exists() and not force:
             return _skipped(
                 f"{layout.prepared} exists (use --force to redo it)", prepared=str(layout.prepared)
@@ -185,21 +183,17 @@ def train(
     --------
     >>> stages.train(config=cfg.to_dict(), prior="pnmf")  # doctest: +SKIP
     """
-    cfg = _config(config, config_file)
-    layout = Layout(Path(cfg.output_dir))
-    model_dir = layout.model_dir(prior)
-    with _job_context(f"{cfg.name}/{prior}: train"):
+    with _stage_context(config, config_file, "train", prior) as (cfg, layout):
+        model_dir = layout.model_dir(prior)
         have_model = (model_dir / "metadata.json").exists()
         if have_model and not force and not resume:
             return _skipped(
                 f"a model is saved in {model_dir} (use --resume to continue training, --force to retrain)",
                 model_dir=str(model_dir),
             )
-        _require(layout.prepared, "prepared data", "preprocess", cfg)
+        adata, dev = _read_prepared(layout, cfg, device)
         from sfact.models import SpatialFactorization
 
-        dev = _device(device, cfg)
-        adata = _read_prepared(layout)
         tr = cfg.training
         resumed = bool(resume and have_model and not force)
         if resumed:
@@ -345,23 +339,19 @@ def analyze(
     --------
     >>> stages.analyze(config=cfg.to_dict(), prior="pnmf")  # doctest: +SKIP
     """
-    cfg = _config(config, config_file)
-    layout = Layout(Path(cfg.output_dir))
-    model_dir = layout.model_dir(prior)
-    out_dir = layout.prior_dir(prior)
-    with _job_context(f"{cfg.name}/{prior}: analyze"):
+    with _stage_context(config, config_file, "analyze", prior) as (cfg, layout):
+        model_dir = layout.model_dir(prior)
+        out_dir = layout.prior_dir(prior)
         if layout.metrics(prior).exists() and not force:
             return _skipped(f"{layout.metrics(prior)} exists (use --force to redo it)")
         _require(model_dir / "metadata.json", "saved model", "train", cfg)
-        _require(layout.prepared, "prepared data", "preprocess", cfg)
+        adata, dev = _read_prepared(layout, cfg, device)
         import numpy as np
 
         import sfact
         from sfact.get._view import FitView
         from sfact.models import SpatialFactorization
 
-        dev = _device(device, cfg)
-        adata = _read_prepared(layout)
         mask, checks = _saved_validation(model_dir, adata)
         report(message="loading the model")
         model = SpatialFactorization.load(
@@ -436,7 +426,7 @@ def analyze(
                     }
                 )
             )
-            (tmp / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1) + "\n")
+            (tmp / "metrics.json").write_text(_json_text(metrics))
             # everything is written: move it into place, metrics.json last
             for f in (
                 "results.h5ad",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ._jobs import STAGES, Job, JobResult
 
@@ -185,17 +184,13 @@ class Tracker:
 
     def results(self) -> list[JobResult]:
         return [
-            JobResult(
-                name=row.job.name,
-                task=row.job.task,
-                status=row.status if row.final else "cancelled",  # type: ignore[arg-type]
+            JobResult.for_job(
+                row.job,
+                row.status if row.final else "cancelled",  # type: ignore[arg-type]
                 device=row.device,
                 elapsed_s=row.elapsed_s or 0.0,
-                log_path=Path(row.job.log_path),
                 error=row.error,
                 output=row.output,
-                dataset=row.job.dataset,
-                prior=row.job.prior,
             )
             for row in self.rows
         ]

@@ -9,21 +9,12 @@ import numpy as np
 from ..get._get import history
 from ..get._view import FitView
 from ._docs import doc_params
-from ._utils import finish
+from ._utils import finish, single_axes
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
-
-
-def _single_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
-    import matplotlib.pyplot as plt
-
-    if ax is not None:
-        return ax.figure, ax
-    fig, ax = plt.subplots(figsize=figsize, layout="constrained")
-    return fig, ax
 
 
 @doc_params
@@ -67,7 +58,7 @@ def elbo(
     hist = history(adata, key=key)
     y = hist["elbo"].to_numpy()
     x = hist.index.to_numpy()
-    fig, ax = _single_axes(ax, (4.6, 3.0))
+    fig, ax = single_axes(ax, (4.6, 3.0))
     ax.plot(x, y, color=color, lw=1.6)
     n = len(y)
     if skip is None:
@@ -141,7 +132,7 @@ def moran(
         to_rgba(color, 1.0 if fdr is None or not np.isfinite(p) or p < alpha else 0.35)
         for p in (fdr if fdr is not None else np.zeros(len(names)))
     ]
-    fig, ax = _single_axes(ax, (4.2, 0.9 + 0.32 * len(names)))
+    fig, ax = single_axes(ax, (4.2, 0.9 + 0.32 * len(names)))
     pos = np.arange(len(names))
     ax.barh(pos, values, color=colors, height=0.7)
     ax.set_yticks(pos, names, fontsize=9)

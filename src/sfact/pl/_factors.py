@@ -10,11 +10,12 @@ import numpy as np
 from ..get._view import FitView
 from ._docs import doc_params
 from ._utils import (
-    default_size,
     finish,
-    grid,
+    marker_size,
+    panel_axes,
     robust_limits,
     select_factors,
+    select_groups,
     spatial_panel,
     spatial_panel_size,
     wrap_label,
@@ -65,13 +66,8 @@ def _spatial_maps(
     sel = select_factors(names, factors)
     values = np.asarray(stored, dtype=float)[:, sel]
     shared = robust_limits(values) if shared_scale else None
-    if ax is not None:
-        if len(sel) != 1:
-            raise ValueError(f"`ax` draws one panel; select one factor with `factors=`, received {len(sel)}.")
-        fig, axes = ax.figure, [ax]
-    else:
-        fig, axes = grid(len(sel), ncols, panel_size=spatial_panel_size(coords))
-    s = default_size(adata.n_obs) if size is None else size
+    fig, axes = panel_axes(ax, len(sel), ncols, panel_size=spatial_panel_size(coords))
+    s = marker_size(size, adata.n_obs)
     one_bar = shared is not None and len(axes) > 1  # one colour bar for the figure, not one per panel
     sc = None
     for j, (a, i) in enumerate(zip(axes, sel, strict=True)):
@@ -260,14 +256,7 @@ def groupwise_factors(
     coords = _coords(adata, spatial_key)
     names = fit.factor_names
     sel = select_factors(names, factors)
-    if groups is None:
-        gsel = list(range(len(all_groups)))
-    else:
-        groups = [groups] if isinstance(groups, str) else list(groups)
-        unknown = [g for g in groups if str(g) not in all_groups]
-        if unknown:
-            raise KeyError(f"Unknown groups {unknown}; group-wise factors exist for {all_groups}.")
-        gsel = [all_groups.index(str(g)) for g in groups]
+    gsel = select_groups(all_groups, groups, "group-wise factors exist for")
     gw = np.asarray(gw)
     rows = [np.asarray(fit.factors, dtype=float)[:, sel]]
     rows += [np.asarray(gw[:, k, :], dtype=float)[:, sel] for k in gsel]
@@ -281,7 +270,7 @@ def groupwise_factors(
         squeeze=False,
         layout="constrained",
     )
-    s = default_size(adata.n_obs) if size is None else size
+    s = marker_size(size, adata.n_obs)
     for j, i in enumerate(sel):
         col = np.stack([r[:, j] for r in rows])
         lims = robust_limits(col) if shared_scale else None
@@ -390,7 +379,7 @@ def factors_with_genes(
     fig, axs = plt.subplots(
         len(sel), ncols, figsize=(w * ncols, h * len(sel)), squeeze=False, layout="constrained"
     )
-    s = default_size(adata.n_obs) if size is None else size
+    s = marker_size(size, adata.n_obs)
     for r, i in enumerate(sel):
         lo, hi = robust_limits(F[:, i])
         spatial_panel(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -11,7 +11,7 @@ from ..get._get import loadings_df
 from ..get._get import top_genes as _top_genes
 from ..get._view import FitView
 from ._docs import doc_params
-from ._utils import finish, grid, select_factors, wrap_label
+from ._utils import finish, panel_axes, select_factors, select_groups, single_axes, wrap_label
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -95,12 +95,7 @@ def top_genes(
     table = _top_genes(adata, key=key, n_genes=n_genes, by=by, group=group)  # type: ignore[arg-type]
     column = "loading" if by == "loading" else "share"
     xmax = float(table.loc[table["factor"].isin([names[i] for i in sel]), column].max()) * 1.05
-    if ax is not None:
-        if len(sel) != 1:
-            raise ValueError(f"`ax` draws one panel; select one factor with `factors=`, received {len(sel)}.")
-        fig, axes = ax.figure, [ax]
-    else:
-        fig, axes = grid(len(sel), ncols, panel_size=(2.5, 0.6 + 0.2 * n_genes))
+    fig, axes = panel_axes(ax, len(sel), ncols, panel_size=(2.5, 0.6 + 0.2 * n_genes))
     for a, i in zip(axes, sel, strict=True):
         rows = table[table["factor"] == names[i]]
         _bar_panel(
@@ -166,8 +161,6 @@ def loadings(
     --------
     >>> fig = sfact.pl.loadings(adata, n_genes=4, return_fig=True)  # doctest: +SKIP
     """
-    import matplotlib.pyplot as plt
-
     names = FitView.from_adata(adata, key, what="plotting loadings").factor_names
     sel = select_factors(names, factors)
     W = loadings_df(adata, key=key, group=group)
@@ -184,10 +177,7 @@ def loadings(
     best = M.argmax(1)
     order = np.lexsort((-M[np.arange(len(genes)), best], best))
     genes, M = [genes[k] for k in order], M[order]
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(1.9 + 0.42 * len(sel), 0.9 + 0.2 * len(genes)), layout="constrained")
-    else:
-        fig = ax.figure
+    fig, ax = single_axes(ax, (1.9 + 0.42 * len(sel), 0.9 + 0.2 * len(genes)))
     im = ax.imshow(M, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.set_xticks(np.arange(len(sel)), [names[i] for i in sel], rotation=90, fontsize=8)
     ax.set_yticks(np.arange(len(genes)), genes, fontsize=8)
@@ -200,18 +190,26 @@ def loadings(
 
 
 # ---------------------------------------------------------------------------- enrichment
-def _enrichment(adata: AnnData, key: str) -> dict:
-    return FitView.from_adata(adata, key, what="plotting gene enrichment").enrichment
+class _Enrichment(NamedTuple):
+    names: list[str]  # all factors
+    sel: list[int]  # the selected factors
+    all_groups: list[str]
+    gsel: list[int]  # the selected groups
+    genes: np.ndarray
+    log2fc: np.ndarray  # (all groups, genes, all factors)
 
 
-def _select_groups(all_groups: list[str], groups: Sequence[str] | str | None) -> list[int]:
-    if groups is None:
-        return list(range(len(all_groups)))
-    groups = [groups] if isinstance(groups, str) else list(groups)
-    unknown = [g for g in groups if str(g) not in all_groups]
-    if unknown:
-        raise KeyError(f"Unknown groups {unknown}; the enrichment covers {all_groups}.")
-    return [all_groups.index(str(g)) for g in groups]
+def _enrichment(
+    adata: AnnData, key: str, factors: Sequence[int | str] | None, groups: Sequence[str] | str | None
+) -> _Enrichment:
+    """The stored gene enrichment (:func:`sfact.tl.gene_enrichment`) and the selected factors and groups."""
+    enr = FitView.from_adata(adata, key, what="plotting gene enrichment").enrichment
+    names = [str(n) for n in np.atleast_1d(enr["factor_names"])]
+    sel = select_factors(names, factors)
+    all_groups = [str(g) for g in np.atleast_1d(enr["groups"])]
+    gsel = select_groups(all_groups, groups, "the enrichment covers")
+    genes = np.asarray(enr["genes"]).astype(str)
+    return _Enrichment(names, sel, all_groups, gsel, genes, np.asarray(enr["log2fc"], dtype=float))
 
 
 def _symmetric_limit(values: np.ndarray, vmax: float | None) -> float:
@@ -277,13 +275,8 @@ def gene_enrichment(
     """
     import matplotlib.pyplot as plt
 
-    enr = _enrichment(adata, key)
-    names = [str(n) for n in np.atleast_1d(enr["factor_names"])]
-    sel = select_factors(names, factors)
-    all_groups = [str(g) for g in np.atleast_1d(enr["groups"])]
-    gsel = _select_groups(all_groups, groups)
-    genes_all = np.asarray(enr["genes"]).astype(str)
-    lfc = np.asarray(enr["log2fc"], dtype=float)[gsel]  # (G, D, L)
+    names, sel, all_groups, gsel, genes_all, lfc = _enrichment(adata, key, factors, groups)
+    lfc = lfc[gsel]  # (G, D, L)
     panels = []
     for i in sel:
         block = lfc[:, :, i]  # (G, D)
@@ -298,20 +291,14 @@ def gene_enrichment(
     width = 1.3 + 0.2 * len(gsel)
     height = 0.6 + 0.2 * n_rows
     label_h = 0.065 * min(label_w, 34)  # room for the rotated group names (bottom row only)
-    if ax is not None:
-        if len(sel) != 1:
-            raise ValueError(f"`ax` draws one panel; select one factor with `factors=`, received {len(sel)}.")
-        fig, axes = ax.figure, [ax]
-    else:
+    panel_size = None
+    if ax is None:  # (only a grid has rows)
         n_grid_rows = -(-len(sel) // max(1, min(ncols, len(sel))))
-        fig, axes = grid(
-            len(sel),
-            ncols,
-            panel_size=(width + (0 if shared_scale else 0.7), height + label_h / n_grid_rows),
-        )
-        if shared_scale:  # room for the one colour bar beside the grid
-            w, h = fig.get_size_inches()
-            fig.set_size_inches(w + 0.9, h)
+        panel_size = (width + (0 if shared_scale else 0.7), height + label_h / n_grid_rows)
+    fig, axes = panel_axes(ax, len(sel), ncols, panel_size=panel_size)
+    if ax is None and shared_scale:  # room for the one colour bar beside the grid
+        w, h = fig.get_size_inches()
+        fig.set_size_inches(w + 0.9, h)
     cmap_obj = plt.get_cmap(cmap).copy()
     cmap_obj.set_bad("0.85")
     im = None
@@ -417,13 +404,7 @@ def enrichment_by_group(
     """
     from matplotlib.patches import Patch
 
-    enr = _enrichment(adata, key)
-    names = [str(n) for n in np.atleast_1d(enr["factor_names"])]
-    sel = select_factors(names, factors)
-    all_groups = [str(g) for g in np.atleast_1d(enr["groups"])]
-    gsel = _select_groups(all_groups, groups)
-    genes = np.asarray(enr["genes"]).astype(str)
-    lfc = np.asarray(enr["log2fc"], dtype=float)
+    names, sel, all_groups, gsel, genes, lfc = _enrichment(adata, key, factors, groups)
     fcolors = {names[i]: f"C{k % 10}" for k, i in enumerate(sel)}
     items = []
     for k in gsel:
@@ -438,12 +419,7 @@ def enrichment_by_group(
                 [fcolors[names[sel[j]]] for j in l_idx],
             )
         )
-    if ax is not None:
-        if len(items) != 1:
-            raise ValueError(f"`ax` draws one panel; select one group with `groups=`, received {len(items)}.")
-        fig, axes = ax.figure, [ax]
-    else:
-        fig, axes = grid(len(items), ncols, panel_size=(2.6, 0.95 + 0.19 * n_genes))
+    fig, axes = panel_axes(ax, len(items), ncols, panel_size=(2.6, 0.95 + 0.19 * n_genes), what="group")
     _pairs_bars(fig, axes, items, shared_scale=shared_scale)
     used = {c for *_, colors in items for c in colors}
     handles = [Patch(color=c, label=n) for n, c in fcolors.items() if c in used]
@@ -509,13 +485,8 @@ def enrichment_by_factor(
     --------
     >>> fig = sfact.pl.enrichment_by_factor(adata, factors=[0, 1], return_fig=True)  # doctest: +SKIP
     """
-    enr = _enrichment(adata, key)
-    names = [str(n) for n in np.atleast_1d(enr["factor_names"])]
-    sel = select_factors(names, factors)
-    all_groups = [str(g) for g in np.atleast_1d(enr["groups"])]
-    gsel = _select_groups(all_groups, groups)
-    genes = np.asarray(enr["genes"]).astype(str)
-    lfc = np.asarray(enr["log2fc"], dtype=float)[gsel]  # (G, D, L)
+    names, sel, all_groups, gsel, genes, lfc = _enrichment(adata, key, factors, groups)
+    lfc = lfc[gsel]  # (G, D, L)
     items = []
     for i in sel:
         block = lfc[:, :, i]  # (G, D)
@@ -523,14 +494,7 @@ def enrichment_by_factor(
         values = block[g_idx, d_idx]
         labels = [f"{genes[d]} · {_short(all_groups[gsel[g]])}" for g, d in zip(g_idx, d_idx, strict=True)]
         items.append((names[i], labels, values, [colors[0] if v >= 0 else colors[1] for v in values]))
-    if ax is not None:
-        if len(items) != 1:
-            raise ValueError(
-                f"`ax` draws one panel; select one factor with `factors=`, received {len(items)}."
-            )
-        fig, axes = ax.figure, [ax]
-    else:
-        fig, axes = grid(len(items), ncols, panel_size=(3.6, 0.9 + 0.19 * n_genes))
+    fig, axes = panel_axes(ax, len(items), ncols, panel_size=(3.6, 0.9 + 0.19 * n_genes))
     _pairs_bars(fig, axes, items, shared_scale=shared_scale)
     return finish(fig, show=show, return_fig=return_fig)
 

@@ -9,10 +9,10 @@ import numpy as np
 
 from ._docs import doc_params
 from ._utils import (
-    default_size,
     finish,
     grid,
     group_colors,
+    marker_size,
     spatial_panel_size,
     style_spatial_axes,
     wrap_label,
@@ -115,7 +115,7 @@ def inducing_points(
     colors = group_colors(adata, group_key, cats) if group_key is not None else {}
     if palette is not None:
         colors.update(palette)
-    s = default_size(adata.n_obs) if size is None else size
+    s = marker_size(size, adata.n_obs)
     zs = float(np.clip(1500.0 / max(len(Z), 1), 6.0, 40.0)) if inducing_size is None else inducing_size
     n_z = len(Z)
 

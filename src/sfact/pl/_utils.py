@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from anndata import AnnData
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -32,6 +34,35 @@ def grid(
     for ax in axes[n_panels:]:
         fig.delaxes(ax)
     return fig, axes[:n_panels]
+
+
+def panel_axes(
+    ax: Axes | None,
+    n_panels: int,
+    ncols: int,
+    *,
+    panel_size: tuple[float, float] | None,
+    what: str = "factor",
+) -> tuple[Figure, list[Axes]]:
+    """``[ax]`` when given (it draws exactly one panel, of one ``what``), else a new :func:`grid`.
+
+    ``panel_size`` is only read for the grid (``None`` is fine with ``ax``).
+    """
+    if ax is not None:
+        if n_panels != 1:
+            raise ValueError(f"`ax` draws one panel; select one {what} with `{what}s=`, received {n_panels}.")
+        return ax.figure, [ax]
+    return grid(n_panels, ncols, panel_size=panel_size)  # type: ignore[arg-type]
+
+
+def single_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
+    """``ax`` and its figure when given, else one new axes of ``figsize`` (constrained layout)."""
+    import matplotlib.pyplot as plt
+
+    if ax is not None:
+        return ax.figure, ax
+    fig, ax = plt.subplots(figsize=figsize, layout="constrained")
+    return fig, ax
 
 
 def spatial_panel(
@@ -65,9 +96,9 @@ def spatial_panel(
     return sc
 
 
-def default_size(n_obs: int) -> float:
-    """Marker size that fills a panel without overplotting too much."""
-    return float(np.clip(12000.0 / max(n_obs, 1), 0.5, 30.0))
+def marker_size(size: float | None, n_obs: int) -> float:
+    """``size``, or when ``None`` a marker size that fills a panel without overplotting too much."""
+    return float(np.clip(12000.0 / max(n_obs, 1), 0.5, 30.0)) if size is None else size
 
 
 def finish(fig: Figure, *, show: bool | None, return_fig: bool) -> Figure | None:
@@ -155,6 +186,17 @@ def select_factors(names: list[str], factors: Any) -> list[int]:
                 raise IndexError(f"Factor index {f} out of range 0..{len(names) - 1}.")
             out.append(int(f))
     return out
+
+
+def select_groups(all_groups: list[str], groups: Sequence[str] | str | None, where: str) -> list[int]:
+    """Indices of ``groups`` among ``all_groups``; all when ``None``. ``where`` ends the error, before the groups."""
+    if groups is None:
+        return list(range(len(all_groups)))
+    groups = [groups] if isinstance(groups, str) else list(groups)
+    unknown = [g for g in groups if str(g) not in all_groups]
+    if unknown:
+        raise KeyError(f"Unknown groups {unknown}; {where} {all_groups}.")
+    return [all_groups.index(str(g)) for g in groups]
 
 
 def wrap_label(text: str, width: int = 16) -> str:

@@ -12,7 +12,15 @@ from sfact import _logging as logg
 from sfact._scaling import ScaleMethod
 from sfact._scaling import apply_scaling as _apply_scaling
 from sfact._scaling import fit_scaling as _fit_scaling
-from sfact._utils import check_counts, get_coordinates, get_counts, slot_name, view_to_actual, warn
+from sfact._utils import (
+    check_counts,
+    get_coordinates,
+    get_counts,
+    group_codes,
+    slot_name,
+    view_to_actual,
+    warn,
+)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -336,7 +344,7 @@ def prepare(
 def _group_codes(col: pd.Series) -> tuple[pd.Index, np.ndarray, bool]:
     """Categories (in order), integer codes (-1 for NaN) and orderedness of a group column."""
     cat = col.array if isinstance(col.dtype, pd.CategoricalDtype) else pd.Categorical(col.to_numpy())
-    return cat.categories, np.asarray(cat.codes, dtype=np.int64), bool(cat.ordered)
+    return cat.categories, group_codes(cat, cat.categories), bool(cat.ordered)
 
 
 def _nonfinite_per_row(X: Any, n_obs: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ import scipy.sparse as sp
 
 from .. import _logging as logg
 from .._keys import Keys
-from .._utils import view_to_actual
+from .._utils import group_codes, view_to_actual
 from ..get._view import FitView
 
 if TYPE_CHECKING:
@@ -143,6 +143,14 @@ def enrichment_log2fc(W_groups: np.ndarray, W: np.ndarray, *, pseudocount: float
 
 
 # ---------------------------------------------------------------------------- AnnData level
+def _writable(fit: FitView, copy: bool) -> FitView:
+    """The fit in the AnnData to write into: a copy when ``copy``, else its own (a view made actual)."""
+    if copy:
+        return FitView(fit.adata.copy(), fit.keys)
+    view_to_actual(fit.adata)
+    return FitView(fit.adata, fit.keys)
+
+
 def _drop_group_slots(adata: AnnData, keys: Keys) -> None:
     """Remove per-group loadings and enrichment written earlier under ``keys`` (stale after a refit)."""
     uns = adata.uns.get(keys.uns, {})
@@ -168,15 +176,13 @@ def _group_codes(
     cat = col.astype("category").cat.remove_unused_categories()
     names = [str(c) for c in cat.cat.categories]
     codes = cat.cat.codes.to_numpy().astype(np.int64)  # -1 for missing
-    if groups is not None:
-        groups = [str(g) for g in groups]
-        unknown = [g for g in groups if g not in names]
-        if unknown:
-            raise ValueError(f"Unknown groups {unknown} in `adata.obs[{group_key!r}]`; groups are {names}.")
-        names_sel = groups
-    else:
-        names_sel = names
-    return codes, [names.index(g) for g in names_sel], names_sel
+    names_sel = names if groups is None else [str(g) for g in groups]
+    sel = group_codes(
+        names_sel,
+        names,
+        unknown=lambda u: f"Unknown groups {u} in `adata.obs[{group_key!r}]`; groups are {names}.",
+    )
+    return codes, sel.tolist(), names_sel
 
 
 def group_loadings(
@@ -264,12 +270,8 @@ def group_loadings(
     if max_iter < 1:
         raise ValueError(f"`max_iter` must be positive, received {max_iter}.")
     codes, sel, names = _group_codes(adata, group_key, groups)
-    if copy:
-        adata = adata.copy()
-    else:
-        view_to_actual(adata)
-    fit = FitView(adata, fit.keys)
-    keys = fit.keys
+    fit = _writable(fit, copy)
+    adata, keys = fit.adata, fit.keys
     start = logg.info(f"refitting loadings of {len(names)} groups of {group_key!r}")
     Y = _adata_counts(adata, fit.layer)
     s = fit.size_factors(Y)
@@ -401,12 +403,8 @@ def gene_enrichment(
     fit = FitView.from_adata(adata, key, what="`sfact.tl.gene_enrichment`")
     W = np.asarray(fit.loadings, dtype=np.float64)  # the global loadings (raises when missing)
     info = fit.group_loadings_info
-    if copy:
-        adata = adata.copy()
-    else:
-        view_to_actual(adata)
-    fit = FitView(adata, fit.keys)
-    keys = fit.keys
+    fit = _writable(fit, copy)
+    adata, keys = fit.adata, fit.keys
     if info is None or (group_key is not None and str(info["group_key"]) != str(group_key)):
         group_loadings(adata, group_key=group_key, key=key)
         info = fit.group_loadings_info
