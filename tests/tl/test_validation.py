@@ -204,6 +204,8 @@ def test_guard_records_metrics_that_survive_h5ad(smooth, tmp_path):
     # the final model is the one trained on the other cells; it predicts the validation cells
     model = SpatialFactorization.load(tmp_path / "model", smooth[~mask].copy())
     assert model.setup.n_obs == smooth.n_obs - 120
+    with pytest.raises(ValueError, match=r"expected 1080 cells.*sfact_validation"):
+        SpatialFactorization.load(tmp_path / "model", smooth)  # all cells are not its training cells
     np.testing.assert_allclose(
         m["validation_deviance"], sfact.tl.heldout_deviance(model, smooth[mask].copy())
     )
