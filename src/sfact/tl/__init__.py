@@ -6,7 +6,7 @@ from ._analysis import baseline_deviance, morans_i
 from ._analyze import analyze
 from ._fit import fit, groupwise_factors
 from ._groups import gene_enrichment, group_loadings
-from ._heldout import heldout_deviance, heldout_split
+from ._heldout import heldout_deviance, heldout_split, knn_deviance
 
 __all__ = [
     "analyze",
@@ -17,5 +17,6 @@ __all__ = [
     "groupwise_factors",
     "heldout_deviance",
     "heldout_split",
+    "knn_deviance",
     "morans_i",
 ]
