@@ -33,7 +33,16 @@ def osmfish_pnmf_fit(tmp_path_factory):
     adata = sfact.datasets.osmfish()
     sfact.pp.prepare(adata, group_key="ClusterName")
     model_dir = tmp_path_factory.mktemp("osmfish_pnmf") / "model"
-    sfact.tl.fit(adata, prior="pnmf", n_factors=4, max_iter=30, save_model=model_dir, progress_bar=False)
+    # trained on all cells (no validation cells), so the saved model loads with the whole AnnData
+    sfact.tl.fit(
+        adata,
+        prior="pnmf",
+        n_factors=4,
+        max_iter=30,
+        save_model=model_dir,
+        validation_fraction=0,
+        progress_bar=False,
+    )
     return adata, model_dir
 
 

@@ -49,6 +49,10 @@ class Keys:
         """``obs`` column of the per-cell deviance."""
         return f"{self.key}_deviance"
 
+    def obs_validation(self) -> str:
+        """``obs`` column marking the validation cells of :func:`sfact.tl.fit` (``True``: held out)."""
+        return f"{self.key}_validation"
+
     def var_deviance(self) -> str:
         """``var`` column of the per-gene deviance."""
         return f"{self.key}_deviance"

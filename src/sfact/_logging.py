@@ -17,6 +17,11 @@ def info(msg: str, **kwargs: Any) -> datetime:
     return _logg().info(msg, **kwargs)
 
 
+def warning(msg: str, **kwargs: Any) -> datetime:
+    """Log a warning via :mod:`scanpy.logging` (job logs of the pipeline; :func:`sfact._utils.warn` for users)."""
+    return _logg().warning(msg, **kwargs)
+
+
 def hint(msg: str, **kwargs: Any) -> datetime:
     """Log a hint via :mod:`scanpy.logging`."""
     return _logg().hint(msg, **kwargs)

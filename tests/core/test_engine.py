@@ -304,7 +304,7 @@ def test_optimizer_groups_are_explicit():
         full.prior.beta,
         full.prior.m,
         full.prior.raw_Lu_diag,
-        full.prior.kernel.raw_lengthscale,
+        full.prior.kernel.log_lengthscale,
     ]
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 3)
     diag = FactorModule(SVGPPrior(2, Z, diagonal_only=True, **kw), 5, loadings_mode="multiplicative")

@@ -328,12 +328,12 @@ def test_trainable_hyperparameters_give_the_same_kl_and_finite_gradients():
     kl = trained.kl_full()
     assert float(kl.detach()) == pytest.approx(float(fixed.kl_full().detach()), rel=1e-9)
     kl.backward()
-    g = trained.kernel.raw_lengthscale.grad.item()
+    g = trained.kernel.log_lengthscale.grad.item()
     eps = 1e-5
     with torch.no_grad():
-        trained.kernel.raw_lengthscale += eps
+        trained.kernel.log_lengthscale += eps
         up = float(trained.kl_full())
-        trained.kernel.raw_lengthscale -= 2 * eps
+        trained.kernel.log_lengthscale -= 2 * eps
         down = float(trained.kl_full())
     assert g == pytest.approx((up - down) / (2 * eps), rel=1e-5)
 

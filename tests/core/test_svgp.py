@@ -319,7 +319,7 @@ def test_cache_keyed_on_the_hyperparameter_counter():
     before = cached()
     version = prior.hyper_version
     with torch.no_grad():
-        prior.kernel.raw_lengthscale.add_(0.5)  # changed behind the prior's back: cache still used
+        prior.kernel.log_lengthscale.add_(0.5)  # changed behind the prior's back: cache still used
     np.testing.assert_array_equal(cached(), before)
     prior.hyperparameters_changed()
     assert prior.hyper_version == version + 1
@@ -335,7 +335,7 @@ def test_cache_keyed_on_the_hyperparameter_counter():
     other = _make_prior("per_factor", Z, Zg, n_factors=3)
     _random_variational(other, np.random.default_rng(3))
     with torch.no_grad():
-        other.kernel.raw_lengthscale.add_(1.0)
+        other.kernel.log_lengthscale.add_(1.0)
     prior.load_state_dict(other.state_dict())
     assert prior.hyper_version == version + 3
     np.testing.assert_allclose(cached(), fresh(), rtol=1e-10, atol=1e-12)
@@ -352,8 +352,8 @@ def test_trainable_kernel_gets_gradients_and_no_cache():
     idx = torch.arange(30)
     mu, var = prior.marginals(PriorInput(idx=idx, n_total=30, X=X_all, X_all=X_all))
     (mu.sum() + var.sum() + prior.kl()).backward()
-    assert prior.kernel.raw_lengthscale.grad is not None and prior.kernel.raw_lengthscale.grad.abs().sum() > 0
-    assert prior.kernel.raw_sigma.grad is not None and prior.kernel.raw_sigma.grad.abs().sum() > 0
+    assert prior.kernel.log_lengthscale.grad is not None and prior.kernel.log_lengthscale.grad.abs().sum() > 0
+    assert prior.kernel.log_sigma.grad is not None and prior.kernel.log_sigma.grad.abs().sum() > 0
     assert prior._A_cache is None
 
 

@@ -240,6 +240,35 @@ def test_force_retrains_from_scratch(copy_of_run, capsys):
     assert history_length(out_dir / "pnmf" / "model") == 3  # fresh, not appended
 
 
+def test_validation_cells_are_held_out_checked_and_reported(tmp_path, capsys):
+    """``training.validation_fraction``: trained without the held-out cells, checked on them."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY.replace("training: {", "training: {validation_fraction: 0.1, "))
+    args = ("run", "all", "-c", cfg, "--prior", "svgp", "--executor", "serial")
+    assert sfact(*args, capsys=capsys)[0] == 0
+    out_dir = tmp_path / "out"
+    saved = json.loads((out_dir / "svgp" / "model" / "validation.json").read_text())
+    metrics = json.loads((out_dir / "svgp" / "metrics.json").read_text())
+    results = ad.read_h5ad(out_dir / "svgp" / "results.h5ad")
+    mask = results.obs["sfact_validation"].to_numpy()
+    assert list(results.obs_names[mask]) == saved["cells"]
+    assert mask.sum() == round(0.1 * results.n_obs) == metrics["n_validation"]
+    for k in ("validation_deviance", "validation_baseline_deviance", "validation_knn_deviance"):
+        assert metrics[k] == pytest.approx(saved["metrics"][k]) and np.isfinite(metrics[k])
+    assert metrics["validation_fraction"] == 0.1
+    meta = json.loads((out_dir / "svgp" / "model" / "metadata.json").read_text())
+    assert meta["setup"]["n_obs"] == results.n_obs - mask.sum()  # trained on the other cells
+    summary = json.loads((out_dir / "run_summary.json").read_text())["jobs"]["tiny/svgp/train"]["output"]
+    assert summary["n_validation"] == mask.sum()
+    assert "held-out check on" in (out_dir / "logs" / "svgp.log").read_text()
+    # resuming keeps the same validation cells
+    rc, _, _ = sfact("run", "train", "analyze", *args[2:], "--resume", capsys=capsys)
+    assert rc == 0
+    again = json.loads((out_dir / "svgp" / "model" / "validation.json").read_text())
+    assert again["cells"] == saved["cells"]
+    assert history_length(out_dir / "svgp" / "model") == 6
+
+
 def test_bad_key_exits_2_naming_key_and_file(tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(TINY.replace("n_factors:", "n_factor:"))

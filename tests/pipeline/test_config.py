@@ -198,6 +198,8 @@ def test_unknown_key_names_key_file_and_suggestion(tmp_path):
         ("training: {max_iter: ten}", "training.max_iter", "an integer"),
         ("training: {max_iter: -1}", "training.max_iter", ">= 0"),
         ("training: {device: gpu}", "training.device", "'cuda:N'"),
+        ("training: {validation_fraction: 0.5}", "training.validation_fraction", "[0, 0.5)"),
+        ("training: {validation_fraction: -0.1}", "training.validation_fraction", "[0, 0.5)"),
         ("model: {prior: mggp_svpg}", "model.prior", "did you mean 'mggp_svgp'"),
         ("model: {n_factors: 0}", "model.n_factors", "positive"),
         (
@@ -339,9 +341,10 @@ def test_train_kwargs_map_every_argument_of_train():
     kwargs = tr.train_kwargs()
     assert set(kwargs) == params, f"train() arguments the config does not map: {params ^ set(kwargs)}"
     assert kwargs == {k: getattr(tr, k) for k in kwargs}
-    # every training key reaches train() or the model (random_state) or the runner (device)
+    # every training key reaches train() or the model (random_state) or the runner (device) or the
+    # train stage (validation_fraction: the cells it holds out)
     fields = {f.name for f in dataclasses.fields(TrainingConfig)}
-    assert fields - set(kwargs) == {"device", "random_state"}
+    assert fields - set(kwargs) == {"device", "random_state", "validation_fraction"}
 
 
 def test_model_kwargs_build_a_model():

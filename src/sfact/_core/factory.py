@@ -18,7 +18,7 @@ from .module import FactorModule
 from .priors import PNMFPrior, Prior
 from .registry import prior_class
 
-__all__ = ["group_embedding", "make_module", "make_prior", "torch_dtype"]
+__all__ = ["coordinate_spacing", "group_embedding", "make_module", "make_prior", "torch_dtype"]
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -39,6 +39,29 @@ def group_embedding(n_groups: int, group_distances: Any) -> np.ndarray:
             )
         return mds_embedding(Dg)
     return np.eye(n_groups) / np.sqrt(2.0)  # every pair of groups at squared distance 1
+
+
+def coordinate_spacing(X: np.ndarray, max_cells: int = 5000, seed: int = 0) -> dict[str, float]:
+    """Median distances from a cell to its nearest and 10th nearest other cell (``nn1``, ``nn10``).
+
+    Zero distances (cells sharing coordinates) are skipped; at most ``max_cells`` query cells
+    (a seeded subsample) against all cells. Both are 1 with fewer than 2 cells.
+    """
+    from scipy.spatial import cKDTree
+
+    X = np.asarray(X, dtype=np.float64)
+    n = X.shape[0]
+    if n < 2:
+        return {"nn1": 1.0, "nn10": 1.0}
+    q = X if n <= max_cells else X[np.random.default_rng(seed).choice(n, max_cells, replace=False)]
+    k = min(n, 11)
+    d, _ = cKDTree(X).query(q, k=k)
+    d = np.asarray(d).reshape(len(q), k)[:, 1:]
+    first = np.where(d > 0, d, np.inf).min(1)  # nearest cell at a positive distance
+    first = first[np.isfinite(first)]
+    nn1 = float(np.median(first)) if first.size else 1.0
+    nn10 = float(np.median(d[:, -1])) if np.any(d[:, -1] > 0) else nn1
+    return {"nn1": nn1, "nn10": max(nn10, nn1)}
 
 
 def make_prior(
@@ -81,17 +104,27 @@ def make_prior(
     multigroup = is_multigroup(name)
     g = groups.detach().cpu().numpy() if (multigroup and groups is not None) else None
     embedding = group_embedding(n_groups, cfg.group_distances) if multigroup else None
+    spacing = coordinate_spacing(Xn)
+    extent = float(np.ptp(Xn, axis=0).max()) if len(Xn) > 1 else 1.0
+    lo_mult, hi_mult = cfg.LENGTHSCALE_BOUNDS
+    ls_bounds = (lo_mult * spacing["nn1"], hi_mult * max(extent, spacing["nn1"]))
+    lengthscale = cfg.lengthscale
+    if lengthscale is None:
+        lengthscale = float(np.clip(cfg.LENGTHSCALE_NN_MULTIPLE * spacing["nn10"], *ls_bounds))
     kernel_kw = {
         "kernel": cfg.kernel,
-        "lengthscale": cfg.lengthscale,
-        "sigma": cfg.sigma,
+        "lengthscale": lengthscale,
+        "sigma": cfg.SIGMA_START if cfg.sigma is None else cfg.sigma,
         "group_embedding": embedding,
-        "group_diff_param": cfg.group_diff_param,
+        "group_diff_param": cfg.GROUP_DIFF_START if cfg.group_diff_param is None else cfg.group_diff_param,
         "per_factor_kernel": cfg.per_factor_kernel,
-        "train_lengthscale": cfg.train_lengthscale,
-        "train_sigma": cfg.train_sigma,
-        "train_group_diff_param": cfg.train_group_diff_param,
+        "train_lengthscale": cfg._trained("lengthscale"),
+        "train_sigma": cfg._trained("sigma"),
+        "train_group_diff_param": multigroup and cfg._trained("group_diff_param"),
         "diagonal_only": bool(cfg.diagonal_only),
+        "hyper_iter": cfg.hyper_iter,
+        "hyper_lr_scale": cfg.hyper_lr_scale,
+        "lengthscale_bounds": ls_bounds,
     }
     if prior_family(name) == "lcgp":
         return cls(
@@ -99,7 +132,8 @@ def make_prior(
             Xn,
             g,
             n_neighbors=cfg.n_neighbors,
-            nugget=cfg.nugget,
+            nugget=cfg.NUGGET_START if cfg.nugget is None else cfg.nugget,
+            train_nugget=cfg._trained("nugget"),
             neighbor_method=cfg.neighbor_method,
             neighbor_selection=cfg.neighbor_selection,
             order_seed=cfg.order_seed,

@@ -45,6 +45,9 @@ KERNEL_OPTIONS = (
     "train_lengthscale",
     "train_sigma",
     "train_group_diff_param",
+    "hyper_iter",
+    "hyper_lr_scale",
+    "lengthscale_bounds",
 )
 
 
@@ -72,6 +75,14 @@ class GPPrior(Prior):
         One set of hyperparameters per factor.
     train_lengthscale, train_sigma, train_group_diff_param
         Which hyperparameters are trained.
+    hyper_iter
+        Train the hyperparameters during the first ``hyper_iter`` iterations only, then freeze
+        them and cache what derives from them (:meth:`freeze_hyperparameters`); ``None``: for the
+        whole fit (nothing is cached).
+    hyper_lr_scale
+        Learning-rate multiplier of the (log-scale) hyperparameters.
+    lengthscale_bounds
+        (low, high) bounds of a learned lengthscale.
     diagonal_only
         Diagonal variational scale (no ``Lu_offdiag``).
     """
@@ -93,6 +104,9 @@ class GPPrior(Prior):
         train_sigma: bool,
         train_group_diff_param: bool,
         diagonal_only: bool,
+        hyper_iter: int | None = None,
+        hyper_lr_scale: float = 1.0,
+        lengthscale_bounds: tuple[float, float] = (1e-3, 1e4),
     ):
         super().__init__(n_factors)
         self.multigroup = group_embedding is not None
@@ -109,6 +123,9 @@ class GPPrior(Prior):
             train_sigma=train_sigma,
             train_group_diff_param=train_group_diff_param,
         )
+        self.kernel.bounds["lengthscale"] = (float(lengthscale_bounds[0]), float(lengthscale_bounds[1]))
+        self.hyper_iter = None if hyper_iter is None else int(hyper_iter)
+        self.hyper_lr_scale = float(hyper_lr_scale)
         self.diagonal_only = bool(diagonal_only)
         #: bumped whenever the hyperparameters (or the stored training inputs) change; every
         #: cache of a GP prior is keyed on it
@@ -125,6 +142,9 @@ class GPPrior(Prior):
             "train_sigma": bool(train_sigma),
             "train_group_diff_param": bool(train_group_diff_param),
             "diagonal_only": bool(diagonal_only),
+            "hyper_iter": self.hyper_iter,
+            "hyper_lr_scale": self.hyper_lr_scale,
+            "lengthscale_bounds": [float(lengthscale_bounds[0]), float(lengthscale_bounds[1])],
         }
 
     def _init_variational(self, n_units: int, n_offdiag: int) -> None:
@@ -142,8 +162,50 @@ class GPPrior(Prior):
             self.Lu_offdiag = nn.Parameter(torch.zeros(L, n_units, n_offdiag))
 
     def lr_scales(self) -> dict[str, float]:
-        """Learning-rate multipliers of parameters (by name) that do not use the base rate."""
-        return {} if self.diagonal_only else {"Lu_offdiag": self._offdiag_lr_scale}
+        """Learning-rate multipliers of parameters (by name) that do not use the base rate.
+
+        The hyperparameters have their own (``hyper_lr_scale``): they are log-scale, so a step
+        changes them by a fraction of themselves.
+        """
+        out = {} if self.diagonal_only else {"Lu_offdiag": self._offdiag_lr_scale}
+        for name in self.hyper_parameter_names():
+            out[name] = self.hyper_lr_scale
+        return out
+
+    def hyper_parameter_names(self) -> list[str]:
+        """Names (in this module) of the log-scale hyperparameter tensors."""
+        return [f"kernel.log_{k}" for k in self.kernel.hyper_parameters()]
+
+    @property
+    def hyper_trainable(self) -> bool:
+        """Whether some hyperparameter is being trained (nothing derived from them is cached)."""
+        return self.kernel.trainable
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Keep trained hyperparameters inside their bounds (called after every optimizer step)."""
+        if self.hyper_trainable:
+            self.kernel.clamp_()
+
+    def hyper_phase_over(self, n_iter: int) -> bool:
+        """Whether the learning phase is over after ``n_iter`` iterations (and hyperparameters still train)."""
+        return self.hyper_trainable and self.hyper_iter is not None and n_iter >= self.hyper_iter
+
+    def hyper_phase_end(self) -> int | None:
+        """``hyper_iter`` when hyperparameters are (or were) trained in a phase, else ``None``."""
+        if self.hyper_iter is None or not (self.hyper_trainable or getattr(self, "_phase_done", False)):
+            return None
+        return self.hyper_iter
+
+    def freeze_hyperparameters(self) -> None:
+        """Stop training every hyperparameter and recompute what is cached from them."""
+        self.kernel.set_trainable(False)
+        self._phase_done = True
+        self._freeze_extra()
+        self.hyperparameters_changed()
+
+    def _freeze_extra(self) -> None:
+        """Stop training prior-specific hyperparameters (subclasses)."""
 
     def _groups(self, g: Tensor | None) -> Tensor | None:
         return g if self.multigroup else None
@@ -175,7 +237,7 @@ class GPPrior(Prior):
         if not self.diagonal_only:
             self.Lu_offdiag.copy_(self.Lu_offdiag[perm])
         if self.kernel.n_sets > 1:
-            for p in (self.kernel.raw_lengthscale, self.kernel.raw_sigma, self.kernel.raw_alpha):
+            for p in (self.kernel.log_lengthscale, self.kernel.log_sigma, self.kernel.log_alpha):
                 p.copy_(p[perm])
             self._reorder_kernel_sets(perm)
             self.hyperparameters_changed()

@@ -25,10 +25,9 @@ from torch import Tensor, nn
 
 from .._constants import KERNELS, KernelName
 
-
-def _inv_softplus(x: float | Tensor) -> Tensor:
-    x = torch.as_tensor(x, dtype=torch.float64)
-    return x + torch.log(-torch.expm1(-x))
+#: bounds of learned amplitudes σ and group differences α
+SIGMA_BOUNDS = (0.05, 20.0)
+ALPHA_BOUNDS = (1e-3, 1e3)
 
 
 def mds_embedding(group_distances: np.ndarray, *, tol: float = 1e-9) -> np.ndarray:
@@ -111,44 +110,85 @@ class Kernel(nn.Module):
         sg = torch.as_tensor(np.broadcast_to(np.asarray(sigma, dtype=np.float64), (n_sets,)).copy())
         if (ls <= 0).any() or (sg <= 0).any():
             raise ValueError("`lengthscale` and `sigma` must be positive.")
-        self.raw_lengthscale = nn.Parameter(_inv_softplus(ls).float(), requires_grad=train_lengthscale)
-        self.raw_sigma = nn.Parameter(_inv_softplus(sg).float(), requires_grad=train_sigma)
+        #: (low, high) of each hyperparameter; learned values are kept inside (:meth:`clamp_`)
+        self.bounds: dict[str, tuple[float, float]] = {
+            "lengthscale": (1e-3, 1e4),
+            "sigma": SIGMA_BOUNDS,
+            "alpha": ALPHA_BOUNDS,
+        }
+        # log-parametrized: an Adam step changes a hyperparameter by a fraction of itself
+        self.log_lengthscale = nn.Parameter(torch.log(ls).float(), requires_grad=train_lengthscale)
+        self.log_sigma = nn.Parameter(torch.log(sg).float(), requires_grad=train_sigma)
         self.multigroup = group_embedding is not None
         if self.multigroup:
             if group_diff_param < 0:
                 raise ValueError(f"`group_diff_param` must be >= 0, received {group_diff_param}.")
             emb = torch.as_tensor(np.asarray(group_embedding, dtype=np.float64)).float()
             self.register_buffer("group_embedding", emb)
-            self.raw_alpha = nn.Parameter(
-                _inv_softplus(max(float(group_diff_param), 1e-12)).float().reshape(1).expand(n_sets).clone(),
+            self.log_alpha = nn.Parameter(
+                torch.full((n_sets,), math.log(max(float(group_diff_param), 1e-12))),
                 requires_grad=train_group_diff_param,
             )
         else:
             self.register_buffer("group_embedding", torch.zeros(1, 1))
-            self.raw_alpha = nn.Parameter(torch.zeros(n_sets), requires_grad=False)
+            self.log_alpha = nn.Parameter(torch.zeros(n_sets), requires_grad=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # models saved before 0.x stored softplus-parametrized ``raw_*`` values: convert them
+        for old, new in (
+            ("raw_lengthscale", "log_lengthscale"),
+            ("raw_sigma", "log_sigma"),
+            ("raw_alpha", "log_alpha"),
+        ):
+            if prefix + old in state_dict and prefix + new not in state_dict:
+                raw = state_dict.pop(prefix + old)
+                val = nn.functional.softplus(raw.double()).clamp_min(1e-12)
+                state_dict[prefix + new] = torch.log(val).to(raw.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ hyperparameters
     @property
     def lengthscale(self) -> Tensor:
         """(n_sets,) lengthscales."""
-        return nn.functional.softplus(self.raw_lengthscale)
+        return torch.exp(self.log_lengthscale)
 
     @property
     def sigma(self) -> Tensor:
         """(n_sets,) amplitudes σ (k(x, x) = σ²)."""
-        return nn.functional.softplus(self.raw_sigma)
+        return torch.exp(self.log_sigma)
 
     @property
     def alpha(self) -> Tensor:
         """(n_sets,) group difference parameter α (0 without groups)."""
         if not self.multigroup:
-            return torch.zeros_like(self.raw_alpha)
-        return nn.functional.softplus(self.raw_alpha)
+            return torch.zeros_like(self.log_alpha)
+        return torch.exp(self.log_alpha)
+
+    def hyper_parameters(self) -> dict[str, nn.Parameter]:
+        """The (log-scale) hyperparameter tensors by name (``alpha`` only for a multi-group kernel)."""
+        out = {"lengthscale": self.log_lengthscale, "sigma": self.log_sigma}
+        if self.multigroup:
+            out["alpha"] = self.log_alpha
+        return out
 
     @property
     def trainable(self) -> bool:
         """Whether any hyperparameter is trained (then nothing can be cached)."""
-        return any(p.requires_grad for p in (self.raw_lengthscale, self.raw_sigma, self.raw_alpha))
+        return any(p.requires_grad for p in (self.log_lengthscale, self.log_sigma, self.log_alpha))
+
+    def set_trainable(self, flag: bool) -> None:
+        """Stop (``False``) training every hyperparameter; ``True`` is not allowed here (see the prior)."""
+        for p in (self.log_lengthscale, self.log_sigma, self.log_alpha):
+            p.requires_grad_(bool(flag) and p.requires_grad)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Keep every hyperparameter inside its :attr:`bounds` (after an optimizer step)."""
+        for name, p in self.hyper_parameters().items():
+            if not p.requires_grad:
+                continue
+            lo, hi = self.bounds[name]
+            p.clamp_(math.log(lo), math.log(hi))
 
     @property
     def n_groups(self) -> int:

@@ -69,6 +69,7 @@ from .sparse_quad import _row_columns, _slots, sparse_row_quad
 
 __all__ = ["LCGPPrior", "sparse_row_quad", "vecchia_neighbors"]
 _COND_ELEMENTS = 2_000_000  # kernel entries per batched K x K solve (cells x K²)
+NUGGET_BOUNDS = (1e-4, 1.0)  # of a learned nugget δ (a fraction of σ²)
 
 
 # ============================================================================ the prior
@@ -92,6 +93,8 @@ class LCGPPrior(GPPrior):
         K, the size of the conditioning sets (capped at N - 1).
     nugget
         δ: the prior covariance is ``k + δσ²I`` (see the module notes).
+    train_nugget
+        Train δ too (log-scale, inside :data:`NUGGET_BOUNDS`).
     neighbor_method
         ``"auto"``, ``"exact"`` or ``"pynndescent"`` for the conditioning sets.
     neighbor_selection
@@ -128,6 +131,7 @@ class LCGPPrior(GPPrior):
         neighbor_selection: str,
         order_seed: int,
         slot_cache_budget: int = 50_000_000,
+        train_nugget: bool = False,
         **gp_options: Any,
     ):
         if X is not None:
@@ -158,7 +162,10 @@ class LCGPPrior(GPPrior):
             if X is not None and groups is None:
                 raise ValueError("A multi-group prior needs the group of every training cell.")
         S = self.kernel.n_sets
-        self.nugget = float(nugget)
+        #: log δ (learned with ``train_nugget``, inside :data:`NUGGET_BOUNDS`)
+        self.log_nugget = torch.nn.Parameter(
+            torch.tensor(math.log(float(nugget)), dtype=torch.float32), requires_grad=bool(train_nugget)
+        )
         self.slot_cache_budget = int(slot_cache_budget)
         # training inputs, ordering and conditioning sets (saved with the model)
         self.register_buffer("X_train", torch.zeros(N, p, dtype=torch.float64))
@@ -173,6 +180,7 @@ class LCGPPrior(GPPrior):
             n_dims=p,
             n_neighbors=K,
             nugget=float(nugget),
+            train_nugget=bool(train_nugget),
             neighbor_method=neighbor_method,
             neighbor_selection=neighbor_selection,
             order_seed=int(order_seed),
@@ -207,6 +215,50 @@ class LCGPPrior(GPPrior):
                     ).numpy()
                 self.nbr.copy_(torch.as_tensor(nbr))
                 self.update_conditionals()
+
+    # ------------------------------------------------------------------ hyperparameters
+    @property
+    def nugget_value(self) -> float:
+        """δ as a float."""
+        return float(torch.exp(self.log_nugget.detach().double()))
+
+    @property
+    def nugget(self) -> Tensor | float:
+        """δ: a float when fixed, a tensor (with its gradient) while it is trained."""
+        if self.log_nugget.requires_grad:
+            return torch.exp(self.log_nugget)
+        return float(torch.exp(self.log_nugget.detach().double()))
+
+    def hyper_parameter_names(self) -> list[str]:
+        """Kernel hyperparameters and ``log_nugget``."""
+        return [*super().hyper_parameter_names(), "log_nugget"]
+
+    @property
+    def hyper_trainable(self) -> bool:
+        """Whether some hyperparameter (the nugget included) is being trained."""
+        return self.kernel.trainable or self.log_nugget.requires_grad
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Keep trained hyperparameters (the nugget included) inside their bounds."""
+        super().after_step()
+        if self.log_nugget.requires_grad:
+            self.log_nugget.clamp_(math.log(NUGGET_BOUNDS[0]), math.log(NUGGET_BOUNDS[1]))
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments as plain values (current hyperparameters, the nugget included)."""
+        cfg = super().config()
+        cfg["nugget"] = self.nugget_value
+        return cfg
+
+    def _freeze_extra(self) -> None:
+        self.log_nugget.requires_grad_(False)
+        self.update_conditionals()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "log_nugget" not in state_dict:  # saved before the nugget could be learned
+            state_dict[prefix + "log_nugget"] = self.log_nugget.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ conditionals
     @torch.no_grad()
@@ -263,11 +315,14 @@ class LCGPPrior(GPPrior):
         s2 = (kernel.sigma.to(dtype) ** 2).view(-1, 1, 1)
         mm = (mask[:, :, None] & mask[:, None, :]).to(dtype)
         eye = torch.eye(nb.shape[1], dtype=dtype, device=Xj.device)
-        Knn = Knn * mm + eye * (1.0 - mm) * s2[..., None] + self.nugget * s2[..., None] * eye
+        nug = self.nugget
+        if isinstance(nug, Tensor):
+            nug = nug.to(dtype)
+        Knn = Knn * mm + eye * (1.0 - mm) * s2[..., None] + nug * s2[..., None] * eye
         knj = knj * mask.to(dtype)
         Lc = cholesky_jitter(Knn, jitter=1e-10)
         b = torch.cholesky_solve(knj[..., None], Lc)[..., 0] * mask.to(dtype)
-        tau2 = (s2[..., 0] * (1.0 + self.nugget) - (knj * b).sum(-1)).clamp_min(self.nugget * s2[..., 0])
+        tau2 = (s2[..., 0] * (1.0 + nug) - (knj * b).sum(-1)).clamp_min(nug * s2[..., 0])
         return b, tau2
 
     @torch.no_grad()
@@ -285,7 +340,7 @@ class LCGPPrior(GPPrior):
 
     def conditionals(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """``b`` (S, B, K) and ``τ²`` (S, B) of training cells ``idx``."""
-        if self.kernel.trainable:
+        if self.hyper_trainable:
             dtype = self.m.dtype
             gj = self.groups_train[idx] if self.multigroup else None
             return self._conditionals_of(self.kernel, self.X_train[idx].to(dtype), gj, self.nbr[idx])
@@ -536,4 +591,8 @@ class LCGPPrior(GPPrior):
             self.Lu_offdiag.zero_()
 
     def _gp_info_extra(self) -> dict[str, Any]:
-        return {"n_neighbors": int(self.n_neighbors), "num_inducing": int(self.n_obs), "nugget": self.nugget}
+        return {
+            "n_neighbors": int(self.n_neighbors),
+            "num_inducing": int(self.n_obs),
+            "nugget": self.nugget_value,
+        }

@@ -65,6 +65,20 @@ class Prior(nn.Module):
         """Learning-rate multipliers of parameters (by name) that do not use the base rate."""
         return {}
 
+    def after_step(self) -> None:
+        """Called after every optimizer step (GP priors keep learned hyperparameters in bounds)."""
+
+    def hyper_phase_over(self, n_iter: int) -> bool:
+        """Whether hyperparameters still train but their learning phase is over after ``n_iter`` iterations."""
+        return False
+
+    def freeze_hyperparameters(self) -> None:
+        """Stop training the hyperparameters (nothing to do without them)."""
+
+    def hyper_phase_end(self) -> int | None:
+        """Iteration at which the hyperparameters' learning phase ends; ``None``: no phase."""
+        return None
+
 
 class PNMFPrior(Prior):
     """``F_nl ~ N(0, 1)`` independently; ``q`` has a free mean and scale per cell and factor.

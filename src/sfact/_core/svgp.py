@@ -43,7 +43,8 @@ class SVGPPrior(GPPrior):
         Cache ``A`` for the training cells when M·N is at most this many numbers.
     **gp_options
         The kernel options and ``diagonal_only`` of :class:`~sfact._core.gp.GPPrior`, all
-        required. Trained hyperparameters refactorize ``K_zz`` every step; ``diagonal_only``
+        required (``hyper_iter``, ``hyper_lr_scale``, ``lengthscale_bounds``: the learning
+        phase, optional). Trained hyperparameters refactorize ``K_zz`` every step; ``diagonal_only``
         makes ``S`` diagonal (O(B·M·L) variance instead of O(B·M²·L)).
     """
 
@@ -94,7 +95,7 @@ class SVGPPrior(GPPrior):
 
     def Lzz(self) -> Tensor:
         """Cholesky factor of ``K_zz`` (n_sets, M, M); computed once when hyperparameters are fixed."""
-        if self.kernel.trainable:
+        if self.hyper_trainable:
             return cholesky_jitter(
                 self.kernel(self.Z, self.Z, self._groups(self.Z_groups), self._groups(self.Z_groups))
             )
@@ -113,7 +114,7 @@ class SVGPPrior(GPPrior):
 
     def _A_train(self, inp: PriorInput) -> Tensor:
         """``A`` for training cells, from the cache when it is valid and fits the budget."""
-        if self.kernel.trainable or inp.X_all is None:
+        if self.hyper_trainable or inp.X_all is None:
             return self._A(inp.X, inp.groups)
         N = inp.X_all.shape[0]
         if self.n_inducing * N * self.kernel.n_sets > self.cache_budget:

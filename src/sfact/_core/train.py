@@ -162,6 +162,9 @@ def train_loop(
     # fixed random blocks of cells with precomputed CSR structures (all genes per step)
     blocks = data.counts.blocks(B, generator) if By >= D else None
     for it in bar:
+        if module.prior.hyper_phase_over(len(history)):
+            # end of the hyperparameters' learning phase: freeze them, cache what derives from them
+            module.prior.freeze_hyperparameters()
         if blocks is not None:
             block_order = (
                 torch.randperm(len(blocks), generator=generator).tolist() if len(blocks) > 1 else [0]
@@ -199,6 +202,7 @@ def train_loop(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            module.prior.after_step()
             if module.loadings_mode == "projected":
                 module.floor_loadings()
             elif module.loadings_mode == "multiplicative":
@@ -228,7 +232,11 @@ def train_loop(
             bar.set_postfix(elbo=f"{vals[0]:.5g}", refresh=False)
         if callback is not None:
             callback(first_iter + it + 1, float(vals[0]))
-        if it + 1 >= cfg.min_iter and relative_change(history.elbo, cfg.window) < cfg.tol:
+        # not converged while hyperparameters are still in their learning phase, nor in the
+        # iterations right after it (the ELBO moves when they freeze)
+        hyper_end = module.prior.hyper_phase_end()
+        settled = hyper_end is None or len(history) >= hyper_end + 2 * cfg.window
+        if it + 1 >= cfg.min_iter and settled and relative_change(history.elbo, cfg.window) < cfg.tol:
             converged = True
             break
     bar.close()

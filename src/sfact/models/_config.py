@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -58,41 +58,75 @@ class GPConfig:
     lengthscale
         Kernel lengthscale in scaled units (coordinates span 100 units along the longer side
         after :func:`sfact.pp.prepare`); one value, or one per factor with ``per_factor_kernel``.
+        Default 5 (``svgp``) or 8 (``lcgp``), fixed unless ``train_lengthscale=True``; ``None``:
+        initialized from the data (4 x the median distance from a cell to its 10th nearest
+        neighbour) and learned (opt-in: see "Learned hyperparameters" in the model docs).
     sigma
         Kernel amplitude (prior standard deviation of the log-factors around their mean).
+        Default 1, fixed unless ``train_sigma=True``; ``None``: starts at 1 and is learned.
     group_diff_param
         α of the multi-group kernel: 0 makes all groups one; large values make them independent.
+        Default 1, fixed unless ``train_group_diff_param=True``; ``None``: starts at 1 and is
+        learned.
     group_distances
         Optional (G, G) distances between groups, embedded by classical MDS; all pairs of
         different groups are at distance 1 when ``None``.
     per_factor_kernel
         One set of kernel hyperparameters per factor.
     train_lengthscale, train_sigma, train_group_diff_param
-        Learn these hyperparameters.
+        Learn these hyperparameters; ``None`` (default): learned exactly when their value is
+        ``None``.
+    hyper_iter
+        Learned hyperparameters train during the first ``hyper_iter`` iterations only, then they
+        are frozen and what derives from them is cached (the speed of fixed hyperparameters);
+        ``None``: they train for the whole fit.
+    hyper_lr_scale
+        Learning rate of the (log-scale) hyperparameters relative to ``learning_rate``.
     diagonal_only
         Diagonal variational covariance; ``None`` (default) uses it on the CPU only.
     """
 
     kernel: KernelName = "matern32"
-    lengthscale: float | list[float] = 5.0
-    sigma: float | list[float] = 1.0
-    group_diff_param: float = 1.0
+    lengthscale: float | list[float] | None = 5.0
+    sigma: float | list[float] | None = 1.0
+    group_diff_param: float | None = 1.0
     group_distances: Any = None
     per_factor_kernel: bool = False
-    train_lengthscale: bool = False
-    train_sigma: bool = False
-    train_group_diff_param: bool = False
+    train_lengthscale: bool | None = None
+    train_sigma: bool | None = None
+    train_group_diff_param: bool | None = None
+    hyper_iter: int | None = 100
+    hyper_lr_scale: float = 0.5
     diagonal_only: bool | None = None
 
+    #: starting values of the learned hyperparameters (``None`` above): the lengthscale starts at
+    #: this multiple of the median distance from a cell to its 10th nearest neighbour, and is kept
+    #: within [LENGTHSCALE_BOUNDS[0] x the median 1st-neighbour distance, LENGTHSCALE_BOUNDS[1] x
+    #: the longer side of the tissue]
+    LENGTHSCALE_NN_MULTIPLE: ClassVar[float] = 4.0
+    LENGTHSCALE_BOUNDS: ClassVar[tuple[float, float]] = (0.5, 2.0)
+    SIGMA_START: ClassVar[float] = 1.0
+    GROUP_DIFF_START: ClassVar[float] = 1.0
+    NUGGET_START: ClassVar[float] = 0.03
+
     def __post_init__(self) -> None:
-        if np.any(np.asarray(self.lengthscale, dtype=float) <= 0) or np.any(
-            np.asarray(self.sigma, dtype=float) <= 0
-        ):
-            raise ValueError("`lengthscale` and `sigma` must be positive.")
+        for name in ("lengthscale", "sigma"):
+            v = getattr(self, name)
+            if v is not None and np.any(np.asarray(v, dtype=float) <= 0):
+                raise ValueError("`lengthscale` and `sigma` must be positive.")
         if self.kernel not in KERNELS:
             raise ValueError(f"`kernel` must be 'matern32' or 'rbf', received {self.kernel!r}.")
-        if self.group_diff_param < 0:
+        if self.group_diff_param is not None and self.group_diff_param < 0:
             raise ValueError(f"`group_diff_param` must be >= 0, received {self.group_diff_param}.")
+        if self.hyper_iter is not None and int(self.hyper_iter) < 0:
+            raise ValueError(f"`hyper_iter` must be >= 0 or None, received {self.hyper_iter}.")
+        if not self.hyper_lr_scale > 0:
+            raise ValueError(f"`hyper_lr_scale` must be positive, received {self.hyper_lr_scale}.")
+
+    def _trained(self, name: str) -> bool:
+        """Whether hyperparameter ``name`` is learned: ``train_<name>``, or (when that is ``None``) its value is ``None``."""
+        flag = getattr(self, f"train_{name}")
+        return getattr(self, name) is None if flag is None else bool(flag)
 
     def _for_device(self, device: str) -> GPConfig:
         """The config with every device-dependent default (``None``) filled in for ``device``."""
@@ -115,10 +149,14 @@ class SVGPConfig(GPConfig):
     lengthscale
         Kernel lengthscale in scaled units (coordinates span 100 units along the longer side
         after :func:`sfact.pp.prepare`); one value, or one per factor with ``per_factor_kernel``.
+        Default 5, fixed unless ``train_lengthscale=True``; ``None``: initialized from the data
+        and learned (see :class:`GPConfig`).
     sigma
-        Kernel amplitude (prior standard deviation of the log-factors around their mean).
+        Kernel amplitude (prior standard deviation of the log-factors around their mean);
+        default 1 (fixed); ``None``: starts at 1 and is learned.
     group_diff_param
-        α of the multi-group kernel: 0 makes all groups one; large values make them independent.
+        α of the multi-group kernel: 0 makes all groups one; large values make them independent;
+        default 1 (fixed); ``None``: starts at 1 and is learned.
     group_distances
         Optional (G, G) distances between groups, embedded by classical MDS; all pairs of
         different groups are at distance 1 when ``None``.
@@ -127,7 +165,13 @@ class SVGPConfig(GPConfig):
     per_factor_kernel
         One set of kernel hyperparameters per factor (slower: no sharing of ``L_zz⁻¹K_zx``).
     train_lengthscale, train_sigma, train_group_diff_param
-        Learn these hyperparameters (``K_zz`` is then refactorized every step).
+        Learn these hyperparameters (``K_zz`` is then refactorized every step of the learning
+        phase); ``None`` (default): learned exactly when their value is ``None``.
+    hyper_iter
+        Iterations of the hyperparameters' learning phase, after which they are frozen and
+        ``L_zz⁻¹K_zx`` is cached again; ``None``: learned for the whole fit.
+    hyper_lr_scale
+        Learning rate of the (log-scale) hyperparameters relative to ``learning_rate``.
     diagonal_only
         Diagonal (whitened) variational covariance ``S``: O(B·M·L) per step instead of
         O(B·M²·L). ``None`` (default) uses it on the CPU and a full ``S`` on a GPU.
@@ -182,21 +226,32 @@ class LCGPConfig(GPConfig):
     kernel
         ``"matern32"`` or ``"rbf"``.
     lengthscale
-        Kernel lengthscale in scaled units (the longer side of the tissue spans 100).
+        Kernel lengthscale in scaled units (the longer side of the tissue spans 100); default 8,
+        fixed unless ``train_lengthscale=True``; ``None``: initialized from the data and learned
+        (see :class:`GPConfig`).
     sigma
-        Kernel amplitude.
+        Kernel amplitude; default 1 (fixed); ``None``: starts at 1 and is learned.
     group_diff_param
-        α of the multi-group kernel.
+        α of the multi-group kernel; default 1 (fixed); ``None``: starts at 1 and is learned.
     group_distances
         Optional (G, G) distances between groups (classical MDS), as for ``svgp``.
     per_factor_kernel
         One set of kernel hyperparameters per factor.
     train_lengthscale, train_sigma, train_group_diff_param
-        Learn these hyperparameters (the K x K conditionals are then recomputed every step).
+        Learn these hyperparameters (the K x K conditionals are then recomputed every step of the
+        learning phase); ``None`` (default): learned exactly when their value is ``None``.
+    hyper_iter
+        Iterations of the hyperparameters' learning phase, after which they are frozen and the
+        conditionals are cached again; ``None``: learned for the whole fit.
+    hyper_lr_scale
+        Learning rate of the (log-scale) hyperparameters relative to ``learning_rate``.
     nugget
         Independent cell-level prior variance, as a fraction of σ² (keeps conditional variances
         positive for cells with identical coordinates). Larger values fit held-out cells better
         on osmFISH and Visium prostate, smaller ones give smoother factors (higher Moran's I).
+        Default 0.03 (fixed); ``None``: starts at 0.03 and is learned (within [1e-4, 1]).
+    train_nugget
+        Learn the nugget; ``None`` (default): learned exactly when ``nugget`` is ``None``.
     diagonal_only
         Mean-field posterior (diagonal L_u): O(B·K·L) per step instead of O(B·K²·L). ``None``
         (default) uses it on the CPU and the sparse L_u on a GPU.
@@ -217,9 +272,10 @@ class LCGPConfig(GPConfig):
     ... )
     """
 
-    lengthscale: float | list[float] = 8.0
+    lengthscale: float | list[float] | None = 8.0
     n_neighbors: int = 50
-    nugget: float = 0.03
+    nugget: float | None = 0.03
+    train_nugget: bool | None = None
     neighbor_method: NeighborMethod = "auto"
     neighbor_selection: NeighborSelection = "auto"
     order_seed: int = 0
@@ -228,7 +284,7 @@ class LCGPConfig(GPConfig):
         if int(self.n_neighbors) < 1:
             raise ValueError(f"`n_neighbors` must be positive, received {self.n_neighbors}.")
         super().__post_init__()
-        if not self.nugget > 0:
+        if self.nugget is not None and not self.nugget > 0:
             raise ValueError(f"`nugget` must be positive, received {self.nugget}.")
         if self.neighbor_method not in NEIGHBOR_METHODS:
             raise ValueError(

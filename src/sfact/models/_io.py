@@ -118,9 +118,12 @@ def load_model(
     inputs = None
     if adata is not None:
         setup.check_vars(adata)
-        if pcls.per_cell and adata.n_obs != setup.n_obs:
+        # the training cells: every prior's training marginals are indexed by them
+        if adata.n_obs != setup.n_obs:
             raise ValueError(
-                f"Cells do not match the model: expected {setup.n_obs} cells, received {adata.n_obs}."
+                f"Cells do not match the model: expected {setup.n_obs} cells, received {adata.n_obs}. "
+                "A model saved by `sfact.tl.fit` with validation cells was trained on the others: pass "
+                "`adata[~adata.obs['sfact_validation']]`, or load it without `adata`."
             )
         inputs = (setup.scaled_coords(adata), setup.group_codes(adata))
     elif os.path.exists(os.path.join(dir_path, "train_inputs.pt")):

@@ -348,8 +348,10 @@ class SpatialFactorization(TrainingMixin, ResultsMixin):
         dir_path
             Directory written by :meth:`save`.
         adata
-            Training data to attach (needed to continue training); its genes must match the
-            saved model's, and for ``pnmf`` its number of cells too.
+            Training data to attach (needed to continue training); its genes and its number of
+            cells must match the saved model's. A model saved by :func:`sfact.tl.fit` with
+            validation cells was trained on the others:
+            ``adata[~adata.obs['sfact_validation']]``.
         device
             Where to put the model; :attr:`sfact.settings.device` when ``None``.
 

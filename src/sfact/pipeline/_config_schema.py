@@ -206,7 +206,12 @@ class TrainingConfig:
         ``auto`` (the device the runner assigns: a GPU when there is one), ``cpu`` (always
         the CPU), ``cuda`` or ``cuda:N`` (a GPU job; the runner picks which GPU).
     random_state
-        Seed of the model (initialization, batches).
+        Seed of the model (initialization, batches) and of the validation cells.
+    validation_fraction
+        Fraction of the cells held out of training for the baseline guard of
+        :func:`sfact.tl.fit`, in ``[0, 0.5)``: the model's deviance on them is recorded next to
+        the baseline's and a kNN smoother's in ``metrics.json``; ``0`` trains on all cells;
+        ``null`` holds out 0.05 with at least 1000 cells, none otherwise.
     """
 
     max_iter: int = 1000
@@ -219,12 +224,14 @@ class TrainingConfig:
     min_iter: int = 20
     device: str = "auto"
     random_state: int = 0
+    validation_fraction: float | None = None
 
     def train_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :meth:`sfact.models.SpatialFactorization.train`.
 
-        Every key but ``device`` (the runner assigns it) and ``random_state`` (an argument of
-        the model, see :meth:`Config.model_kwargs`).
+        Every key but ``device`` (the runner assigns it), ``random_state`` (an argument of
+        the model, see :meth:`Config.model_kwargs`) and ``validation_fraction`` (the ``train``
+        stage holds the validation cells out).
         """
         return {
             "max_iter": self.max_iter,

@@ -200,6 +200,12 @@ def _check_training(training: TrainingConfig, err: _Err) -> None:
         v = getattr(training, k)
         if v is not None and v < 1:
             raise err(f"must be a positive integer or null, received {v}.", f"training.{k}")
+    vf = training.validation_fraction
+    if vf is not None and not 0 <= vf < 0.5:
+        raise err(
+            f"must be in [0, 0.5) (0: no validation cells; null: automatic), received {vf}.",
+            "training.validation_fraction",
+        )
     try:
         check_device(training.device)
     except ValueError:

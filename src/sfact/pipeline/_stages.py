@@ -149,7 +149,12 @@ def train(
     """Train one prior on ``prepared.h5ad``, order its factors, and save the model to ``<prior>/model``.
 
     The factors are ordered by descending Moran's I (:func:`sfact.tl.fit` does the same) before
-    the model is saved, so the ``analyze`` stage and every later use see one order.
+    the model is saved, so the ``analyze`` stage and every later use see one order. With
+    ``training.validation_fraction`` (by default 0.05 of the cells when there are at least
+    1000), the model is trained on the other cells and checked on the held-out ones against
+    the baseline and a kNN smoother, as :func:`sfact.tl.fit` does (a warning when it does not
+    beat the baseline); the held-out cells and the metrics are saved to
+    ``<prior>/model/validation.json``, and ``resume`` keeps the same cells.
 
     Parameters
     ----------
@@ -172,7 +177,8 @@ def train(
     Returns
     -------
     ``{"model_dir", "n_iter", "n_iter_run", "converged", "elbo_per_entry", "train_time_s",
-    "resumed", "reordered", "device"}``, or ``{"skipped": True, ...}``.
+    "resumed", "reordered", "device"}`` and, with validation cells, the held-out metrics of
+    :func:`sfact.tl.fit` (``validation_deviance``, ...); or ``{"skipped": True, ...}``.
 
     Examples
     --------
@@ -192,8 +198,16 @@ def train(
         tr = cfg.training
         resumed = bool(resume and have_model and not force)
         if resumed:
+            # the same validation cells as the saved model's
+            mask, saved_checks = _saved_validation(model_dir, adata)
+            fraction = 0.0 if saved_checks is None else float(saved_checks["validation_fraction"])
+        else:
+            fraction = _fraction(tr.validation_fraction, adata.n_obs)
+            mask = _validation_cells(adata, cfg, prior, fraction)
+        train_adata = adata if mask is None else adata[~mask].copy()
+        if resumed:
             report(message="loading the saved model")
-            model = SpatialFactorization.load(model_dir, adata, device=dev)
+            model = SpatialFactorization.load(model_dir, train_adata, device=dev)
             saved = model.setup
             if saved.prior != prior or saved.n_factors != cfg.model.n_factors:
                 raise ValueError(
@@ -204,7 +218,7 @@ def train(
         else:
             if resume:
                 _say(f"no saved model in {model_dir}: training from scratch")
-            model = SpatialFactorization(adata, **cfg.model_kwargs(prior), device=dev)
+            model = SpatialFactorization(train_adata, **cfg.model_kwargs(prior), device=dev)
         n0 = len(model.history_)
         last = [0.0]
         every = max(1, tr.max_iter // 20)
@@ -232,8 +246,31 @@ def train(
 
         from sfact.tl._analyze import order_by_moran
 
+        marginals = checks = None
+        if mask is not None:
+            from sfact import _logging as logg
+            from sfact.tl._heldout import guard_message, split_log_factors, validation_metrics
+
+            report(epoch=n_run, max_epoch=tr.max_iter, elbo=elbo, message="held-out check")
+            bs = cfg.analysis.batch_size
+            marginals = split_log_factors(model, adata, mask, batch_size=bs)
+            checks = validation_metrics(
+                model, adata, mask, fraction=fraction, log_factors=marginals, batch_size=bs
+            )
+            _say(
+                f"held-out check on {checks['n_validation']} cells, deviance per entry: model "
+                f"{checks['validation_deviance']:.6g}, baseline {checks['validation_baseline_deviance']:.6g}, "
+                f"kNN smoother {checks['validation_knn_deviance']:.6g}"
+            )
+            message = guard_message(checks)
+            if message is not None:
+                logg.warning(message)
         order = order_by_moran(
-            model, adata, n_neighs=cfg.analysis.n_neighs, batch_size=cfg.analysis.batch_size
+            model,
+            adata,
+            n_neighs=cfg.analysis.n_neighs,
+            batch_size=cfg.analysis.batch_size,
+            marginals=marginals,
         ).order
         reordered = not np.array_equal(order, np.arange(len(order)))
         if reordered:
@@ -242,6 +279,11 @@ def train(
         model_dir.parent.mkdir(parents=True, exist_ok=True)
         with _tmp_dir(model_dir) as tmp:
             model.save(tmp, overwrite=True)
+            if mask is not None:
+                _write_json(
+                    tmp / VALIDATION_FILE,
+                    {"cells": [str(c) for c in adata.obs_names[mask]], "metrics": checks},
+                )
             _swap_dir(tmp, model_dir)
         from ._config_files import config_to_yaml
 
@@ -257,6 +299,7 @@ def train(
             "resumed": resumed,
             "reordered": reordered,
             "device": str(model.device),
+            **(checks or {}),
         }
 
 
@@ -310,20 +353,47 @@ def analyze(
         from sfact.get._view import FitView
         from sfact.models import SpatialFactorization
 
+        mask, checks = _saved_validation(model_dir, adata)
         report(message="loading the model")
-        model = SpatialFactorization.load(model_dir, adata, device=dev)
+        model = SpatialFactorization.load(
+            model_dir, adata if mask is None else adata[~mask].copy(), device=dev
+        )
         group_key = model.setup.group_key
         an = cfg.analysis
         report(message="analysing")
-        sfact.tl.analyze(
-            adata,
-            model,
-            analyze_batch_size=an.batch_size,
-            group_key=group_key,
-            n_neighs=an.n_neighs,
-            n_top=an.n_top,
-            progress_bar=False,
-        )
+        if mask is None:
+            sfact.tl.analyze(
+                adata,
+                model,
+                analyze_batch_size=an.batch_size,
+                group_key=group_key,
+                n_neighs=an.n_neighs,
+                n_top=an.n_top,
+                progress_bar=False,
+            )
+        else:
+            # every cell: the training cells' marginals, the held-out cells' predicted factors
+            from sfact._keys import Keys
+            from sfact.tl._analyze import LogFactors, _analyze, _log_factors
+            from sfact.tl._fit import write_validation
+            from sfact.tl._heldout import split_log_factors
+
+            marginals = split_log_factors(model, adata, mask, batch_size=an.batch_size)
+            mu, var, moran = _log_factors(
+                adata, model, n_neighs=an.n_neighs, batch_size=an.batch_size, marginals=marginals
+            )
+            _analyze(
+                adata,
+                model,
+                key_added="sfact",
+                analyze_batch_size=an.batch_size,
+                group_key=group_key,
+                n_neighs=an.n_neighs,
+                n_top=an.n_top,
+                progress_bar=False,
+                log_factors=LogFactors(mu=mu, var=var, moran=moran, order=np.arange(model.n_factors)),
+            )
+            write_validation(adata, Keys("sfact"), mask, checks, guard=False)
         if prior.startswith("mggp") and an.groupwise:
             report(message="group-wise factors")
             sfact.tl.groupwise_factors(adata, model, batch_size=an.batch_size)
@@ -378,6 +448,46 @@ def analyze(
             "reconstruction_error": float(m["reconstruction_error"]),
             "moranI_max": float(moran["I"].max()),
         }
+
+
+#: the file of the model folder with the validation cells and the held-out metrics
+VALIDATION_FILE = "validation.json"
+
+
+def _fraction(validation_fraction: float | None, n_obs: int) -> float:
+    from sfact.tl._heldout import resolve_validation_fraction
+
+    return resolve_validation_fraction(validation_fraction, n_obs)
+
+
+def _validation_cells(adata, cfg, prior: str, fraction: float):
+    """The validation cells of a fresh training run (``None``: none), as :func:`sfact.tl.fit` draws them."""
+    from sfact.tl._fit import _recorded_group_key
+    from sfact.tl._heldout import validation_mask
+
+    if fraction == 0:
+        return None
+    kw = cfg.model_kwargs(prior)
+    gk = _recorded_group_key(adata, kw.get("group_key"), kw.get("spatial_key", "spatial"))
+    return validation_mask(adata, fraction, random_state=cfg.training.random_state, group_key=gk)
+
+
+def _saved_validation(model_dir: Path, adata):
+    """``(mask, metrics)`` of the validation cells saved with a model; ``(None, None)`` without."""
+    import numpy as np
+
+    path = model_dir / VALIDATION_FILE
+    if not path.exists():
+        return None, None
+    saved = json.loads(path.read_text())
+    cells = set(saved["cells"])
+    mask = np.array([str(c) in cells for c in adata.obs_names])
+    if int(mask.sum()) != len(cells):
+        raise ValueError(
+            f"{path} names {len(cells)} validation cells, {int(mask.sum())} of them are in the "
+            "prepared data: the data changed since training; use --force to train afresh."
+        )
+    return mask, dict(saved["metrics"])
 
 
 #: the job function of each task

@@ -6,7 +6,7 @@ from ._analysis import baseline_deviance, morans_i
 from ._analyze import analyze
 from ._fit import fit, groupwise_factors
 from ._groups import gene_enrichment, group_loadings
-from ._heldout import heldout_deviance, heldout_split
+from ._heldout import heldout_deviance, heldout_split, knn_deviance
 from ._select import select_model
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "groupwise_factors",
     "heldout_deviance",
     "heldout_split",
+    "knn_deviance",
     "morans_i",
     "select_model",
 ]

@@ -54,14 +54,26 @@ class LogFactors:
 
 
 def _log_factors(
-    adata: AnnData, model: SpatialFactorization, *, n_neighs: int, batch_size: int
+    adata: AnnData,
+    model: SpatialFactorization,
+    *,
+    n_neighs: int,
+    batch_size: int,
+    marginals: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    """``(mu, var, moran)`` of the cells of ``adata`` in the model's current factor order."""
+    """``(mu, var, moran)`` of the cells of ``adata`` in the model's current factor order.
+
+    ``marginals``: their ``(mu, var)`` when already computed (e.g. by
+    :func:`sfact.tl._heldout.split_log_factors`).
+    """
     from .._keys import factor_names
     from .._utils import get_coordinates
     from ._analysis import morans_i
 
-    mu, var = model.get_log_factors(None if adata is model.adata else adata, batch_size=batch_size)
+    if marginals is None:
+        mu, var = model.get_log_factors(None if adata is model.adata else adata, batch_size=batch_size)
+    else:
+        mu, var = marginals
     coords = get_coordinates(adata, model.setup.spatial_key)
     moran = morans_i(np.exp(mu), coords, names=factor_names(model.n_factors), n_neighs=n_neighs)
     return mu, var, moran
@@ -73,6 +85,7 @@ def order_by_moran(
     *,
     n_neighs: int = 6,
     batch_size: int = 10000,
+    marginals: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> LogFactors:
     """Order a freshly trained model's factors by descending Moran's I, in place.
 
@@ -93,6 +106,9 @@ def order_by_moran(
         Neighbours per cell of the spatial graph.
     batch_size
         Cells per batch of the factors.
+    marginals
+        The log-factors ``(mu, var)`` of the cells of ``adata`` in the model's current order,
+        when already computed (a fit with validation cells); computed when ``None``.
 
     Returns
     -------
@@ -102,7 +118,7 @@ def order_by_moran(
     from ._analysis import moran_order
 
     adata = model.adata if adata is None else adata
-    mu, var, moran = _log_factors(adata, model, n_neighs=n_neighs, batch_size=batch_size)
+    mu, var, moran = _log_factors(adata, model, n_neighs=n_neighs, batch_size=batch_size, marginals=marginals)
     order = moran_order(moran)
     if not np.array_equal(order, np.arange(len(order))):
         model.reorder_factors(order)

@@ -38,6 +38,7 @@ def fit(
     prior_kwargs: dict[str, Any] | None = None,
     analyze_batch_size: int = 10000,
     n_neighs: int = 6,
+    validation_fraction: float | None = None,
     save_model: str | os.PathLike | None = None,
     device: str | None = None,
     random_state: int | np.random.Generator | None = 0,
@@ -50,6 +51,21 @@ def fit(
     factors of every cell in batches, orders the factors (in the model too) by descending
     Moran's I and writes the results (:func:`sfact.tl.analyze`). Nothing is written if training
     fails.
+
+    **The baseline guard.** With ``validation_fraction`` > 0 (by default 0.05 when there are at
+    least 1000 cells), that fraction of the cells, drawn with ``random_state`` as
+    :func:`sfact.tl.heldout_split` draws them, is held out: the model is trained on the other
+    cells only and predicts the held-out ones from their coordinates (and groups). Their mean
+    Poisson deviance per entry is recorded next to that of the baseline "cell total × gene
+    share" (:func:`sfact.tl.baseline_deviance`) and of a kNN composition smoother
+    (:func:`sfact.tl.knn_deviance`, 20 neighbours), and a warning with advice is issued when
+    the model does not beat the baseline. ``pnmf``, which has no model of space, is scored with
+    the mean log-factors of each held-out cell's 10 nearest training cells.
+    The model is **not** refitted on all cells (that would double the cost): the final model is
+    the one trained on the other cells, and the results of every cell are written, the
+    held-out cells' factors being the model's factors of new cells (predicted from coordinates
+    by the spatial priors, fitted to their counts with the loadings fixed by ``pnmf``).
+    ``validation_fraction=0`` trains on all cells, exactly as without the guard.
 
     Parameters
     ----------
@@ -91,8 +107,15 @@ def fit(
         Cells per batch when computing the factors of all cells.
     n_neighs
         Neighbours per cell of the spatial graph used for Moran's I.
+    validation_fraction
+        Fraction of the cells held out for the baseline guard, in ``[0, 0.5)``; ``0`` turns it
+        off (the model is trained on all cells); ``None`` holds out 0.05 of the cells when
+        there are at least 1000, none otherwise.
     save_model
         Directory to save the trained model to (see :meth:`~sfact.models.SpatialFactorization.save`).
+        With validation cells the saved model is trained on the other cells: load it with
+        ``SpatialFactorization.load(save_model)`` (its training inputs are saved) or with
+        ``adata[~adata.obs['{key}_validation']]``.
     device
         ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     random_state
@@ -118,12 +141,17 @@ def fit(
         ``params`` (plain values), ``history`` (ELBO per entry, log-likelihood, KL, time per
         iteration), ``moranI`` (DataFrame with squidpy's columns, indexed by factor name),
         ``metrics`` (deviance, deviance per entry, reconstruction error, iterations,
-        convergence, training time), ``factor_names``, ``keys``, and for the GP priors ``gp``
+        convergence, training time; with validation cells also ``validation_fraction``,
+        ``n_validation``, ``validation_deviance``, ``validation_baseline_deviance``,
+        ``validation_knn_deviance``, ``validation_beats_baseline``), ``factor_names``, ``keys``,
+        and for the GP priors ``gp``
         (kernel, lengthscale, sigma, group_diff_param, num_inducing). When the fit has groups
         (``group_key``, or the one recorded by :func:`sfact.pp.prepare`), also
         ``group_loadings`` and ``enrichment`` (see :func:`sfact.tl.gene_enrichment`).
     ``adata.varm['{key}_loadings_{group}']``
         When the fit has groups: each group's loadings (see :func:`sfact.tl.group_loadings`).
+    ``adata.obs['{key}_validation']``
+        With validation cells: ``True`` for the cells held out of training.
 
     Examples
     --------
@@ -133,13 +161,25 @@ def fit(
     >>> sfact.tl.fit(adata, prior="pnmf", n_factors=5, max_iter=100)  # doctest: +SKIP
     >>> adata.obsm["X_sfact"].shape  # doctest: +SKIP
     (4839, 5)
+    >>> m = adata.uns["sfact"]["metrics"]  # doctest: +SKIP
+    >>> m["validation_deviance"] < m["validation_baseline_deviance"]  # doctest: +SKIP
+    True
     """
     from ..models import SpatialFactorization
+    from ._analyze import _analyze, _check_batch_size, order_by_moran
+    from ._heldout import resolve_validation_fraction, validation_mask
 
+    # every check of the arguments before anything is copied, split or trained
+    fraction = resolve_validation_fraction(validation_fraction, adata.n_obs)
+    _check_batch_size(analyze_batch_size)
     if copy:
         adata = adata.copy()
+    mask = None
+    if fraction > 0:
+        gk = _recorded_group_key(adata, group_key, spatial_key)
+        mask = validation_mask(adata, fraction, random_state=random_state, group_key=gk)
     model = SpatialFactorization(
-        adata,
+        adata if mask is None else adata[~mask].copy(),
         prior=prior,
         n_factors=n_factors,
         layer=layer,
@@ -164,12 +204,20 @@ def fit(
     )
     if not copy:
         view_to_actual(adata)
-        model.adata = adata
-    from ._analyze import _analyze, _check_batch_size, order_by_moran
+        if mask is None:
+            model.adata = adata
+    marginals = checks = None
+    if mask is not None:
+        from ._heldout import split_log_factors, validation_metrics
 
-    _check_batch_size(analyze_batch_size)
+        marginals = split_log_factors(model, adata, mask, batch_size=analyze_batch_size)
+        checks = validation_metrics(
+            model, adata, mask, fraction=fraction, log_factors=marginals, batch_size=analyze_batch_size
+        )
     # the one place the factor order is set: by descending Moran's I, before anything is written
-    log_factors = order_by_moran(model, adata, n_neighs=n_neighs, batch_size=analyze_batch_size)
+    log_factors = order_by_moran(
+        model, adata, n_neighs=n_neighs, batch_size=analyze_batch_size, marginals=marginals
+    )
     _analyze(
         adata,
         model,
@@ -180,18 +228,64 @@ def fit(
         n_top=10,
         log_factors=log_factors,
     )
+    keys = Keys(key_added)
+    write_validation(adata, keys, mask, checks)
     if save_model is not None:
         model.save(save_model, overwrite=True)
-    keys = Keys(key_added)
     logg.info(
         "    finished",
         time=start,
         deep=(
             f"added\n    '{keys.factors}', '{keys.scales}' (adata.obsm)\n    '{keys.loadings}' (adata.varm)\n"
             f"    '{keys.uns}' (adata.uns)"
+            + ("" if mask is None else f"\n    '{keys.obs_validation()}' (adata.obs)")
         ),
     )
     return adata if copy else None
+
+
+def _recorded_group_key(adata: AnnData, group_key: str | None, spatial_key: str) -> str | None:
+    """The group key a model of ``adata`` will use: ``group_key``, or the one of ``sfact.pp.prepare``.
+
+    The rule of :meth:`sfact.models.ModelSetup.from_adata`, needed before the model is built (the
+    validation cells are drawn first).
+    """
+    if group_key is not None:
+        return group_key
+    prep = adata.uns.get("sfact_prepare", {})
+    if prep.get("group_key") is not None and prep.get("spatial_key", spatial_key) == spatial_key:
+        return str(prep["group_key"])
+    return None
+
+
+def write_validation(
+    adata: AnnData, keys: Keys, mask: np.ndarray | None, checks: dict | None, *, guard: bool = True
+) -> None:
+    """Write the baseline guard's results after the analysis, and (``guard``) warn when the model loses.
+
+    With ``mask`` ``None`` (no validation cells) only removes a validation column left by an
+    earlier fit under the same key.
+    """
+    col = keys.obs_validation()
+    if mask is None or checks is None:
+        if col in adata.obs.columns:
+            del adata.obs[col]
+        return
+    from .._utils import warn
+    from ._heldout import guard_message
+
+    adata.obs[col] = np.asarray(mask, dtype=bool)
+    adata.uns[keys.uns]["metrics"].update(checks)
+    if not guard:
+        return
+    logg.info(
+        f"    held-out check on {checks['n_validation']} cells, deviance per entry: "
+        f"model {checks['validation_deviance']:.4g}, baseline {checks['validation_baseline_deviance']:.4g}, "
+        f"kNN smoother {checks['validation_knn_deviance']:.4g}"
+    )
+    message = guard_message(checks)
+    if message is not None:
+        warn(message)
 
 
 def groupwise_factors(
