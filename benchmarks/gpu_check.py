@@ -439,16 +439,21 @@ def pkw_text(ch: Child, cfg: dict) -> dict:
     return pkw
 
 
-def section_million(ch: Child) -> None:
-    cfg = dict(SIZES["million"][1 if ch.args.small else 0])
-    t = time.perf_counter()
-    adata = simulate_sparse(cfg["n_obs"], cfg["n_vars"], n_groups=1, density=cfg["density"])
+def _simulated_case(ch: Child, name: str):
+    """The simulated one-group case of section ``name``: (config, prepared AnnData, seconds, steps per pass)."""
     import sfact
 
+    cfg = dict(SIZES[name][1 if ch.args.small else 0])
+    t = time.perf_counter()
+    adata = simulate_sparse(cfg["n_obs"], cfg["n_vars"], n_groups=1, density=cfg["density"])
     sfact.pp.prepare(adata)
     sim_s = time.perf_counter() - t
-    print(f"million: simulated {_case_text(adata)} in {sim_s:.1f} s", flush=True)
-    steps = math.ceil(adata.n_obs / cfg["batch_size"])
+    print(f"{name}: simulated {_case_text(adata)} in {sim_s:.1f} s", flush=True)
+    return cfg, adata, sim_s, math.ceil(adata.n_obs / cfg["batch_size"])
+
+
+def section_million(ch: Child) -> None:
+    cfg, adata, sim_s, steps = _simulated_case(ch, "million")
     row = ch.add(
         {
             "section": "3 million",
@@ -511,15 +516,7 @@ def section_million(ch: Child) -> None:
 
 
 def section_lcgp(ch: Child) -> None:
-    cfg = dict(SIZES["lcgp"][1 if ch.args.small else 0])
-    t = time.perf_counter()
-    adata = simulate_sparse(cfg["n_obs"], cfg["n_vars"], n_groups=1, density=cfg["density"])
-    import sfact
-
-    sfact.pp.prepare(adata)
-    sim_s = time.perf_counter() - t
-    print(f"lcgp: simulated {_case_text(adata)} in {sim_s:.1f} s", flush=True)
-    steps = math.ceil(adata.n_obs / cfg["batch_size"])
+    cfg, adata, sim_s, steps = _simulated_case(ch, "lcgp")
     row = ch.add(
         {
             "section": "4 lcgp",

@@ -124,6 +124,40 @@ class ModelSetup:
         return len(self.var_names)
 
     # ------------------------------------------------------------------ construction
+    @staticmethod
+    def effective_group_key(adata: AnnData, *, group_key: str | None, spatial_key: str) -> str | None:
+        """The group key a model of ``adata`` uses: ``group_key``, else the one recorded by :func:`sfact.pp.prepare`.
+
+        The recorded key applies only when ``pp.prepare`` scaled the same ``spatial_key``.
+
+        Parameters
+        ----------
+        adata
+            The cells.
+        group_key
+            The key asked for (``None``: none given).
+        spatial_key
+            Key of the coordinates in ``adata.obsm``.
+
+        Returns
+        -------
+        A column of ``adata.obs``, or ``None``.
+
+        Examples
+        --------
+        >>> import sfact
+        >>> adata = sfact.datasets.osmfish()
+        >>> sfact.pp.prepare(adata, group_key="ClusterName")
+        >>> sfact.models.ModelSetup.effective_group_key(adata, group_key=None, spatial_key="spatial")
+        'ClusterName'
+        """
+        if group_key is not None:
+            return group_key
+        prep = adata.uns.get(_PREPARE_KEY, {})
+        if prep.get("group_key") is not None and prep.get("spatial_key", spatial_key) == spatial_key:
+            return str(prep["group_key"])
+        return None
+
     @classmethod
     def from_adata(
         cls,
@@ -196,12 +230,7 @@ class ModelSetup:
                 "`sfact.pp.prepare(adata)` first."
             )
         prep = adata.uns.get(_PREPARE_KEY, {})
-        if (
-            group_key is None
-            and prep.get("group_key") is not None
-            and prep.get("spatial_key", spatial_key) == spatial_key
-        ):
-            group_key = str(prep["group_key"])
+        group_key = cls.effective_group_key(adata, group_key=group_key, spatial_key=spatial_key)
         group_categories = None if group_key is None else _group_categories(adata, group_key)
         if is_multigroup(prior) and group_key is None:
             warn(

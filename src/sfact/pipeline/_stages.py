@@ -462,13 +462,15 @@ def _fraction(validation_fraction: float | None, n_obs: int) -> float:
 
 def _validation_cells(adata, cfg, prior: str, fraction: float):
     """The validation cells of a fresh training run (``None``: none), as :func:`sfact.tl.fit` draws them."""
-    from sfact.tl._fit import _recorded_group_key
+    from sfact.models import ModelSetup
     from sfact.tl._heldout import validation_mask
 
     if fraction == 0:
         return None
     kw = cfg.model_kwargs(prior)
-    gk = _recorded_group_key(adata, kw.get("group_key"), kw.get("spatial_key", "spatial"))
+    gk = ModelSetup.effective_group_key(
+        adata, group_key=kw.get("group_key"), spatial_key=kw.get("spatial_key", "spatial")
+    )
     return validation_mask(adata, fraction, random_state=cfg.training.random_state, group_key=gk)
 
 

@@ -165,7 +165,7 @@ def fit(
     >>> m["validation_deviance"] < m["validation_baseline_deviance"]  # doctest: +SKIP
     True
     """
-    from ..models import SpatialFactorization
+    from ..models import ModelSetup, SpatialFactorization
     from ._analyze import _analyze, _check_batch_size, order_by_moran
     from ._heldout import resolve_validation_fraction, validation_mask
 
@@ -176,7 +176,7 @@ def fit(
         adata = adata.copy()
     mask = None
     if fraction > 0:
-        gk = _recorded_group_key(adata, group_key, spatial_key)
+        gk = ModelSetup.effective_group_key(adata, group_key=group_key, spatial_key=spatial_key)
         mask = validation_mask(adata, fraction, random_state=random_state, group_key=gk)
     model = SpatialFactorization(
         adata if mask is None else adata[~mask].copy(),
@@ -242,20 +242,6 @@ def fit(
         ),
     )
     return adata if copy else None
-
-
-def _recorded_group_key(adata: AnnData, group_key: str | None, spatial_key: str) -> str | None:
-    """The group key a model of ``adata`` will use: ``group_key``, or the one of ``sfact.pp.prepare``.
-
-    The rule of :meth:`sfact.models.ModelSetup.from_adata`, needed before the model is built (the
-    validation cells are drawn first).
-    """
-    if group_key is not None:
-        return group_key
-    prep = adata.uns.get("sfact_prepare", {})
-    if prep.get("group_key") is not None and prep.get("spatial_key", spatial_key) == spatial_key:
-        return str(prep["group_key"])
-    return None
 
 
 def write_validation(
