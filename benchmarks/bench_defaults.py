@@ -1,4 +1,4 @@
-"""Default (learned) kernel hyperparameters against fixed lengthscales, on real and simulated data.
+"""Default ("auto") lengthscales against fixed ones, on real and simulated data.
 
 Run from the repository root::
 
@@ -14,18 +14,17 @@ cells, whose factors are predicted from their coordinates. References: the basel
 ``bench_spatial.py``, best over k in 5...50 (chosen on the held-out cells themselves, so an
 optimistic reference).
 
-Rows per data set: the default ``svgp`` (lengthscale 5, sigma 1, all fixed) and ``lcgp``
-(lengthscale 8, sigma 1, nugget 0.03), the same priors with *learned* hyperparameters
-(``lengthscale=None, sigma=None`` and for ``lcgp`` ``nugget=None``: started from the data,
-learned during the first ``hyper_iter`` iterations, then frozen and cached), and both priors
-with the lengthscale fixed at 5, 10 and 20 (the rest at the defaults). ``vs best fixed`` is
-relative to the best of the fixed lengthscales 5, 10, 20 of the same prior; ``time x`` is the
-fit time over the same prior's default fit. ``BENCH_VARIANTS=1`` adds other learning schedules
-(50 iterations at twice the step; the lengthscale alone). Simulated data
-(``sfact.datasets.simulate``, ``BENCH_SIM_CELLS`` cells, default 3000, uniform in the 100 x 100
-box, which ``pp.prepare`` keeps at the same scale) have a known squared-exponential lengthscale
-(5: about 2.7 cell spacings; 25: about 14); there the learned priors are also fitted with
-``kernel="rbf"``, whose learned lengthscale is comparable to the truth.
+Rows per data set, for ``svgp`` and ``lcgp``: the default (``lengthscale="auto"``: chosen from
+the data before training, see ``sfact._core.lengthscale``), the old default (the lengthscale
+fixed at 5 for ``svgp`` and 8 for ``lcgp``, the defaults before ``"auto"``) and the lengthscale
+fixed at 5, 10 and 20. ``vs best fixed`` is relative to the best of the fixed lengthscales 5,
+10, 20 of the same prior; ``vs baseline`` / ``vs best kNN`` relative to the references;
+``time x`` is the fit time (set-up, search and training) over the old default's.
+``BENCH_VARIANTS=1`` adds learned hyperparameters (``lengthscale=None``: ELBO, started from the
+"auto" choice). Simulated data (``sfact.datasets.simulate``, ``BENCH_SIM_CELLS`` cells, default
+3000, uniform in the 100 x 100 box, which ``pp.prepare`` keeps at the same scale) have a known
+squared-exponential lengthscale (5: about 2.7 cell spacings; 25: about 14); there every fit uses
+``kernel="rbf"``, so the chosen lengthscale compares with the truth.
 
 Every fit runs in its own process with one torch thread, ``--jobs`` at a time (default: the CPU
 count), all fits of one run side by side: compare times as ratios within a run (``time x``: fit
@@ -58,11 +57,11 @@ REAL = {
 SIMULATED = {"sim_short": 5.0, "sim_long": 25.0}  # true lengthscales (scaled units)
 SIM_CELLS = int(os.environ.get("BENCH_SIM_CELLS", "3000"))
 DATASETS = (*REAL, *SIMULATED)
-# learned hyperparameters: initialized from the data (lengthscale), learned in the first
-# `hyper_iter` iterations, then frozen and cached
-LEARNED_SVGP = {"lengthscale": None, "sigma": None}
-LEARNED_LCGP = {"lengthscale": None, "sigma": None, "nugget": None}
-VARIANTS = os.environ.get("BENCH_VARIANTS", "0") == "1"  # other learning schedules, for design
+# the fixed lengthscales that were the defaults before `lengthscale="auto"`
+OLD_DEFAULT = {"svgp": 5.0, "lcgp": 8.0}
+# learned hyperparameters (ELBO, first `hyper_iter` iterations, started from the "auto" choice)
+LEARNED = {"svgp": {"lengthscale": None, "sigma": None}, "lcgp": {"lengthscale": None, "sigma": None, "nugget": None}}
+VARIANTS = os.environ.get("BENCH_VARIANTS", "0") == "1"  # adds the learned rows
 
 
 def load(dataset: str):
@@ -83,30 +82,25 @@ def load(dataset: str):
 
 
 def fits_of(dataset: str) -> list[tuple[str, str, dict]]:
-    """(label, prior, prior_kwargs) of every fit on ``dataset``."""
-    rows = [
-        ("svgp default", "svgp", {}),
-        ("svgp learned", "svgp", LEARNED_SVGP),
-        ("lcgp default", "lcgp", {}),
-        ("lcgp learned", "lcgp", LEARNED_LCGP),
-    ]
-    if dataset in SIMULATED:
-        rows += [
-            ("svgp rbf learned", "svgp", {**LEARNED_SVGP, "kernel": "rbf"}),
-            ("lcgp rbf learned", "lcgp", {**LEARNED_LCGP, "kernel": "rbf"}),
-        ]
-    if VARIANTS:
-        rows += [
-            ("svgp learned, 50 it x1", "svgp", {**LEARNED_SVGP, "hyper_iter": 50, "hyper_lr_scale": 1.0}),
-            ("lcgp learned, 50 it x1", "lcgp", {**LEARNED_LCGP, "hyper_iter": 50, "hyper_lr_scale": 1.0}),
-            ("svgp learned ls only", "svgp", {"lengthscale": None}),
-            ("lcgp learned ls only", "lcgp", {"lengthscale": None}),
-        ]
-    for ls in FIXED_LENGTHSCALES:
-        rows.append((f"svgp fixed ls={ls:g}", "svgp", {"lengthscale": ls}))
-        rows.append((f"lcgp fixed ls={ls:g}", "lcgp", {"lengthscale": ls}))
-    # the svgp default *is* lengthscale 5: not fitted twice
-    return [r for r in rows if r[0] != "svgp fixed ls=5"]
+    """(label, prior, prior_kwargs) of every fit on ``dataset``.
+
+    ``default``: the package defaults (``lengthscale="auto"``); ``fixed ls=X``: the lengthscale
+    fixed at X, the rest at the defaults; ``old default``: the fixed lengthscales that were the
+    defaults before ``"auto"`` (5 for ``svgp``, 8 for ``lcgp``), the reference of ``time x``.
+    On simulated data every fit uses the RBF kernel of the simulation, so the chosen lengthscale
+    compares with the true one.
+    """
+    rbf = {"kernel": "rbf"} if dataset in SIMULATED else {}
+    rows = []
+    for prior in ("svgp", "lcgp"):
+        rows.append((f"{prior} default", prior, dict(rbf)))
+        rows.append((f"{prior} old default", prior, {**rbf, "lengthscale": OLD_DEFAULT[prior]}))
+        for ls in FIXED_LENGTHSCALES:
+            if ls != OLD_DEFAULT[prior]:
+                rows.append((f"{prior} fixed ls={ls:g}", prior, {**rbf, "lengthscale": ls}))
+        if VARIANTS:
+            rows.append((f"{prior} learned", prior, {**rbf, **LEARNED[prior]}))
+    return rows
 
 
 def references(dataset: str) -> dict:
@@ -186,28 +180,33 @@ def one_fit(job: tuple) -> dict:
 
 def format_table(records: list[dict], refs: dict) -> str:
     lines = [
-        "| data | fit | held-out deviance | vs best fixed | time x | iterations | lengthscale | sigma | nugget | true ls |",
+        "| data | fit | held-out deviance | vs best fixed 5/10/20 | vs baseline | vs best kNN | time x old default | iterations | lengthscale | true ls |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for ds in DATASETS:
         recs = [r for r in records if r["dataset"] == ds]
         if not recs:
             continue
+        ref = refs.get(ds, {})
         for prior in ("svgp", "lcgp"):
-            ref_label = f"{prior} default"
             mine = [r for r in recs if r["prior"] == prior]
-            fixed = [r for r in mine if "fixed" in r["label"] or r["label"] == "svgp default"]
+            fixed = [
+                r for r in mine
+                if r["label"] != f"{prior} default" and "learned" not in r["label"]
+                and float(r["lengthscale"]) in FIXED_LENGTHSCALES
+            ]
             best_fixed = min((r["heldout_dev"] for r in fixed), default=float("nan"))
-            ref_time = next((r["fit_s"] for r in mine if r["label"] == ref_label), float("nan"))
+            ref_time = next((r["fit_s"] for r in mine if r["label"] == f"{prior} old default"), float("nan"))
             for r in mine:
-                nug = "" if r["nugget"] is None else f"{r['nugget']:.3g}"
                 truth = "" if r["true_lengthscale"] is None else f"{r['true_lengthscale']:g}"
                 lines.append(
                     f"| {ds} | {r['label']} | {r['heldout_dev']:.4f} | "
-                    f"{100 * (r['heldout_dev'] / best_fixed - 1):+.2f}% | {r['fit_s'] / ref_time:.2f} | "
-                    f"{r['n_iter']} | {r['lengthscale']:.3g} | {r['sigma']:.3g} | {nug} | {truth} |"
+                    f"{100 * (r['heldout_dev'] / best_fixed - 1):+.2f}% | "
+                    f"{100 * (r['heldout_dev'] / ref.get('baseline', float('nan')) - 1):+.1f}% | "
+                    f"{100 * (r['heldout_dev'] / ref.get('knn', float('nan')) - 1):+.1f}% | "
+                    f"{r['fit_s'] / ref_time:.2f} | "
+                    f"{r['n_iter']} | {r['lengthscale']:.3g} | {truth} |"
                 )
-        ref = refs.get(ds)
         if ref:
             lines.append(f"| {ds} | baseline | {ref['baseline']:.4f} | | | | | | | |")
             lines.append(f"| {ds} | best kNN smoother (k={ref['knn_k']}) | {ref['knn']:.4f} | | | | | | | |")

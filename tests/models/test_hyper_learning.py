@@ -53,10 +53,7 @@ def test_learned_lengthscale_moves_towards_the_truth(prior, start):
     assert abs(np.log(learned / truth)) < 0.75 * abs(np.log(start / truth))
 
 
-def test_none_learns_from_a_data_start_and_a_number_fixes():
-    from sfact._core.factory import coordinate_spacing
-    from sfact.models._config import SVGPConfig
-
+def test_none_learns_from_the_auto_choice_and_a_number_fixes():
     adata = _sim(15.0)
     kw = {"num_inducing": 80}
     learned = SpatialFactorization(
@@ -69,21 +66,20 @@ def test_none_learns_from_a_data_start_and_a_number_fixes():
     cfg = learned.setup.prior_config()
     assert cfg.lengthscale is None and cfg._trained("lengthscale") and cfg._trained("sigma")
     learned.train(max_iter=0)
-    start = (
-        SVGPConfig.LENGTHSCALE_NN_MULTIPLE * coordinate_spacing(learned.setup.scaled_coords(adata))["nn10"]
-    )
+    # starts from the lengthscale "auto" would fix
+    start = learned.lengthscale_search_["lengthscale"]
     assert learned.gp_info()["lengthscale"] == [pytest.approx(start, rel=1e-5)]
     learned.train(max_iter=12, min_iter=100)
     assert learned.gp_info()["lengthscale"] != [pytest.approx(start, rel=1e-3)]
     assert learned.gp_info()["sigma"] != [pytest.approx(1.0, rel=1e-3)]
-    # the defaults, and any number, stay fixed (unless train_<name>=True)
+    # the default ("auto": the same choice) and any number stay fixed (unless train_<name>=True)
     for opts in ({}, {"lengthscale": 7.0}):
         fixed = SpatialFactorization(
             adata, prior="svgp", n_factors=2, prior_kwargs={**kw, **opts}, random_state=0
         )
         assert not fixed.setup.prior_config()._trained("lengthscale")
         fixed.train(max_iter=5, min_iter=100)
-        assert fixed.gp_info()["lengthscale"] == [pytest.approx(opts.get("lengthscale", 5.0))]
+        assert fixed.gp_info()["lengthscale"] == [pytest.approx(opts.get("lengthscale", start))]
         assert fixed.gp_info()["sigma"] == [pytest.approx(1.0)]
     trained = SpatialFactorization(
         adata, prior="svgp", n_factors=2, prior_kwargs={**kw, "lengthscale": 7.0, "train_lengthscale": True}
@@ -143,5 +139,6 @@ def test_multigroup_alpha_is_learned_and_frozen(prior):
     model.train(max_iter=8, min_iter=100)
     alpha = model.gp_info()["group_diff_param"][0]
     assert alpha != pytest.approx(1.0, rel=1e-3)
-    assert model.gp_info()["lengthscale"] == [pytest.approx(5.0 if prior == "mggp_svgp" else 8.0)]
+    # the lengthscale ("auto") was chosen before training and stayed fixed
+    assert model.gp_info()["lengthscale"] == [pytest.approx(model.lengthscale_search_["lengthscale"])]
     assert not model.module.prior.hyper_trainable

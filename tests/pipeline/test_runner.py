@@ -76,7 +76,7 @@ EXPECTED = {
 
 
 def _plain_console() -> Console:
-    return Console(file=io.StringIO(), force_terminal=False, width=100)
+    return Console(file=io.StringIO(), force_terminal=False, width=250)
 
 
 def _stamp(root: Path, name: str) -> dict:

@@ -109,7 +109,7 @@ def make_prior(
     lo_mult, hi_mult = cfg.LENGTHSCALE_BOUNDS
     ls_bounds = (lo_mult * spacing["nn1"], hi_mult * max(extent, spacing["nn1"]))
     lengthscale = cfg.lengthscale
-    if lengthscale is None:
+    if lengthscale is None or isinstance(lengthscale, str):  # not resolved by a search
         lengthscale = float(np.clip(cfg.LENGTHSCALE_NN_MULTIPLE * spacing["nn10"], *ls_bounds))
     kernel_kw = {
         "kernel": cfg.kernel,

@@ -87,7 +87,7 @@ class GPConfig:
     """
 
     kernel: KernelName = "matern32"
-    lengthscale: float | list[float] | None = 5.0
+    lengthscale: float | list[float] | str | None = "auto"
     sigma: float | list[float] | None = 1.0
     group_diff_param: float | None = 1.0
     group_distances: Any = None
@@ -106,13 +106,19 @@ class GPConfig:
     LENGTHSCALE_NN_MULTIPLE: ClassVar[float] = 4.0
     LENGTHSCALE_BOUNDS: ClassVar[tuple[float, float]] = (0.5, 2.0)
     SIGMA_START: ClassVar[float] = 1.0
+    #: the lengthscale ``"auto"`` uses when there are too few cells to choose one (< 100)
+    FALLBACK_LENGTHSCALE: ClassVar[float] = 5.0
     GROUP_DIFF_START: ClassVar[float] = 1.0
     NUGGET_START: ClassVar[float] = 0.03
 
     def __post_init__(self) -> None:
+        if isinstance(self.lengthscale, str) and self.lengthscale != "auto":
+            raise ValueError(
+                f"`lengthscale` must be a positive number, 'auto' or None, received {self.lengthscale!r}."
+            )
         for name in ("lengthscale", "sigma"):
             v = getattr(self, name)
-            if v is not None and np.any(np.asarray(v, dtype=float) <= 0):
+            if v is not None and not isinstance(v, str) and np.any(np.asarray(v, dtype=float) <= 0):
                 raise ValueError("`lengthscale` and `sigma` must be positive.")
         if self.kernel not in KERNELS:
             raise ValueError(f"`kernel` must be 'matern32' or 'rbf', received {self.kernel!r}.")
@@ -124,7 +130,11 @@ class GPConfig:
             raise ValueError(f"`hyper_lr_scale` must be positive, received {self.hyper_lr_scale}.")
 
     def _trained(self, name: str) -> bool:
-        """Whether hyperparameter ``name`` is learned: ``train_<name>``, or (when that is ``None``) its value is ``None``."""
+        """Whether hyperparameter ``name`` is learned: ``train_<name>``, or (when that is ``None``) its value is ``None``.
+
+        ``lengthscale="auto"`` is chosen before training and then fixed (unless
+        ``train_lengthscale=True``).
+        """
         flag = getattr(self, f"train_{name}")
         return getattr(self, name) is None if flag is None else bool(flag)
 
@@ -272,7 +282,6 @@ class LCGPConfig(GPConfig):
     ... )
     """
 
-    lengthscale: float | list[float] | None = 8.0
     n_neighbors: int = 50
     nugget: float | None = 0.03
     train_nugget: bool | None = None

@@ -124,7 +124,13 @@ class ResultsMixin:
         """
         self._require_trained()
         info = getattr(self.module.prior, "gp_info", None)
-        return {} if info is None else info()
+        if info is None:
+            return {}
+        out = info()
+        search = self.train_info.get("lengthscale_search")
+        if search is not None:
+            out["lengthscale_search"] = search
+        return out
 
     def get_factors(
         self, adata: AnnData | None = None, *, expected: bool = False, batch_size: int = 10000

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import _logging as logg
@@ -44,6 +44,8 @@ class _SharedStart:
     H: Any
     W: Any
     generator_state: Any
+    #: lengthscale searches (``lengthscale="auto"``) done from this start, by kernel
+    searches: dict = field(default_factory=dict, compare=False)
 
 
 def share_training_start(models: Sequence[SpatialFactorization], *, init_iter: int = 30) -> None:
@@ -141,13 +143,24 @@ class TrainingMixin:
 
     def _initialize(self, data, init_iter: int) -> None:
         from .._core.factory import make_module, make_prior
-        from .._core.init import initialize
+        from .._core.init import initialize, nmf_start
 
         setup = self.setup
+        shared = self._shared_start
+        if shared is None:
+            start = nmf_start(data, setup.n_factors, init_iter, self._generator)
+        else:
+            if shared.init_iter != init_iter:
+                raise ValueError(
+                    f"Shared start with `init_iter={shared.init_iter}`, `train` got {init_iter}."
+                )
+            self._generator.set_state(shared.generator_state)  # as if this model had drawn the NMF start
+            start = (shared.H, shared.W)
+        cfg = self._resolve_lengthscale(setup.prior_config()._for_device(self.device), data, start)
         prior = make_prior(
             setup.prior,
             setup.n_factors,
-            setup.prior_config()._for_device(self.device),
+            cfg,
             n_obs=data.n_obs,
             X=data.X,
             groups=data.groups,
@@ -155,17 +168,65 @@ class TrainingMixin:
             seed=setup.seed,
         )
         module = make_module(prior, data.n_vars, setup.loadings_mode, device=self.device, dtype=setup.dtype)
-        shared = self._shared_start
-        if shared is None:
-            initialize(module, data, init_iter, self._generator)
-        else:
-            if shared.init_iter != init_iter:
-                raise ValueError(
-                    f"Shared start with `init_iter={shared.init_iter}`, `train` got {init_iter}."
-                )
-            self._generator.set_state(shared.generator_state)  # as if this model had drawn the NMF start
-            initialize(module, data, init_iter, self._generator, start=(shared.H, shared.W))
+        initialize(module, data, init_iter, self._generator, start=start)
         self.module = module
+
+    def _resolve_lengthscale(self, cfg, data, start):
+        """``cfg`` with ``lengthscale="auto"`` (or ``None``) replaced by the search's choice.
+
+        The search (:func:`sfact._core.lengthscale.choose_lengthscale`) runs on the KL-NMF
+        ``start`` and is recorded in :attr:`lengthscale_search_`; with too few cells the
+        prior's fallback lengthscale is used. ``None`` (learned) starts from the choice.
+        """
+        import dataclasses
+
+        import numpy as np
+
+        from .._constants import is_multigroup
+
+        self.lengthscale_search_ = None
+        value = getattr(cfg, "lengthscale", 0.0)
+        if not (value is None or isinstance(value, str)):
+            return cfg
+        from .._core.factory import group_embedding
+        from .._core.lengthscale import choose_lengthscale
+
+        multigroup = is_multigroup(self.setup.prior)
+        emb = group_embedding(self.setup.n_groups, cfg.group_distances) if multigroup else None
+        alpha = cfg.GROUP_DIFF_START if cfg.group_diff_param is None else float(cfg.group_diff_param)
+        key = (cfg.kernel, multigroup, alpha, None if emb is None else np.asarray(emb).tobytes())
+        shared = self._shared_start
+        if shared is not None and key in shared.searches:
+            search = shared.searches[key]
+        else:
+            search = choose_lengthscale(
+                data.X,
+                data.groups if multigroup else None,
+                data.counts,
+                data.s,
+                start[0],
+                start[1],
+                kernel=cfg.kernel,
+                group_embedding=emb,
+                group_diff_param=alpha,
+                seed=self.setup.seed,
+            )
+            if shared is not None:
+                shared.searches[key] = search
+        if search is None:
+            chosen = cfg.FALLBACK_LENGTHSCALE
+            logg.info(
+                f"    lengthscale: {chosen:g} (too few cells to choose it from the data)"
+            )
+        else:
+            chosen = float(search.lengthscale)
+            self.lengthscale_search_ = search.to_dict()
+            logg.info(
+                f"    lengthscale: {chosen:.3g}, chosen from the data "
+                f"(ladder {search.ladder[0]:.3g}-{search.ladder[-1]:.3g}, best {search.best:.3g})"
+            )
+        train = cfg._trained("lengthscale")
+        return dataclasses.replace(cfg, lengthscale=chosen, train_lengthscale=train)
 
     def train(
         self,
@@ -301,6 +362,8 @@ class TrainingMixin:
         self.module.eval()
         self.is_trained = True
         self.converged = bool(result["converged"])
+        previous = getattr(self, "train_info", None) or {}
+        search = getattr(self, "lengthscale_search_", None) or previous.get("lengthscale_search")
         self.train_info = {
             "max_iter": int(max_iter),
             "tol": float(tol),
@@ -314,6 +377,8 @@ class TrainingMixin:
             "train_time_s": float(self.history_.time[-1]) if self.history_.time else 0.0,
             "init_time_s": float(getattr(self, "_init_time_s", 0.0)),
         }
+        if search is not None:
+            self.train_info["lengthscale_search"] = search
         if not self.converged and max_iter > 0:
             logg.info(
                 f"    not converged after {result['n_iter']} iterations (tol={tol}); call `train` again to continue."
