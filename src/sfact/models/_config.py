@@ -58,9 +58,11 @@ class GPConfig:
     lengthscale
         Kernel lengthscale in scaled units (coordinates span 100 units along the longer side
         after :func:`sfact.pp.prepare`); one value, or one per factor with ``per_factor_kernel``.
-        Default 5 (``svgp``) or 8 (``lcgp``), fixed unless ``train_lengthscale=True``; ``None``:
-        initialized from the data (4 x the median distance from a cell to its 10th nearest
-        neighbour) and learned (opt-in: see "Learned hyperparameters" in the model docs).
+        ``"auto"`` (default): chosen from the data before training by the cross-validated
+        deviance of a GP smoothing of the NMF start (see "The lengthscale is chosen from the
+        data" in the model docs), then fixed unless ``train_lengthscale=True``; a number: fixed
+        at it; ``None``: started at the ``"auto"`` choice and learned (see "Learned
+        hyperparameters").
     sigma
         Kernel amplitude (prior standard deviation of the log-factors around their mean).
         Default 1, fixed unless ``train_sigma=True``; ``None``: starts at 1 and is learned.
@@ -100,7 +102,8 @@ class GPConfig:
     diagonal_only: bool | None = None
 
     #: starting values of the learned hyperparameters (``None`` above): the lengthscale starts at
-    #: this multiple of the median distance from a cell to its 10th nearest neighbour, and is kept
+    #: the ``"auto"`` choice (with fewer than 100 cells, at this multiple of the median distance
+    #: from a cell to its 10th nearest neighbour), and is kept
     #: within [LENGTHSCALE_BOUNDS[0] x the median 1st-neighbour distance, LENGTHSCALE_BOUNDS[1] x
     #: the longer side of the tissue]
     LENGTHSCALE_NN_MULTIPLE: ClassVar[float] = 4.0
@@ -159,8 +162,8 @@ class SVGPConfig(GPConfig):
     lengthscale
         Kernel lengthscale in scaled units (coordinates span 100 units along the longer side
         after :func:`sfact.pp.prepare`); one value, or one per factor with ``per_factor_kernel``.
-        Default 5, fixed unless ``train_lengthscale=True``; ``None``: initialized from the data
-        and learned (see :class:`GPConfig`).
+        ``"auto"`` (default): chosen from the data before training, then fixed; a number: fixed;
+        ``None``: started at the ``"auto"`` choice and learned (see :class:`GPConfig`).
     sigma
         Kernel amplitude (prior standard deviation of the log-factors around their mean);
         default 1 (fixed); ``None``: starts at 1 and is learned.
@@ -236,9 +239,9 @@ class LCGPConfig(GPConfig):
     kernel
         ``"matern32"`` or ``"rbf"``.
     lengthscale
-        Kernel lengthscale in scaled units (the longer side of the tissue spans 100); default 8,
-        fixed unless ``train_lengthscale=True``; ``None``: initialized from the data and learned
-        (see :class:`GPConfig`).
+        Kernel lengthscale in scaled units (the longer side of the tissue spans 100);
+        ``"auto"`` (default): chosen from the data before training, then fixed; a number: fixed;
+        ``None``: started at the ``"auto"`` choice and learned (see :class:`GPConfig`).
     sigma
         Kernel amplitude; default 1 (fixed); ``None``: starts at 1 and is learned.
     group_diff_param
