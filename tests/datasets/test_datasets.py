@@ -175,6 +175,39 @@ def test_simulate_groups_differ_in_their_factors():
     np.testing.assert_array_equal(gw[:, 0], gw[:, 2])
 
 
+def test_simulate_sections_share_a_pattern_and_differ_by_their_own():
+    adata = sfact.datasets.simulate(
+        n_obs=8000, n_vars=20, n_factors=2, n_groups=1, n_samples=4, sample_effect=1.0, random_state=0
+    )
+    assert adata.obs["sample"].cat.categories.tolist() == ["s0", "s1", "s2", "s3"]
+    assert adata.obs["sample"].value_counts().tolist() == [2000] * 4
+    assert adata.uns["simulate"]["n_samples"] == 4
+    # every section covers the whole square (overlapping coordinates)
+    for s in adata.obs["sample"].cat.categories:
+        xy = adata.obsm["spatial"][(adata.obs["sample"] == s).to_numpy()]
+        assert xy.min() < 2 and xy.max() > 98
+    # nearest neighbours: much closer log-factors within a section than across sections, and
+    # across sections still correlated (the shared field)
+    xy = adata.obsm["spatial"]
+    codes = adata.obs["sample"].cat.codes.to_numpy()
+    F = adata.obsm["log_factors_true"][:, 0]
+    within, across = [], []
+    for s in range(4):
+        own = np.flatnonzero(codes == s)
+        other = np.flatnonzero(codes == (s + 1) % 4)
+        _, nn_own = cKDTree(xy[own]).query(xy[own], k=2)
+        _, nn_other = cKDTree(xy[other]).query(xy[own], k=1)
+        within.append(np.corrcoef(F[own], F[own[nn_own[:, 1]]])[0, 1])
+        across.append(np.corrcoef(F[own], F[other[nn_other]])[0, 1])
+    assert min(within) > 0.9
+    assert 0.2 < np.mean(across) < 0.8
+    # one sample: the data of before (no sample column, same counts)
+    one = sfact.datasets.simulate(n_obs=300, n_vars=10, n_samples=1, random_state=0)
+    ref = sfact.datasets.simulate(n_obs=300, n_vars=10, random_state=0)
+    assert "sample" not in one.obs
+    np.testing.assert_array_equal(one.X.toarray(), ref.X.toarray())
+
+
 def test_simulate_one_group_and_round_trip(tmp_path):
     adata = sfact.datasets.simulate(n_obs=200, n_vars=10, n_groups=1, random_state=0)
     assert list(adata.obs["group"].cat.categories) == ["g0"]
@@ -197,6 +230,8 @@ def test_simulate_one_group_and_round_trip(tmp_path):
         ({"n_obs": 0}, "n_obs"),
         ({"lengthscale": -1.0}, "lengthscale"),
         ({"group_effect": -1.0}, "group_effect"),
+        ({"n_samples": 0}, "n_samples"),
+        ({"sample_effect": -1.0}, "sample_effect"),
     ],
 )
 def test_simulate_rejects_bad_parameters(kwargs, match):

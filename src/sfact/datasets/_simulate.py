@@ -26,6 +26,8 @@ def simulate(
     n_factors: int = 5,
     *,
     n_groups: int = 3,
+    n_samples: int = 1,
+    sample_effect: float = 1.0,
     density: float | None = None,
     lengthscale: float = 15.0,
     group_effect: float = 1.0,
@@ -42,12 +44,19 @@ def simulate(
        :math:`\mathrm{softmax}_g(h_g(x_n))`, where :math:`h_g` are independent smooth
        fields with lengthscale ``2 * lengthscale``. The group probabilities vary smoothly in
        space, so every group spans the whole tissue (spatially mixed cell types).
-    3. Log-factors :math:`F_{nl} = u_l(x_n) + \texttt{group\_effect}\cdot\delta_l\, v_{c_n l}(x_n)`,
+    3. Log-factors :math:`F_{nl} = u_l(x_n) + \texttt{group\_effect}\cdot\delta_l\, v_{c_n l}(x_n)
+       + \texttt{sample\_effect}\cdot w_{s_n l}(x_n)` (the last term with ``n_samples > 1``),
        where :math:`u_l` (shared) and :math:`v_{gl}` (one per group and factor) are independent
        smooth fields with unit variance and the given ``lengthscale``, and :math:`\delta_l = 1`
        for the group-dependent factors (the even-numbered ones: 0, 2, 4, ...) and 0 otherwise.
        The group-dependent factors therefore differ by group at the same location, which is
-       what a multi-group GP prior models; the others are shared by all groups.
+       what a multi-group GP prior models; the others are shared by all groups. With
+       ``n_samples = S > 1`` the cells are split evenly over S samples (tissue sections, each
+       uniform over the same square, so their coordinates overlap), and every factor of sample
+       :math:`s` adds its own smooth field :math:`w_{sl}` (unit variance, the given
+       ``lengthscale``): sections share the loadings and the pattern :math:`u`, and differ by
+       :math:`w` (at ``sample_effect = 1`` the log-factors of two sections at the same place
+       correlate by 0.5 when ``group_effect = 0``).
     4. Loadings :math:`W \in \mathbb{R}_{\ge 0}^{D \times L}`: every gene has one main factor
        (genes are spread evenly over the factors), half of the genes a second one with a
        smaller weight, and a small background on the rest; rows are multiplied by a
@@ -75,6 +84,10 @@ def simulate(
         Number of true factors :math:`L`.
     n_groups
         Number of groups (cell types) :math:`G`; 1 gives a single-group data set.
+    n_samples
+        Number of samples (sections) :math:`S`, in ``obs['sample']``.
+    sample_effect
+        Weight of the per-sample fields (``n_samples > 1``).
     density
         Target fraction of non-zero counts in ``(0, 1)``; ``None`` keeps the natural scale
         (a few counts per cell and gene on average with the default settings).
@@ -111,6 +124,8 @@ def simulate(
         True loadings :math:`W` (n_vars, n_factors).
     `.obs['group']`
         Categorical group, categories ``g0, ..., g{G-1}``.
+    `.obs['sample']`
+        Categorical sample, categories ``s0, ..., s{S-1}`` (only with ``n_samples > 1``).
     `.obs['size_factor_true']`
         True size factors :math:`s_n`.
     `.uns['simulate']`
@@ -137,6 +152,9 @@ def simulate(
             (n_groups, "n_groups"),
         )
     )
+    n_samples = _check_int(n_samples, "n_samples")
+    if float(sample_effect) < 0:
+        raise ValueError(f"`sample_effect` must be non-negative, received {sample_effect!r}.")
     if density is not None and not 0.0 < float(density) < 1.0:
         raise ValueError(f"`density` must be in (0, 1) or None, received {density!r}.")
     if not float(lengthscale) > 0:
@@ -149,6 +167,9 @@ def simulate(
     rng = check_random_state(random_state)
 
     coords = rng.uniform(0.0, _BOX, size=(n_obs, 2))
+    if n_samples > 1:  # drawn only for several samples: single-sample data stay as they were
+        samples = rng.permutation(np.arange(n_obs) % n_samples)
+        a_sample = rng.standard_normal((_N_FEATURES, n_samples * n_factors))
 
     # Random Fourier features: one set of frequencies for the factor fields and one for the
     # (smoother) group-probability fields; independent N(0, 1) weights give independent fields.
@@ -171,6 +192,9 @@ def simulate(
         shared = phi @ a_shared  # (B, L)
         per_group = (phi @ a_group).reshape(-1, n_groups, n_factors)
         log_factors_gw[sl] = shared[:, None, :] + ge * per_group
+        if n_samples > 1:
+            own = (phi @ a_sample).reshape(-1, n_samples, n_factors)[np.arange(phi.shape[0]), samples[sl]]
+            log_factors_gw[sl] += float(sample_effect) * own[:, None, :]
         logits = _GROUP_CONTRAST * (_features(coords[sl], omega_g, phase_g) @ a_prob)
         prob = np.exp(logits - logits.max(axis=1, keepdims=True))
         cum = np.cumsum(prob, axis=1)
@@ -216,6 +240,8 @@ def simulate(
         },
         index=pd.Index([f"cell_{i}" for i in range(n_obs)]),
     )
+    if n_samples > 1:
+        obs["sample"] = pd.Categorical.from_codes(samples, categories=[f"s{k}" for k in range(n_samples)])
     var = pd.DataFrame(index=pd.Index([f"gene_{j}" for j in range(n_vars)]))
     adata = AnnData(X=X, obs=obs, var=var)
     adata.obsm["spatial"] = coords
@@ -228,6 +254,8 @@ def simulate(
         "n_vars": n_vars,
         "n_factors": n_factors,
         "n_groups": n_groups,
+        "n_samples": n_samples,
+        "sample_effect": float(sample_effect),
         "density": None if density is None else float(density),
         "lengthscale": float(lengthscale),
         "group_effect": float(group_effect),
