@@ -417,3 +417,82 @@ def test_osmfish():
     assert adata.obs["ClusterName"].cat.categories.size == counts.size
     assert adata.n_obs == int(counts.sum())
     np.testing.assert_allclose(adata.obsm["spatial_sfact"].max(), 100.0)
+
+
+# --- samples (tissue sections) --------------------------------------------------------------
+
+
+def _sections() -> ad.AnnData:
+    """Three sections stored side by side: s1 spans 100 x 40 at x 0, s2 200 x 50 at x 1000, s3 small."""
+    rng = np.random.default_rng(3)
+    parts, labels = [], []
+    for name, (x0, w, h, n) in {"s1": (0, 100, 40, 30), "s2": (1000, 200, 50, 40), "s3": (5000, 60, 60, 20)}.items():
+        xy = np.column_stack([rng.uniform(x0, x0 + w, n), rng.uniform(0, h, n)])
+        xy[0], xy[1] = [x0, 0.0], [x0 + w, h]
+        parts.append(xy)
+        labels += [name] * n
+    n = len(labels)
+    adata = ad.AnnData(
+        rng.poisson(2.0, size=(n, 5)).astype(np.float32),
+        obs=pd.DataFrame({"section": labels}, index=[f"c{i}" for i in range(n)]),
+    )
+    adata.obsm["spatial"] = np.vstack(parts)
+    return adata
+
+
+def test_samples_share_one_scale_and_overlap():
+    from sfact._scaling import apply_scaling
+
+    adata = _sections()
+    sfact.pp.prepare(adata, sample_key="section")
+    info = adata.uns["sfact_prepare"]
+    assert info["sample_key"] == "section"
+    assert info["samples"] == ["s1", "s2", "s3"]
+    assert info["sample_sizes"] == {"s1": 30, "s2": 40, "s3": 20}
+    assert adata.obs["section"].cat.categories.tolist() == ["s1", "s2", "s3"]
+    # one factor: the longest side (s2's 200 units) spans 100; every section from its own corner
+    assert info["factor"] == pytest.approx(2.0)
+    assert info["sample_offsets"] == {"s1": [0.0, 0.0], "s2": [1000.0, 0.0], "s3": [5000.0, 0.0]}
+    scaled = adata.obsm["spatial_sfact"]
+    labels = adata.obs["section"].to_numpy().astype(str)
+    for name, side in {"s1": 50.0, "s2": 100.0, "s3": 30.0}.items():
+        xy = scaled[labels == name]
+        np.testing.assert_allclose(xy.min(0), 0.0, atol=1e-12)
+        assert xy[:, 0].max() == pytest.approx(side)
+    # the recorded scaling, reapplied with the samples, gives the same coordinates
+    np.testing.assert_allclose(apply_scaling(adata.obsm["spatial"], info, labels), scaled)
+    with pytest.raises(ValueError, match="sample of every cell"):
+        apply_scaling(adata.obsm["spatial"], info)
+    with pytest.raises(ValueError, match=r"\['s9'\]"):
+        apply_scaling(adata.obsm["spatial"][:1], info, np.array(["s9"]))
+
+
+def test_missing_sample_dropped_or_raises():
+    adata = _sections()
+    adata.obs.loc[adata.obs_names[:3], "section"] = np.nan
+    snap = _snapshot(adata)
+    with pytest.raises(ValueError, match="3 with a missing sample"):
+        sfact.pp.prepare(adata, sample_key="section", dropna=False)
+    _assert_unchanged(adata, snap)
+    with pytest.raises(KeyError, match="sample_key"):
+        sfact.pp.prepare(adata, sample_key="slide")
+    _assert_unchanged(adata, snap)
+    sfact.pp.prepare(adata, sample_key="section")
+    assert adata.n_obs == 87
+    assert adata.uns["sfact_prepare"]["n_obs_removed"]["missing_sample"] == 3
+
+
+def test_samples_in_different_units_warn():
+    adata = _sections()
+    m = (adata.obs["section"] == "s3").to_numpy()
+    adata.obsm["spatial"][m] *= 1000.0  # s3 in nanometres
+    with pytest.warns(UserWarning, match="same units"):
+        sfact.pp.prepare(adata, sample_key="section")
+
+
+def test_without_samples_nothing_changes():
+    a, b = _make(), _make()
+    sfact.pp.prepare(a, group_key="cell_type")
+    sfact.pp.prepare(b, group_key="cell_type", sample_key=None)
+    np.testing.assert_array_equal(a.obsm["spatial_sfact"], b.obsm["spatial_sfact"])
+    assert a.uns["sfact_prepare"]["samples"] == [] and "sample_offsets" not in a.uns["sfact_prepare"]

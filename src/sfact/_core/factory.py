@@ -74,6 +74,7 @@ def make_prior(
     groups: Tensor | None = None,
     n_groups: int | None = None,
     seed: int = 0,
+    embedding: np.ndarray | None = None,
 ) -> Prior:
     """The prior ``name`` for training cells with scaled coordinates ``X`` (and group codes).
 
@@ -91,9 +92,13 @@ def make_prior(
     X, groups
         Scaled coordinates (N, p) and group codes (N,) of the cells (spatial priors).
     n_groups
-        Number of groups G of a multi-group prior.
+        Number of groups G of a multi-group prior (or of the kernel's groups with ``embedding``).
     seed
         Seed of the inducing points' k-means.
+    embedding
+        (n_groups, q) coordinates of the kernel's groups, given when they are not those of a
+        multi-group prior (several samples: see :meth:`sfact.models.ModelSetup.kernel_embedding`);
+        the prior then uses the multi-group kernel whatever its name.
     """
     cls = prior_class(name)
     if cls is PNMFPrior:
@@ -101,9 +106,10 @@ def make_prior(
     from .inducing import inducing_points
 
     Xn = X.detach().cpu().double().numpy()
-    multigroup = is_multigroup(name)
+    multigroup = is_multigroup(name) or embedding is not None
     g = groups.detach().cpu().numpy() if (multigroup and groups is not None) else None
-    embedding = group_embedding(n_groups, cfg.group_distances) if multigroup else None
+    if embedding is None and multigroup:
+        embedding = group_embedding(n_groups, cfg.group_distances)
     spacing = coordinate_spacing(Xn)
     extent = float(np.ptp(Xn, axis=0).max()) if len(Xn) > 1 else 1.0
     lo_mult, hi_mult = cfg.LENGTHSCALE_BOUNDS
@@ -120,14 +126,14 @@ def make_prior(
         "per_factor_kernel": cfg.per_factor_kernel,
         "train_lengthscale": cfg._trained("lengthscale"),
         "train_sigma": cfg._trained("sigma"),
-        "train_group_diff_param": multigroup and cfg._trained("group_diff_param"),
+        "train_group_diff_param": is_multigroup(name) and cfg._trained("group_diff_param"),
         "diagonal_only": bool(cfg.diagonal_only),
         "hyper_iter": cfg.hyper_iter,
         "hyper_lr_scale": cfg.hyper_lr_scale,
         "lengthscale_bounds": ls_bounds,
     }
     if prior_family(name) == "lcgp":
-        return cls(
+        prior = cls(
             n_factors,
             Xn,
             g,
@@ -139,12 +145,16 @@ def make_prior(
             order_seed=cfg.order_seed,
             **kernel_kw,
         )
+        prior.name = name  # the multi-group kernel of several samples keeps the prior's name
+        return prior
     M = int(cfg.num_inducing)
     if M > n_obs:
         logg.info(f"    `num_inducing={M}` is more than the {n_obs} cells; using {n_obs}.")
         M = n_obs
     Z, Zg = inducing_points(Xn, M, groups=g, n_groups=n_groups, allocation=cfg.allocation, random_state=seed)
-    return cls(n_factors, Z, Zg, cache_budget=int(cfg.cache_budget), **kernel_kw)
+    prior = cls(n_factors, Z, Zg, cache_budget=int(cfg.cache_budget), **kernel_kw)
+    prior.name = name
+    return prior
 
 
 def make_module(prior: Prior, n_vars: int, loadings_mode: str, *, device: str, dtype: str) -> FactorModule:

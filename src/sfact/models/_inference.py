@@ -74,7 +74,7 @@ def new_marginals(
     if not (prior.per_cell and not prior.spatial):
         setup = model.setup
         return predict_arrays(
-            model, setup.scaled_coords(adata), setup.group_codes(adata), batch_size=batch_size
+            model, setup.scaled_coords(adata), setup.kernel_codes(adata), batch_size=batch_size
         )
     # factors of new cells from their counts, loadings fixed
     from .._core.factory import make_module, make_prior

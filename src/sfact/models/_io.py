@@ -125,7 +125,7 @@ def load_model(
                 "A model saved by `sfact.tl.fit` with validation cells was trained on the others: pass "
                 "`adata[~adata.obs['sfact_validation']]`, or load it without `adata`."
             )
-        inputs = (setup.scaled_coords(adata), setup.group_codes(adata))
+        inputs = (setup.scaled_coords(adata), setup.kernel_codes(adata))
     elif os.path.exists(os.path.join(dir_path, "train_inputs.pt")):
         saved = torch.load(os.path.join(dir_path, "train_inputs.pt"), map_location="cpu", weights_only=True)
         g = saved.get("groups")

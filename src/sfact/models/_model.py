@@ -49,7 +49,7 @@ class SpatialFactorization(TrainingMixin, ResultsMixin):
     spatial_key
         Key in ``adata.obsm`` of the coordinates.
     group_key
-        Column of ``adata.obs`` with the groups (cell types, samples) for the multi-group priors.
+        Column of ``adata.obs`` with the groups (cell types) for the multi-group priors.
         Defaults to the one recorded by :func:`sfact.pp.prepare`, if any.
     size_factors
         ``"total"`` (default: each cell's total count over the median total of the training
@@ -73,6 +73,12 @@ class SpatialFactorization(TrainingMixin, ResultsMixin):
         ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; defaults to :attr:`sfact.settings.device`.
     random_state
         Seed (int) or :class:`numpy.random.Generator` for initialization, batching and sampling.
+    sample_key
+        Column of ``adata.obs`` with the sample (tissue section) of each cell; defaults to the one
+        recorded by :func:`sfact.pp.prepare`, if any. The loadings are shared by all samples and
+        every sample has its own GP over its own coordinates (independent across samples; with
+        ``group_key`` as well, the multi-group kernel within each sample). Each sample needs at
+        least 10 cells; cells of samples the model was not trained on cannot be predicted.
 
     Attributes
     ----------
@@ -118,6 +124,7 @@ class SpatialFactorization(TrainingMixin, ResultsMixin):
         prior_kwargs: dict[str, Any] | None = None,
         device: str | None = None,
         random_state: int | np.random.Generator | None = 0,
+        sample_key: str | None = None,
     ):
         if device is not None:
             check_device(device)
@@ -134,8 +141,9 @@ class SpatialFactorization(TrainingMixin, ResultsMixin):
             n_samples=n_samples,
             prior_kwargs=prior_kwargs,
             random_state=random_state,
+            sample_key=sample_key,
         )
-        self._init(setup, adata, (setup.scaled_coords(adata), setup.group_codes(adata)), device)
+        self._init(setup, adata, (setup.scaled_coords(adata), setup.kernel_codes(adata)), device)
 
     def _init(
         self,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from .._constants import (
@@ -27,6 +28,39 @@ if TYPE_CHECKING:
 __all__ = ["ModelSetup"]
 
 _PREPARE_KEY = "sfact_prepare"  # sfact.pp.prepare's record in adata.uns
+#: distance between the kernel coordinates of two samples: with the multi-group kernel's
+#: ν = 1 / (α d² + 1) ≈ 1e-6 (α = 1), cells of different samples are independent a priori
+SAMPLE_DISTANCE = 1000.0
+#: fewest cells a sample needs
+MIN_SAMPLE_CELLS = 10
+
+
+def _samples(adata: AnnData, sample_key: str, family: str) -> tuple[tuple[str, ...], np.ndarray]:
+    """The samples (in category order) and each cell's sample, checked."""
+    if sample_key not in adata.obs.columns:
+        raise KeyError(
+            f"`adata.obs[{sample_key!r}]` not found: pass `sample_key=` naming the column with the samples "
+            f"(available: {list(adata.obs.columns)})."
+        )
+    col = adata.obs[sample_key]
+    if col.isna().any():
+        raise ValueError(
+            f"`adata.obs[{sample_key!r}]` has {int(col.isna().sum())} cells without a sample; drop them with "
+            f"`sfact.pp.prepare(adata, sample_key={sample_key!r})` first."
+        )
+    labels = col.astype(str).to_numpy()
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        cats = tuple(str(c) for c in col.cat.categories if (labels == str(c)).any())
+    else:
+        cats = tuple(sorted(set(labels)))
+    sizes = {c: int((labels == c).sum()) for c in cats}
+    small = {c: n for c, n in sizes.items() if n < MIN_SAMPLE_CELLS}
+    if small and family != "pnmf":
+        raise ValueError(
+            f"Samples with fewer than {MIN_SAMPLE_CELLS} cells cannot have their own spatial prior: {small}. "
+            "Drop them or merge them with another sample."
+        )
+    return cats, labels
 
 
 def _totals(X: Any) -> np.ndarray:
@@ -100,6 +134,8 @@ class ModelSetup:
     n_obs: int
     seed: int
     dtype: str
+    sample_key: str | None = None
+    sample_categories: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         # tuples for the sequences, so the frozen object is really read-only where it matters
@@ -107,6 +143,8 @@ class ModelSetup:
             object.__setattr__(self, "group_categories", tuple(str(c) for c in self.group_categories))
         if not isinstance(self.var_names, tuple):
             object.__setattr__(self, "var_names", tuple(str(v) for v in self.var_names))
+        if self.sample_categories is not None and not isinstance(self.sample_categories, tuple):
+            object.__setattr__(self, "sample_categories", tuple(str(c) for c in self.sample_categories))
 
     @property
     def multigroup(self) -> bool:
@@ -122,6 +160,43 @@ class ModelSetup:
     def n_vars(self) -> int:
         """Number of genes."""
         return len(self.var_names)
+
+    @property
+    def n_sample(self) -> int:
+        """Number of samples (tissue sections) S; 1 without ``sample_key``."""
+        return len(self.sample_categories or [None])
+
+    @property
+    def kernel_multigroup(self) -> bool:
+        """Whether the kernel has groups: a multi-group prior, or several samples (``sample_key``; one sample is no sample)."""
+        return self.multigroup or (self.n_sample > 1 and prior_family(self.prior) != "pnmf")
+
+    @property
+    def n_kernel_groups(self) -> int | None:
+        """Groups of the kernel: S x G (G the groups of a multi-group prior, else 1); ``None`` without any."""
+        if not self.kernel_multigroup:
+            return None
+        return self.n_sample * (self.n_groups or 1)
+
+    def kernel_embedding(self, group_distances: Any = None) -> np.ndarray | None:
+        """Coordinates of the kernel's groups (see :meth:`kernel_codes`); ``None`` without groups.
+
+        Without samples: the multi-group embedding (all groups at distance 1, or ``group_distances``
+        embedded by MDS). With samples: each (sample, group) pair gets the sample's coordinates —
+        every pair of samples at distance :data:`SAMPLE_DISTANCE`, so the kernel between cells of
+        different samples vanishes (independent GPs, one per sample) — next to the group's.
+        """
+        from .._core.factory import group_embedding
+
+        if not self.kernel_multigroup:
+            return None
+        G = self.n_groups or 1
+        groups = group_embedding(G, group_distances) if self.multigroup else np.zeros((G, 1))
+        if self.n_sample == 1:
+            return groups
+        S = self.n_sample
+        samples = SAMPLE_DISTANCE * np.eye(S) / np.sqrt(2.0)
+        return np.hstack([np.repeat(samples, G, axis=0), np.tile(groups, (S, 1))])
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -158,6 +233,30 @@ class ModelSetup:
             return str(prep["group_key"])
         return None
 
+    @staticmethod
+    def effective_sample_key(adata: AnnData, *, sample_key: str | None, spatial_key: str) -> str | None:
+        """The sample key a model of ``adata`` uses: ``sample_key``, else the one recorded by :func:`sfact.pp.prepare`.
+
+        Parameters
+        ----------
+        adata
+            The cells.
+        sample_key
+            The key asked for (``None``: none given).
+        spatial_key
+            Key of the coordinates in ``adata.obsm``.
+
+        Returns
+        -------
+        A column of ``adata.obs``, or ``None``.
+        """
+        if sample_key is not None:
+            return sample_key
+        prep = adata.uns.get(_PREPARE_KEY, {})
+        if prep.get("sample_key") is not None and prep.get("spatial_key", spatial_key) == spatial_key:
+            return str(prep["sample_key"])
+        return None
+
     @classmethod
     def from_adata(
         cls,
@@ -174,6 +273,7 @@ class ModelSetup:
         n_samples: int,
         prior_kwargs: dict[str, Any] | None,
         random_state: Any,
+        sample_key: str | None = None,
     ) -> ModelSetup:
         """Validate the training data and the arguments of :class:`~sfact.models.SpatialFactorization`.
 
@@ -185,7 +285,7 @@ class ModelSetup:
         ----------
         adata
             The training cells.
-        prior, n_factors, layer, spatial_key, group_key, size_factors, elbo_mode, loadings_mode, n_samples, prior_kwargs, random_state
+        prior, n_factors, layer, spatial_key, group_key, size_factors, elbo_mode, loadings_mode, n_samples, prior_kwargs, random_state, sample_key
             As for :class:`~sfact.models.SpatialFactorization`.
 
         Returns
@@ -238,7 +338,14 @@ class ModelSetup:
                 f"{prior_family(prior)!r}. Pass `group_key=` (or set it in `sfact.pp.prepare`) to "
                 "use the multi-group kernel."
             )
-        if prep.get("spatial_key", None) == spatial_key and "factor" in prep:
+        sample_key = cls.effective_sample_key(adata, sample_key=sample_key, spatial_key=spatial_key)
+        sample_categories, sample_labels = None, None
+        if sample_key is not None:
+            sample_categories, sample_labels = _samples(adata, sample_key, prior_family(prior))
+        prepared = prep.get("spatial_key", None) == spatial_key and "factor" in prep
+        if prepared and sample_key is not None and prep.get("sample_key") != sample_key:
+            prepared = False  # scaled without these samples: scale them here
+        if prepared:
             # the scaling recorded by sfact.pp.prepare, so new data is scaled the same way
             scaling = {
                 "scale": str(prep.get("scale", "box")),
@@ -246,8 +353,19 @@ class ModelSetup:
                 "factor": float(prep["factor"]),
                 "box_size": float(prep.get("box_size", 100.0)),
             }
+            if sample_key is not None:
+                offsets = prep.get("sample_offsets") or {}
+                scaling["sample_offsets"] = {
+                    str(k): [float(v) for v in np.atleast_1d(offsets[k])] for k in offsets
+                }
+                missing = sorted(set(sample_categories) - set(scaling["sample_offsets"]))
+                if missing:
+                    raise ValueError(
+                        f"Samples {missing[:5]} of `adata.obs[{sample_key!r}]` have no recorded scaling; "
+                        f"run `sfact.pp.prepare(adata, sample_key={sample_key!r})` again."
+                    )
         else:
-            scaling = fit_scaling(coords, "box", 100.0)
+            scaling = fit_scaling(coords, "box", 100.0, samples=sample_labels)
         sf_reference = None
         if size_factors == "total":
             totals = _totals(X)
@@ -279,6 +397,8 @@ class ModelSetup:
             n_obs=int(adata.n_obs),
             seed=seed_of(random_state),
             dtype=settings.dtype,
+            sample_key=sample_key,
+            sample_categories=sample_categories,
         )
 
     def prior_config(self) -> Any:
@@ -373,7 +493,47 @@ class ModelSetup:
         coords = get_coordinates(adata, self.spatial_key)
         if not np.isfinite(coords).all():
             raise ValueError(f"`adata.obsm[{self.spatial_key!r}]` has NaN or infinite coordinates.")
-        return apply_scaling(coords, self.scaling)
+        return apply_scaling(coords, self.scaling, self.sample_labels(adata) if self.sample_key else None)
+
+    def sample_labels(self, adata: AnnData) -> np.ndarray:
+        """The sample of each cell of ``adata`` (strings), checked against the training samples.
+
+        Raises
+        ------
+        KeyError
+            Without the sample column.
+        ValueError
+            With a missing sample, or a sample the model was not trained on.
+        """
+        sk = self.sample_key
+        if sk is None:
+            raise ValueError("The model has no samples (`sample_key`).")
+        if sk not in adata.obs.columns:
+            raise KeyError(f"`adata.obs[{sk!r}]` (the samples) not found.")
+        col = adata.obs[sk]
+        if col.isna().any():
+            raise ValueError(f"`adata.obs[{sk!r}]` has {int(col.isna().sum())} missing samples.")
+        labels = col.astype(str).to_numpy()
+        unknown = sorted(set(labels) - set(self.sample_categories or ()))
+        if unknown:
+            raise ValueError(
+                f"`adata.obs[{sk!r}]` has samples the model was not trained on: {unknown[:5]} (trained on "
+                f"{list(self.sample_categories)[:10]}). The factors of a new sample cannot be predicted from "
+                "coordinates: train a model that includes it."
+            )
+        return labels
+
+    def kernel_codes(self, adata: AnnData) -> np.ndarray | None:
+        """The kernel's group of each cell: ``sample x G + group`` (see :meth:`kernel_embedding`).
+
+        Without samples this is :meth:`group_codes`.
+        """
+        if not self.kernel_multigroup or self.n_sample == 1:
+            return self.group_codes(adata)
+        g = self.group_codes(adata) if self.multigroup else None
+        s = group_codes(self.sample_labels(adata), list(self.sample_categories))
+        G = self.n_groups or 1
+        return s * G + (0 if g is None else g)
 
     def group_codes(self, adata: AnnData) -> np.ndarray | None:
         """Group code of each cell of ``adata``: its index in ``group_categories``.
@@ -446,6 +606,7 @@ class ModelSetup:
         d = dataclasses.asdict(self)
         d["group_categories"] = None if self.group_categories is None else list(self.group_categories)
         d["var_names"] = list(self.var_names)
+        d["sample_categories"] = None if self.sample_categories is None else list(self.sample_categories)
         return json.loads(json.dumps(d))  # deep copy, and proof that it is JSON-safe
 
     @classmethod
@@ -466,8 +627,9 @@ class ModelSetup:
         >>> setup = sfact.models.ModelSetup.from_dict(model.setup.to_dict())  # doctest: +SKIP
         """
         names = {f.name for f in dataclasses.fields(cls)}
+        optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
         unknown = sorted(set(d) - names)
-        missing = sorted(names - set(d))
+        missing = sorted(names - set(d) - optional)
         if unknown or missing:
             raise ValueError(
                 "Model set-up does not match this version of sfact"

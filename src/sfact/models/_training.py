@@ -164,8 +164,11 @@ class TrainingMixin:
             n_obs=data.n_obs,
             X=data.X,
             groups=data.groups,
-            n_groups=setup.n_groups,
+            n_groups=setup.n_kernel_groups,
             seed=setup.seed,
+            embedding=setup.kernel_embedding(getattr(cfg, "group_distances", None))
+            if setup.n_sample > 1 and setup.kernel_multigroup
+            else None,
         )
         module = make_module(prior, data.n_vars, setup.loadings_mode, device=self.device, dtype=setup.dtype)
         initialize(module, data, init_iter, self._generator, start=start)
@@ -182,17 +185,14 @@ class TrainingMixin:
 
         import numpy as np
 
-        from .._constants import is_multigroup
-
         self.lengthscale_search_ = None
         value = getattr(cfg, "lengthscale", 0.0)
         if not (value is None or isinstance(value, str)):
             return cfg
-        from .._core.factory import group_embedding
         from .._core.lengthscale import choose_lengthscale
 
-        multigroup = is_multigroup(self.setup.prior)
-        emb = group_embedding(self.setup.n_groups, cfg.group_distances) if multigroup else None
+        multigroup = self.setup.kernel_multigroup
+        emb = self.setup.kernel_embedding(cfg.group_distances) if multigroup else None
         alpha = cfg.GROUP_DIFF_START if cfg.group_diff_param is None else float(cfg.group_diff_param)
         key = (cfg.kernel, multigroup, alpha, None if emb is None else np.asarray(emb).tobytes())
         shared = self._shared_start

@@ -12,6 +12,7 @@ from sfact import _logging as logg
 from sfact._scaling import ScaleMethod
 from sfact._scaling import apply_scaling as _apply_scaling
 from sfact._scaling import fit_scaling as _fit_scaling
+from sfact._scaling import sample_extents as _sample_extents
 from sfact._utils import (
     check_counts,
     get_coordinates,
@@ -36,6 +37,7 @@ def prepare(
     adata: AnnData,
     *,
     group_key: str | None = None,
+    sample_key: str | None = None,
     spatial_key: str = "spatial",
     layer: str | None = None,
     min_group_fraction: float | None = None,
@@ -56,9 +58,9 @@ def prepare(
 
     1. checks the inputs: the coordinates, the group column and the counts exist, and the
        counts are non-negative (a warning if they are not integer-valued);
-    2. drops cells with NaN or infinite coordinates, NaN counts (any NaN in the cell's row) or
-       a missing group (NaN, or a group named ``"None"``, ``"nan"`` or ``"NaN"``), counting
-       each cell under the first of these reasons that applies;
+    2. drops cells with NaN or infinite coordinates, NaN counts (any NaN in the cell's row), a
+       missing group or a missing sample (NaN, or one named ``"None"``, ``"nan"`` or
+       ``"NaN"``), counting each cell under the first of these reasons that applies;
     3. drops cells with fewer than ``min_counts`` total counts and, with ``mito_prefix`` and
        ``max_mito_fraction``, cells whose fraction of counts in mitochondrial genes is above
        ``max_mito_fraction`` (computed over all genes);
@@ -71,7 +73,11 @@ def prepare(
        detected in fewer than ``min_cells`` of the remaining cells (genes with no counts are
        kept otherwise);
     6. scales the coordinates of the remaining cells and writes them to
-       ``obsm[scaled_key]``; ``obsm[spatial_key]`` is never modified.
+       ``obsm[scaled_key]``; ``obsm[spatial_key]`` is never modified. With ``sample_key``
+       (several tissue sections), every sample is shifted to its own minimum corner and all are
+       divided by one factor, so the sections overlap in the scaled coordinates and a
+       lengthscale means the same distance in each; a warning is logged when the samples'
+       extents differ more than tenfold (coordinates in different units?).
 
     Everything is checked before anything is changed, so on an error ``adata`` is left as it
     was.
@@ -83,6 +89,9 @@ def prepare(
     group_key
         Column of ``adata.obs`` with the group (e.g. the cell type) of each cell, for the
         multi-group priors; ``None`` for no groups.
+    sample_key
+        Column of ``adata.obs`` with the sample (tissue section) of each cell; ``None`` for one
+        sample. Re-encoded as a categorical of the samples left (in their original order).
     spatial_key
         Key of ``adata.obsm`` with the coordinates (n_obs, n_dims).
     layer
@@ -130,10 +139,12 @@ def prepare(
     `.uns['sfact_prepare']`
         A dict of plain values: ``spatial_key``, ``scaled_key``, ``scale``, ``offset`` (one
         float per dimension), ``factor``, ``box_size``, ``group_key``, ``groups`` (the kept
-        groups as strings, in code order), ``layer``, the filter settings, ``n_obs_before``,
+        groups as strings, in code order), ``sample_key``, ``samples`` (the kept samples as
+        strings) and, with ``sample_key``, ``sample_offsets`` (each sample's offset) and
+        ``sample_sizes`` (cells per sample), ``layer``, the filter settings, ``n_obs_before``,
         ``n_obs_after``, ``n_vars_before``, ``n_vars_after``, ``n_obs_removed`` (cells removed
         per reason: ``nan_coordinates``, ``nan_counts``, ``missing_group``, ``min_counts``,
-        ``max_mito_fraction``, ``small_groups``) and ``n_vars_removed`` (genes removed per
+        ``max_mito_fraction``, ``small_groups``; ``missing_sample`` with ``sample_key``) and ``n_vars_removed`` (genes removed per
         reason: ``mito``, ``min_cells``). ``sfact.pp._prepare._apply_scaling(coords,
         adata.uns['sfact_prepare'])`` scales new coordinates the same way.
 
@@ -175,6 +186,11 @@ def prepare(
             f"`adata.obs[{group_key!r}]` not found: pass `group_key=` naming the column with the groups "
             f"(available: {list(adata.obs.columns)})."
         )
+    if sample_key is not None and sample_key not in adata.obs.columns:
+        raise KeyError(
+            f"`adata.obs[{sample_key!r}]` not found: pass `sample_key=` naming the column with the samples "
+            f"(available: {list(adata.obs.columns)})."
+        )
     X = get_counts(adata, layer)
     slot = slot_name(layer)
     check_counts(X, slot, allow_nan=True)
@@ -192,12 +208,18 @@ def prepare(
         na_group = (codes < 0) | np.append(missing_cat, True)[codes]
     else:
         na_group = np.zeros(n_obs, dtype=bool)
-    if not dropna and (na_coords | na_counts | na_group).any():
-        n_bad = int((na_coords | na_counts | na_group).sum())
+    if sample_key is not None:
+        s_categories, s_codes, s_ordered = _group_codes(adata.obs[sample_key])
+        s_missing_cat = np.array([str(c) in _MISSING_GROUPS for c in s_categories], dtype=bool)
+        na_sample = (s_codes < 0) | np.append(s_missing_cat, True)[s_codes]
+    else:
+        na_sample = np.zeros(n_obs, dtype=bool)
+    if not dropna and (na_coords | na_counts | na_group | na_sample).any():
+        n_bad = int((na_coords | na_counts | na_group | na_sample).sum())
         raise ValueError(
             f"{n_bad} cells have missing values ({int(na_coords.sum())} with NaN/infinite coordinates, "
-            f"{int(na_counts.sum())} with NaN counts, {int(na_group.sum())} with a missing group); "
-            "pass `dropna=True` to drop them."
+            f"{int(na_counts.sum())} with NaN counts, {int(na_group.sum())} with a missing group, "
+            f"{int(na_sample.sum())} with a missing sample); pass `dropna=True` to drop them."
         )
 
     keep = np.ones(n_obs, dtype=bool)
@@ -205,6 +227,8 @@ def prepare(
         ("nan_coordinates", "nan_counts", "missing_group", "min_counts", "max_mito_fraction", "small_groups"),
         0,
     )
+    if sample_key is not None:
+        removed["missing_sample"] = 0
 
     def drop(reason: str, bad: np.ndarray) -> None:
         removed[reason] = int((bad & keep).sum())
@@ -213,6 +237,8 @@ def prepare(
     drop("nan_coordinates", na_coords)
     drop("nan_counts", na_counts)
     drop("missing_group", na_group)
+    if sample_key is not None:
+        drop("missing_sample", na_sample)
     n_inf_kept = int(n_inf[keep].sum())
     if n_inf_kept:
         raise ValueError(
@@ -278,9 +304,36 @@ def prepare(
     if not var_keep.any():
         raise ValueError(f"No gene is left after filtering (removed per reason: {var_removed}).")
 
+    # --- samples ---------------------------------------------------------------------------
+    samples: list[str] = []
+    new_samples = None
+    sample_labels = None
+    if sample_key is not None:
+        present = np.zeros(len(s_categories), dtype=bool)
+        present[s_codes[keep]] = True
+        present &= ~s_missing_cat
+        remap_s = np.full(len(s_categories) + 1, -1, dtype=np.int64)
+        remap_s[np.flatnonzero(present)] = np.arange(int(present.sum()))
+        new_samples = pd.Categorical.from_codes(
+            remap_s[s_codes[keep]], categories=s_categories[present], ordered=s_ordered
+        )
+        samples = [str(c) for c in new_samples.categories]
+        sample_labels = np.asarray(samples, dtype=object)[new_samples.codes].astype(str)
+
     # --- coordinates -----------------------------------------------------------------------
-    scaling = _fit_scaling(coords[keep], scale, box_size)
-    scaled = _apply_scaling(coords[keep], scaling)
+    scaling = _fit_scaling(coords[keep], scale, box_size, samples=sample_labels)
+    scaled = _apply_scaling(coords[keep], scaling, sample_labels)
+    sample_sizes: dict[str, int] = {}
+    if sample_key is not None:
+        sample_sizes = {k: int(v) for k, v in zip(samples, np.bincount(new_samples.codes, minlength=len(samples)))}
+        extents = _sample_extents(coords[keep], sample_labels)
+        positive = [v for v in extents.values() if v > 0]
+        if positive and max(positive) > 10 * min(positive):
+            warn(
+                f"The samples of `adata.obs[{sample_key!r}]` differ more than tenfold in extent "
+                f"({min(positive):.3g} to {max(positive):.3g}): are their coordinates in the same units? "
+                "They share one scale factor, so a lengthscale means the same distance in each."
+            )
 
     if group_key is not None and len(groups) == 1:
         warn(
@@ -306,12 +359,17 @@ def prepare(
     out.obsm[scaled_key] = scaled
     if new_groups is not None:
         out.obs[group_key] = new_groups
+    if new_samples is not None:
+        out.obs[sample_key] = new_samples
     out.uns[UNS_KEY] = {
         "spatial_key": spatial_key,
         "scaled_key": scaled_key,
         **scaling,
         "group_key": group_key,
         "groups": groups,
+        "sample_key": sample_key,
+        "samples": samples,
+        **({"sample_sizes": sample_sizes} if sample_key is not None else {}),
         "layer": layer,
         "dropna": bool(dropna),
         "min_group_fraction": None if min_group_fraction is None else float(min_group_fraction),
@@ -330,11 +388,13 @@ def prepare(
 
     logg.info(
         f"    finished: kept {out.n_obs} of {n_obs} cells, {out.n_vars} of {n_vars} genes"
-        + (f", {len(groups)} groups" if group_key is not None else ""),
+        + (f", {len(groups)} groups" if group_key is not None else "")
+        + (f", {len(samples)} samples" if sample_key is not None else ""),
         time=start,
         deep=(
             f"added\n    {scaled_key!r}, scaled coordinates (adata.obsm)\n"
             + (f"    {group_key!r}, groups re-encoded (adata.obs)\n" if group_key is not None else "")
+            + (f"    {sample_key!r}, samples re-encoded (adata.obs)\n" if sample_key is not None else "")
             + f"    {UNS_KEY!r}, how the data were prepared (adata.uns)"
         ),
     )
