@@ -18,7 +18,9 @@ on the simulation):
 - ``mggp_svgp`` / ``mggp_lcgp`` with the section as the group (α = 1: the same place in two
   sections correlates by ν^{(3+p)/2} = 0.18 for Matérn-3/2);
 - the same with α = 1000 (sections nearly independent: independent GPs, shared loadings);
-- ``svgp`` fitted to each section on its own (own loadings), deviance pooled over sections.
+- ``svgp`` fitted to each section on its own (own loadings), deviance pooled over sections;
+- ``svgp`` / ``lcgp`` with ``sample_key``: every section scaled from its own corner (one common
+  factor), shared loadings, one GP per section (independent across sections).
 
 Columns: held-out deviance, relative to the baseline (cell total x gene share), recovery of the
 true log-factors on the simulation (training cells; mean over true factors of the best-match
@@ -49,11 +51,13 @@ FITS = {
     "mggp_svgp, section as group (alpha=1000)": ("mggp_svgp", {"group_diff_param": 1000.0}, "sample"),
     "mggp_lcgp, section as group (alpha=1000)": ("mggp_lcgp", {"group_diff_param": 1000.0}, "sample"),
     "svgp per section (own loadings)": ("svgp", {}, "separate"),
+    "svgp, sample_key (one GP per section)": ("svgp", {}, "sample_key"),
+    "lcgp, sample_key (one GP per section)": ("lcgp", {}, "sample_key"),
 }
 
 
-def load(dataset: str):
-    """``(adata, n_factors)`` with ``obs['sample']``, prepared (coordinates as stored)."""
+def load(dataset: str, sample_key: bool = False):
+    """``(adata, n_factors)`` with ``obs['sample']``, prepared (coordinates as stored, or per sample)."""
     import sfact
 
     if dataset == "prostate":
@@ -63,7 +67,7 @@ def load(dataset: str):
     else:
         adata = sfact.datasets.simulate(**SIM, random_state=SEED)
         n_factors = SIM["n_factors"]
-    sfact.pp.prepare(adata, min_group_size=None)
+    sfact.pp.prepare(adata, min_group_size=None, sample_key="sample" if sample_key else None)
     return adata, n_factors
 
 
@@ -87,7 +91,7 @@ def one_fit(job: tuple) -> dict:
 
     sfact.settings.progress_bar = False
     prior, kwargs, mode = FITS[label]
-    adata, L = load(dataset)
+    adata, L = load(dataset, sample_key=mode == "sample_key")
     train, test = sfact.tl.heldout_split(adata, fraction=0.05, random_state=SEED)
     t0 = time.perf_counter()
     parts = []
@@ -104,7 +108,7 @@ def one_fit(job: tuple) -> dict:
             train,
             prior=prior,
             n_factors=L,
-            group_key=mode,
+            group_key=mode if mode == "sample" else None,
             prior_kwargs=kwargs or None,
             random_state=SEED,
             device="cpu",

@@ -125,7 +125,7 @@ def test_round_trip_through_a_dict(tmp_path):
 def test_preprocessing_section_matches_prepare():
     """The typed section must keep up with sfact.pp.prepare (names and defaults)."""
     sig = inspect.signature(sfact.pp.prepare).parameters
-    expected = {n: p.default for n, p in sig.items() if n not in ("adata", "group_key", "copy")}
+    expected = {n: p.default for n, p in sig.items() if n not in ("adata", "group_key", "sample_key", "copy")}
     fields = PreprocessingConfig()
     assert {k: getattr(fields, k) for k in expected} == expected
     assert set(vars(fields)) == set(expected)

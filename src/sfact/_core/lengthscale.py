@@ -150,6 +150,7 @@ def choose_lengthscale(
     n_folds: int = N_FOLDS,
     max_cells: int = MAX_CELLS,
     num_inducing: int = NUM_INDUCING,
+    blocks: np.ndarray | None = None,
 ) -> LengthscaleSearch | None:
     """Choose a lengthscale by the cross-validated deviance of a GP smoothing of the NMF start.
 
@@ -177,7 +178,11 @@ def choose_lengthscale(
     n_folds
         Folds of the cross-validation over cells.
     max_cells, num_inducing
-        Size limits of the search.
+        Size limits of the search (``num_inducing`` per block).
+    blocks
+        Block (sample) of every cell, or ``None`` for one: the cells of different blocks are
+        independent a priori, so each block is smoothed on its own, with its own inducing
+        points and folds, and the deviances are pooled.
 
     Returns
     -------
@@ -192,44 +197,47 @@ def choose_lengthscale(
     dev = X.device
     f64 = torch.float64
     rng = np.random.default_rng(seed)
-    use_np = np.sort(rng.choice(N, max_cells, replace=False)) if N > max_cells else np.arange(N)
-    n_use = len(use_np)
-    # cells in fold order (a seeded permutation), so every fold is a contiguous block
-    use_np = use_np[rng.permutation(n_use)]
-    bounds = np.linspace(0, n_use, n_folds + 1).round().astype(int)
-    folds = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    use = torch.as_tensor(use_np, device=dev)
-
-    Xd = X.to(f64)[use]
+    use_all = np.sort(rng.choice(N, max_cells, replace=False)) if N > max_cells else np.arange(N)
+    n_use = len(use_all)
+    block_of = np.zeros(N, dtype=np.int64) if blocks is None else np.asarray(blocks, dtype=np.int64)
     multigroup = group_embedding is not None and groups is not None
-    g = groups[use] if multigroup else None
-    X_np = Xd.cpu().numpy()
-    Z_np, Zg_np = inducing_points(
-        X_np,
-        min(num_inducing, n_use),
-        groups=None if g is None else g.cpu().numpy(),
-        n_groups=None if group_embedding is None else len(group_embedding),
-        random_state=seed,
-    )
-    Z = torch.as_tensor(Z_np, dtype=f64, device=dev)
-    Zg = None if Zg_np is None or not multigroup else torch.as_tensor(Zg_np, device=dev)
-    M = Z.shape[0]
-
-    logH = torch.log(H.to(f64)[use].clamp_min(FACTOR_FLOOR))
-    beta = logH.mean(0)
-    F = logH - beta
+    X64 = X.to(f64)
+    logH_all = torch.log(H.to(f64)[torch.as_tensor(use_all, device=dev)].clamp_min(FACTOR_FLOOR))
+    beta = logH_all.mean(0)  # one mean, as the model's (shared by every block)
     Wd = W.to(f64)
-    sd = s.to(f64)[use]
-    if ladder is None:
-        from .factory import coordinate_spacing
+    from .factory import coordinate_spacing
 
-        extent = float(np.ptp(X_np, axis=0).max())
-        # no shorter than the spacing the search's inducing points resolve
-        lo = max(coordinate_spacing(X_np)["nn1"], 0.5 * coordinate_spacing(Z_np)["nn1"])
-        ladder = lengthscale_ladder(lo, extent)
+    parts_b = []  # per block (sample): cells in fold order, folds, inducing points
+    for b in np.unique(block_of[use_all]):
+        use_np = use_all[block_of[use_all] == b]
+        # cells in fold order (a seeded permutation), so every fold is a contiguous block
+        use_np = use_np[rng.permutation(len(use_np))]
+        n_b = len(use_np)
+        bounds = np.linspace(0, n_b, n_folds + 1).round().astype(int)
+        folds = [slice(int(x), int(y)) for x, y in zip(bounds[:-1], bounds[1:]) if y > x]
+        use = torch.as_tensor(use_np, device=dev)
+        Xd = X64[use]
+        g = groups[use] if multigroup else None
+        X_np = Xd.cpu().numpy()
+        Z_np, Zg_np = inducing_points(
+            X_np,
+            min(num_inducing, n_b),
+            groups=None if g is None else g.cpu().numpy(),
+            n_groups=None if group_embedding is None else len(group_embedding),
+            random_state=seed,
+        )
+        Z = torch.as_tensor(Z_np, dtype=f64, device=dev)
+        Zg = None if Zg_np is None or not multigroup else torch.as_tensor(Zg_np, device=dev)
+        F = torch.log(H.to(f64)[use].clamp_min(FACTOR_FLOOR)) - beta
+        lo = max(coordinate_spacing(X_np)["nn1"], 0.5 * coordinate_spacing(Z_np)["nn1"]) if n_b > 1 else np.nan
+        extent = float(np.ptp(X_np, axis=0).max()) if n_b > 1 else 0.0
+        parts_b.append((use, folds, Xd, g, Z, Zg, F, s.to(f64)[use], lo, extent))
+    if ladder is None:
+        # no shorter than the spacing the search's inducing points resolve (the median block's)
+        lo = float(np.nanmedian([p[8] for p in parts_b]))
+        ladder = lengthscale_ladder(lo, max(p[9] for p in parts_b))
     ladder = np.asarray(ladder, dtype=np.float64)
 
-    eye = torch.eye(M, dtype=f64, device=dev)
     deviances = []
     for ls in ladder:
         k = Kernel(
@@ -245,27 +253,32 @@ def choose_lengthscale(
             train_sigma=False,
             train_group_diff_param=False,
         ).to(device=dev, dtype=f64)
-        Kzz = k(Z, Z, Zg, Zg)[0]
-        Lzz = torch.linalg.cholesky(Kzz + 1e-4 * Kzz.diagonal().mean() * eye)
-        A = torch.cat(
-            [
-                torch.linalg.solve_triangular(
-                    Lzz, k(Z, Xd[a : a + 8192], Zg, None if g is None else g[a : a + 8192])[0], upper=False
-                )
-                for a in range(0, n_use, 8192)
-            ],
-            dim=1,
-        )  # (M, n_use)
-        # per fold: its cells' Gram matrix and projection (their sums are the whole's)
-        parts = [(A[:, f], A[:, f] @ A[:, f].T, A[:, f] @ F[f]) for f in folds]
-        AAt = sum(p[1] for p in parts)
-        AF = sum(p[2] for p in parts)
         total = torch.zeros((), dtype=f64, device=dev)
-        for idx, (Af, G, P) in zip(folds, parts):  # the fold's cells are left out and scored
-            C = torch.linalg.cholesky(AAt - G + ridge * eye)
-            logF = Af.T @ torch.cholesky_solve(AF - P, C) + beta
-            n_f = idx.stop - idx.start
-            total += _poisson_deviance(counts, use[idx], sd[idx], logF, Wd) * n_f
+        for use, folds, Xd, g, Z, Zg, F, sd, _, _ in parts_b:
+            M = Z.shape[0]
+            eye = torch.eye(M, dtype=f64, device=dev)
+            Kzz = k(Z, Z, Zg, Zg)[0]
+            Lzz = torch.linalg.cholesky(Kzz + 1e-4 * Kzz.diagonal().mean() * eye)
+            A = torch.cat(
+                [
+                    torch.linalg.solve_triangular(
+                        Lzz, k(Z, Xd[a : a + 8192], Zg, None if g is None else g[a : a + 8192])[0], upper=False
+                    )
+                    for a in range(0, Xd.shape[0], 8192)
+                ],
+                dim=1,
+            )  # (M, n_b)
+            # per fold: its cells' Gram matrix and projection (their sums are the whole's)
+            parts = [(A[:, f], A[:, f] @ A[:, f].T, A[:, f] @ F[f]) for f in folds]
+            AAt = sum(p[1] for p in parts)
+            AF = sum(p[2] for p in parts)
+            for idx, (Af, G, P) in zip(folds, parts):  # the fold's cells are left out and scored
+                if len(folds) == 1:
+                    break  # a block too small for folds is not scored
+                C = torch.linalg.cholesky(AAt - G + ridge * eye)
+                logF = Af.T @ torch.cholesky_solve(AF - P, C) + beta
+                n_f = idx.stop - idx.start
+                total += _poisson_deviance(counts, use[idx], sd[idx], logF, Wd) * n_f
         deviances.append(float(total / n_use))
     devs = np.asarray(deviances)
     if not np.isfinite(devs).any():

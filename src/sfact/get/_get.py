@@ -29,7 +29,8 @@ def factors_df(adata: AnnData, *, key: str = "sfact", scales: bool = False) -> p
 
     Returns
     -------
-    DataFrame indexed by ``adata.obs_names`` with one column per factor name.
+    DataFrame indexed by ``adata.obs_names`` with one column per factor name, and, for a fit with
+    samples (``sample_key``), the sample column first.
 
     Examples
     --------
@@ -38,7 +39,12 @@ def factors_df(adata: AnnData, *, key: str = "sfact", scales: bool = False) -> p
     """
     fit = FitView.from_adata(adata, key, what="`sfact.get.factors_df`")
     values = fit.scales if scales else fit.factors
-    return pd.DataFrame(np.array(values, copy=True), index=adata.obs_names.copy(), columns=fit.factor_names)
+    df = pd.DataFrame(np.array(values, copy=True), index=adata.obs_names.copy(), columns=fit.factor_names)
+    params = adata.uns.get(key, {}).get("params", {})
+    sample_key = params.get("sample_key") if isinstance(params, dict) else None
+    if sample_key is not None and sample_key in adata.obs.columns and sample_key not in df.columns:
+        df.insert(0, str(sample_key), adata.obs[sample_key].to_numpy())
+    return df
 
 
 def loadings_df(adata: AnnData, *, key: str = "sfact", group: str | None = None) -> pd.DataFrame:

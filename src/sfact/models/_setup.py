@@ -99,7 +99,8 @@ class ModelSetup:
     prior_kwargs
         The prior's validated configuration as a plain dict.
     scaling
-        The coordinate scaling (``scale``, ``offset``, ``factor``, ``box_size``).
+        The coordinate scaling (``scale``, ``offset``, ``factor``, ``box_size``; with samples
+        also ``sample_offsets``).
     var_names
         The genes, in the model's order.
     n_obs
@@ -108,6 +109,10 @@ class ModelSetup:
         Integer seed.
     dtype
         ``"float32"`` or ``"float64"``.
+    sample_key
+        Column of ``adata.obs`` with the samples (tissue sections), or ``None``.
+    sample_categories
+        The samples seen in training, in code order, or ``None``.
 
     Examples
     --------
@@ -183,8 +188,23 @@ class ModelSetup:
 
         Without samples: the multi-group embedding (all groups at distance 1, or ``group_distances``
         embedded by MDS). With samples: each (sample, group) pair gets the sample's coordinates —
-        every pair of samples at distance :data:`SAMPLE_DISTANCE`, so the kernel between cells of
-        different samples vanishes (independent GPs, one per sample) — next to the group's.
+        every pair of samples at distance ``SAMPLE_DISTANCE`` (1000), so the kernel between cells
+        of different samples vanishes (independent GPs, one per sample) — next to the group's.
+
+        Parameters
+        ----------
+        group_distances
+            The prior's ``group_distances`` option (G x G), or ``None``.
+
+        Returns
+        -------
+        A (S·G, q) array, row ``s·G + g`` for group ``g`` of sample ``s``; ``None`` when the kernel
+        has no groups.
+
+        Examples
+        --------
+        >>> model.setup.kernel_embedding().shape  # 3 samples, one group  # doctest: +SKIP
+        (3, 4)
         """
         from .._core.factory import group_embedding
 
@@ -249,6 +269,12 @@ class ModelSetup:
         Returns
         -------
         A column of ``adata.obs``, or ``None``.
+
+        Examples
+        --------
+        >>> sfact.pp.prepare(adata, sample_key="section")  # doctest: +SKIP
+        >>> sfact.models.ModelSetup.effective_sample_key(adata, sample_key=None, spatial_key="spatial")  # doctest: +SKIP
+        'section'
         """
         if sample_key is not None:
             return sample_key
@@ -498,12 +524,26 @@ class ModelSetup:
     def sample_labels(self, adata: AnnData) -> np.ndarray:
         """The sample of each cell of ``adata`` (strings), checked against the training samples.
 
+        Parameters
+        ----------
+        adata
+            Cells with samples in ``obs[sample_key]``.
+
+        Returns
+        -------
+        A string array (n_cells,).
+
         Raises
         ------
         KeyError
             Without the sample column.
         ValueError
             With a missing sample, or a sample the model was not trained on.
+
+        Examples
+        --------
+        >>> model.setup.sample_labels(adata_new)[:3]  # doctest: +SKIP
+        array(['s0', 's0', 's1'], dtype=object)
         """
         sk = self.sample_key
         if sk is None:
@@ -527,6 +567,19 @@ class ModelSetup:
         """The kernel's group of each cell: ``sample x G + group`` (see :meth:`kernel_embedding`).
 
         Without samples this is :meth:`group_codes`.
+
+        Parameters
+        ----------
+        adata
+            Cells with the model's samples (and groups).
+
+        Returns
+        -------
+        An int64 array (n_cells,), or ``None`` when the kernel has no groups.
+
+        Examples
+        --------
+        >>> codes = model.setup.kernel_codes(adata_new)  # doctest: +SKIP
         """
         if not self.kernel_multigroup or self.n_sample == 1:
             return self.group_codes(adata)

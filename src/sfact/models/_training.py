@@ -174,6 +174,13 @@ class TrainingMixin:
         initialize(module, data, init_iter, self._generator, start=start)
         self.module = module
 
+    def _sample_blocks(self, data):
+        """The sample code of every training cell (several samples), else ``None``."""
+        setup = self.setup
+        if setup.n_sample < 2 or not setup.kernel_multigroup or data.groups is None:
+            return None
+        return (data.groups.detach().cpu().numpy() // (setup.n_groups or 1)).astype("int64")
+
     def _resolve_lengthscale(self, cfg, data, start):
         """``cfg`` with ``lengthscale="auto"`` (or ``None``) replaced by the search's choice.
 
@@ -210,6 +217,7 @@ class TrainingMixin:
                 group_embedding=emb,
                 group_diff_param=alpha,
                 seed=self.setup.seed,
+                blocks=self._sample_blocks(data),
             )
             if shared is not None:
                 shared.searches[key] = search

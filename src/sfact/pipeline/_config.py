@@ -80,6 +80,11 @@ class Config:
         """The group key (``dataset.group_key``)."""
         return self.dataset.group_key
 
+    @property
+    def sample_key(self) -> str | None:
+        """The sample key (``dataset.sample_key``)."""
+        return self.dataset.sample_key
+
     def priors(self) -> list[str]:
         """The priors this config plans: ``model.prior``, or every prior that applies."""
         if self.model.prior is not None:
@@ -110,13 +115,14 @@ class Config:
         """Keyword arguments of :class:`sfact.models.SpatialFactorization` but ``adata`` and ``device``.
 
         :meth:`ModelConfig.model_kwargs` plus ``layer`` and ``spatial_key`` (``preprocessing``),
-        ``group_key`` (``dataset``) and ``random_state`` (``training``).
+        ``group_key`` and ``sample_key`` (``dataset``) and ``random_state`` (``training``).
         """
         return {
             **self.model.model_kwargs(prior),
             "layer": self.preprocessing.layer,
             "spatial_key": self.preprocessing.spatial_key,
             "group_key": self.group_key,
+            "sample_key": self.sample_key,
             "random_state": self.training.random_state,
         }
 

@@ -96,6 +96,9 @@ class DatasetConfig:
     group_key
         Column of ``obs`` with the groups (cell types); defaults to the loader's default group
         key, ``null`` for no groups.
+    sample_key
+        Column of ``obs`` with the samples (tissue sections): each scaled from its own corner,
+        shared loadings, one GP per sample; ``null`` (default) for one sample.
     subsample
         Keep this many cells (int) or this fraction (float in (0, 1]) before preprocessing.
     random_state
@@ -108,6 +111,7 @@ class DatasetConfig:
     loader: str | None = None
     path: str | None = None
     group_key: str | None = None
+    sample_key: str | None = None
     subsample: int | float | None = None
     random_state: int = 0
     loader_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -115,7 +119,7 @@ class DatasetConfig:
 
 @dataclass
 class PreprocessingConfig:
-    """Keyword arguments of :func:`sfact.pp.prepare` (``group_key`` comes from ``dataset``)."""
+    """Keyword arguments of :func:`sfact.pp.prepare` (``group_key`` and ``sample_key`` come from ``dataset``)."""
 
     spatial_key: str = "spatial"
     layer: str | None = None

@@ -97,7 +97,7 @@ def preprocess(
         _say(f"loaded {adata.n_obs} cells x {adata.n_vars} genes")
         report(message="preparing")
         pre = cfg.to_dict()["preprocessing"]
-        sfact.pp.prepare(adata, group_key=ds.group_key, **pre)
+        sfact.pp.prepare(adata, group_key=ds.group_key, sample_key=ds.sample_key, **pre)
         n_groups = None
         if ds.group_key is not None:
             n_groups = len(adata.obs[ds.group_key].cat.categories)
@@ -125,6 +125,7 @@ def preprocess(
             "n_vars": adata.n_vars,
             "group_key": ds.group_key,
             "n_groups": n_groups,
+            "sample_key": ds.sample_key,
         }
         _write_json(layout.prepared_info, info)
         _say(f"wrote {layout.prepared}")
@@ -471,7 +472,12 @@ def _validation_cells(adata, cfg, prior: str, fraction: float):
     gk = ModelSetup.effective_group_key(
         adata, group_key=kw.get("group_key"), spatial_key=kw.get("spatial_key", "spatial")
     )
-    return validation_mask(adata, fraction, random_state=cfg.training.random_state, group_key=gk)
+    sk = ModelSetup.effective_sample_key(
+        adata, sample_key=kw.get("sample_key"), spatial_key=kw.get("spatial_key", "spatial")
+    )
+    return validation_mask(
+        adata, fraction, random_state=cfg.training.random_state, group_key=gk, sample_key=sk
+    )
 
 
 def _saved_validation(model_dir: Path, adata):

@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import _logging as logg
 from .._keys import Keys
-from .._utils import view_to_actual
+from .._utils import group_codes, view_to_actual
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -74,9 +74,24 @@ def _log_factors(
         mu, var = model.get_log_factors(None if adata is model.adata else adata, batch_size=batch_size)
     else:
         mu, var = marginals
-    coords = get_coordinates(adata, model.setup.spatial_key)
+    coords = _moran_coords(adata, model) if model.setup.n_sample > 1 else get_coordinates(adata, model.setup.spatial_key)
     moran = morans_i(np.exp(mu), coords, names=factor_names(model.n_factors), n_neighs=n_neighs)
     return mu, var, moran
+
+
+def _moran_coords(adata: AnnData, model: SpatialFactorization) -> np.ndarray:
+    """Coordinates whose nearest-neighbour graph stays within each sample.
+
+    The scaled coordinates (every sample from its own corner), each sample moved along the first
+    axis by ten times the largest extent: Moran's I is then pooled over the samples' own graphs.
+    """
+    setup = model.setup
+    X = setup.scaled_coords(adata)
+    codes = group_codes(setup.sample_labels(adata), list(setup.sample_categories))
+    shift = 10.0 * max(float(np.ptp(X, axis=0).max()), 1.0)
+    X = X.copy()
+    X[:, 0] += codes * shift
+    return X
 
 
 def order_by_moran(
@@ -160,20 +175,23 @@ class Analysis:
     """Training history, one list per recorded quantity."""
     gp: dict[str, Any]
     """Kernel hyperparameters (:meth:`~sfact.models.SpatialFactorization.gp_info`)."""
+    samples: pd.DataFrame | None = None
+    """With several samples: one row per sample (cells, deviance per entry, Moran's I per factor)."""
 
     def uns(self, keys: Keys) -> dict[str, Any]:
         """The entry of ``adata.uns[key]`` (plain values; ``moranI`` a copy)."""
-        return _plain(
-            {
-                "params": self.params,
-                "history": dict(self.history),
-                "moranI": self.moran.copy(),
-                "metrics": self.metrics,
-                "factor_names": np.asarray(self.factor_names),
-                "gp": self.gp,
-                "keys": keys.as_dict(),
-            }
-        )
+        out = {
+            "params": self.params,
+            "history": dict(self.history),
+            "moranI": self.moran.copy(),
+            "metrics": self.metrics,
+            "factor_names": np.asarray(self.factor_names),
+            "gp": self.gp,
+            "keys": keys.as_dict(),
+        }
+        if self.samples is not None:
+            out["samples"] = self.samples.copy()
+        return _plain(out)
 
 
 def compute_analysis(
@@ -232,6 +250,7 @@ def compute_analysis(
         "layer": setup.layer,
         "spatial_key": setup.spatial_key,
         "group_key": setup.group_key,
+        "sample_key": setup.sample_key,
         "size_factors": setup.size_factors,
         "size_factor_reference": setup.size_factor_reference,
         "elbo_mode": setup.elbo_mode,
@@ -271,7 +290,35 @@ def compute_analysis(
         metrics=metrics,
         history=dict(history.as_dict().items()),
         gp=model.gp_info(),
+        samples=_sample_table(adata, model, np.exp(mu), dev_cell, n_neighs=n_neighs, names=list(moran.index))
+        if setup.n_sample > 1
+        else None,
     )
+
+
+def _sample_table(
+    adata: AnnData, model: SpatialFactorization, factors: np.ndarray, dev_cell: np.ndarray, *, n_neighs: int, names: list[str]
+) -> pd.DataFrame:
+    """One row per sample: cells, deviance per entry, and Moran's I of each factor within the sample."""
+    import pandas as pd
+
+    from ._analysis import morans_i
+
+    setup = model.setup
+    labels = setup.sample_labels(adata)
+    X = setup.scaled_coords(adata)
+    rows = []
+    for name in setup.sample_categories:
+        cells = labels == name
+        n = int(cells.sum())
+        row: dict[str, Any] = {"n_obs": n}
+        row["deviance_per_entry"] = float(dev_cell[cells].sum() / max(n * adata.n_vars, 1))
+        if n >= 3:
+            moran = morans_i(factors[cells], X[cells], names=names, n_neighs=n_neighs)["I"]
+            row.update({f"moranI_{f}": float(moran[f]) for f in names})
+        rows.append(row)
+    table = pd.DataFrame(rows, index=pd.Index(list(setup.sample_categories), name=None))
+    return table
 
 
 def write_analysis(adata: AnnData, result: Analysis, *, key_added: str = "sfact") -> None:

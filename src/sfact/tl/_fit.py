@@ -26,6 +26,7 @@ def fit(
     layer: str | None = None,
     spatial_key: str = "spatial",
     group_key: str | None = None,
+    sample_key: str | None = None,
     size_factors: str | None = "total",
     key_added: str = "sfact",
     max_iter: int = 1000,
@@ -82,6 +83,10 @@ def fit(
     group_key
         Column of ``adata.obs`` with the groups (multi-group priors); defaults to the one
         recorded by :func:`sfact.pp.prepare`.
+    sample_key
+        Column of ``adata.obs`` with the samples (tissue sections): shared loadings, one GP per
+        sample (see :class:`~sfact.models.SpatialFactorization`); defaults to the one recorded by
+        :func:`sfact.pp.prepare`. Moran's I is then computed within each sample.
     size_factors
         ``None``, ``"total"`` or a column of ``adata.obs``; see
         :class:`~sfact.models.SpatialFactorization`.
@@ -177,7 +182,8 @@ def fit(
     mask = None
     if fraction > 0:
         gk = ModelSetup.effective_group_key(adata, group_key=group_key, spatial_key=spatial_key)
-        mask = validation_mask(adata, fraction, random_state=random_state, group_key=gk)
+        sk = ModelSetup.effective_sample_key(adata, sample_key=sample_key, spatial_key=spatial_key)
+        mask = validation_mask(adata, fraction, random_state=random_state, group_key=gk, sample_key=sk)
     model = SpatialFactorization(
         adata if mask is None else adata[~mask].copy(),
         prior=prior,
@@ -191,6 +197,7 @@ def fit(
         prior_kwargs=prior_kwargs,
         device=device,
         random_state=random_state,
+        sample_key=sample_key,
     )
     start = logg.info(f"fitting sfact ({prior}, {n_factors} factors)")
     model.train(

@@ -244,12 +244,14 @@ def validation_mask(
     *,
     random_state: int | np.random.Generator | None,
     group_key: str | None = None,
+    sample_key: str | None = None,
 ) -> np.ndarray | None:
     """Boolean mask of the validation cells (``None`` when ``fraction`` is 0).
 
     The first ``round(fraction · N)`` cells of ``default_rng(random_state).permutation(N)``, as
-    :func:`heldout_split` chooses them; with ``group_key``, the cells of a group that would have
-    no training cell stay in training (the model must know every group it predicts).
+    :func:`heldout_split` chooses them; with ``group_key`` (and ``sample_key``), the cells of a
+    group (a sample, a group within a sample) that would have no training cell stay in training
+    (the model must know every group and sample it predicts).
     """
     if fraction == 0:
         return None
@@ -261,10 +263,11 @@ def validation_mask(
             "or too few training cells: pass a larger fraction, or 0 to turn the check off."
         )
     mask = heldout_mask(N, fraction=fraction, random_state=random_state)
-    if group_key is not None and group_key in adata.obs.columns:
-        groups = adata.obs[group_key].astype(str).to_numpy()
-        trained = set(groups[~mask])
-        mask &= np.array([g in trained for g in groups])
+    keys = [k for k in (group_key, sample_key) if k is not None and k in adata.obs.columns]
+    if keys:
+        labels = adata.obs[keys].astype(str).agg("\x1f".join, axis=1).to_numpy()
+        trained = set(labels[~mask])
+        mask &= np.array([g in trained for g in labels])
     return mask if mask.any() else None
 
 

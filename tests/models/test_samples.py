@@ -1,0 +1,154 @@
+"""Several samples (tissue sections) in one model: shared loadings, one GP per sample.
+
+One sample is today's model; the kernel between samples vanishes; coordinates are scaled per
+sample at training and at prediction; save/load; tl.fit's per-sample outputs; bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import sfact
+from sfact.models import SpatialFactorization
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old_threads, old_bar = torch.get_num_threads(), sfact.settings.progress_bar
+    torch.set_num_threads(1)
+    sfact.settings.progress_bar = False
+    yield
+    torch.set_num_threads(old_threads)
+    sfact.settings.progress_bar = old_bar
+
+
+def _sections(n_obs: int = 600, n_samples: int = 3, n_groups: int = 1, shift: float = 0.0):
+    adata = sfact.datasets.simulate(
+        n_obs=n_obs, n_vars=40, n_factors=3, n_groups=n_groups, n_samples=n_samples, lengthscale=15.0, random_state=0
+    )
+    if shift:  # sections stored side by side, as an instrument writes them
+        codes = adata.obs["sample"].cat.codes.to_numpy()
+        adata.obsm["spatial"] = adata.obsm["spatial"] + np.c_[codes * shift, np.zeros(adata.n_obs)]
+    return adata
+
+
+OPTS = {"svgp": {"num_inducing": 60}, "lcgp": {"n_neighbors": 8}}
+
+
+@pytest.mark.parametrize("prior", ["svgp", "lcgp"])
+def test_one_sample_is_the_model_without_samples(prior):
+    adata = sfact.datasets.simulate(n_obs=400, n_vars=40, n_factors=3, n_groups=1, random_state=0)
+    adata.obs["slide"] = "only"
+    plain = adata.copy()
+    sfact.pp.prepare(plain)
+    sfact.pp.prepare(adata, sample_key="slide")
+    np.testing.assert_allclose(adata.obsm["spatial_sfact"], plain.obsm["spatial_sfact"])
+    kw = {"prior": prior, "n_factors": 3, "prior_kwargs": OPTS[prior], "random_state": 0}
+    a = SpatialFactorization(adata, **kw).train(max_iter=15)
+    b = SpatialFactorization(plain, **kw).train(max_iter=15)
+    assert a.setup.sample_key == "slide" and b.setup.sample_key is None
+    np.testing.assert_allclose(a.history["elbo"], b.history["elbo"], rtol=1e-6)
+    np.testing.assert_allclose(a.get_factors(), b.get_factors(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("prior", ["svgp", "mggp_svgp", "lcgp"])
+def test_samples_are_independent_a_priori(prior):
+    groups = 2 if prior.startswith("mggp") else 1
+    adata = _sections(n_groups=groups)
+    sfact.pp.prepare(adata, sample_key="sample", group_key="group" if groups > 1 else None)
+    model = SpatialFactorization(
+        adata, prior=prior, n_factors=3, prior_kwargs=OPTS[prior.replace("mggp_", "")], random_state=0
+    ).train(max_iter=3)
+    X, codes = model._training_inputs()
+    G = groups
+    sample = codes // G
+    assert model.setup.n_kernel_groups == 3 * G
+    assert model.gp_info()["prior"] == prior
+    k = model.module.prior.kernel
+    Xt, ct = torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(codes)
+    K = k(Xt[:200], Xt[:200], ct[:200], ct[:200])[0].numpy()
+    same = sample[:200, None] == sample[None, :200]
+    # overlapping coordinates: close cells of different samples exist, yet the kernel vanishes
+    assert np.abs(K[~same]).max() < 1e-5
+    assert K[same].max() > 0.99
+    if prior.endswith("svgp"):
+        # every cell's whitened projection uses only its own sample's inducing points
+        zs = model.module.prior.Z_groups.numpy() // G
+        A = model.module.prior._A(Xt, ct)[0].numpy()  # (M, N)
+        assert np.abs(A[zs[:, None] != sample[None, :]]).max() < 1e-4
+
+
+def test_prediction_scales_each_sample_and_rejects_unknown_ones(tmp_path):
+    adata = _sections(shift=500.0)  # stored side by side; prepared, the sections overlap
+    sfact.pp.prepare(adata, sample_key="sample")
+    scaled = adata.obsm["spatial_sfact"]
+    for s in ("s0", "s1", "s2"):
+        xy = scaled[(adata.obs["sample"] == s).to_numpy()]
+        assert xy.min() >= 0 and xy.max() <= 100.0 + 1e-9
+    model = SpatialFactorization(adata, prior="svgp", n_factors=3, prior_kwargs=OPTS["svgp"], random_state=0)
+    np.testing.assert_allclose(model._training_inputs()[0], scaled)
+    model.train(max_iter=20)
+    # the training cells of one sample, predicted as new cells from their coordinates: the
+    # training marginals (the same scaled coordinates and kernel groups)
+    sub = adata[(adata.obs["sample"] == "s1").to_numpy()].copy()
+    mu_new, var_new = model.get_log_factors(sub)
+    mu, var = model.get_log_factors()
+    rows = (adata.obs["sample"] == "s1").to_numpy()
+    np.testing.assert_allclose(mu_new, mu[rows], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(var_new, var[rows], rtol=1e-4, atol=1e-4)
+    # save -> load (with and without the data) -> the same predictions
+    model.save(tmp_path / "m")
+    for loaded in (SpatialFactorization.load(tmp_path / "m"), SpatialFactorization.load(tmp_path / "m", adata)):
+        assert loaded.setup.sample_categories == ("s0", "s1", "s2")
+        np.testing.assert_allclose(loaded.get_log_factors(sub)[0], mu_new, rtol=1e-5, atol=1e-6)
+    # a sample the model has not seen: a clear error, the AnnData unchanged
+    new = sub.copy()
+    new.obs["sample"] = "s9"
+    before = new.obs.copy()
+    with pytest.raises(ValueError, match=r"not trained on: \['s9'\]"):
+        model.get_log_factors(new)
+    assert new.obs.equals(before)
+
+
+def test_bad_samples_raise_before_fitting():
+    adata = _sections()
+    sfact.pp.prepare(adata, sample_key="sample")
+    nan = adata.copy()
+    nan.obs["sample"] = nan.obs["sample"].astype(object)
+    nan.obs.iloc[:2, nan.obs.columns.get_loc("sample")] = np.nan
+    with pytest.raises(ValueError, match="without a sample"):
+        SpatialFactorization(nan, prior="svgp", n_factors=2)
+    tiny = adata.copy()
+    tiny.obs["sample"] = tiny.obs["sample"].cat.add_categories("s_small")
+    tiny.obs.iloc[:5, tiny.obs.columns.get_loc("sample")] = "s_small"
+    with pytest.raises(ValueError, match="fewer than 10 cells"):
+        SpatialFactorization(tiny, prior="lcgp", n_factors=2, sample_key="sample")
+    with pytest.raises(KeyError, match="slide"):
+        sfact.tl.fit(adata, prior="svgp", n_factors=2, sample_key="slide")
+    assert "sfact" not in adata.uns
+
+
+def test_tl_fit_with_samples_writes_per_sample_results(tmp_path):
+    adata = _sections(n_obs=1200, n_groups=2)
+    sfact.pp.prepare(adata, sample_key="sample", group_key="group")
+    sfact.tl.fit(adata, prior="mggp_lcgp", n_factors=3, prior_kwargs=OPTS["lcgp"], max_iter=20)
+    u = adata.uns["sfact"]
+    assert u["params"]["sample_key"] == "sample"
+    table = u["samples"]
+    assert list(table.index) == ["s0", "s1", "s2"]
+    assert table["n_obs"].sum() == adata.n_obs
+    assert {f"moranI_factor_{i}" for i in range(3)} <= set(table.columns)
+    assert (table["moranI_factor_0"] > 0.2).all()  # smooth within every section
+    # validation cells in every section, and every section keeps training cells
+    val = adata.obs["sfact_validation"].to_numpy()
+    for s in ("s0", "s1", "s2"):
+        cells = (adata.obs["sample"] == s).to_numpy()
+        assert val[cells].any() and (~val[cells]).any()
+    df = sfact.get.factors_df(adata)
+    assert df.columns[0] == "sample" and (df["sample"] == adata.obs["sample"]).all()
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    import anndata as ad
+
+    back = ad.read_h5ad(tmp_path / "a.h5ad")
+    np.testing.assert_allclose(back.uns["sfact"]["samples"]["deviance_per_entry"], table["deviance_per_entry"])
