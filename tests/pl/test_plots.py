@@ -208,3 +208,48 @@ def test_every_public_plot_is_tested():
         "inducing_points",
         "model_selection",
     }  # model_selection: test_selection.py
+
+
+@pytest.fixture(scope="module")
+def sectioned():
+    adata = sfact.datasets.simulate(
+        n_obs=600, n_vars=30, n_factors=3, n_groups=1, n_samples=3, lengthscale=15.0, random_state=0
+    )
+    codes = adata.obs["sample"].cat.codes.to_numpy()
+    adata.obsm["spatial"] = adata.obsm["spatial"] + np.c_[codes * 300.0, np.zeros(adata.n_obs)]
+    sfact.pp.prepare(adata, sample_key="sample")
+    sfact.tl.fit(adata, prior="lcgp", n_factors=3, prior_kwargs={"n_neighbors": 8}, max_iter=10, validation_fraction=0)
+    return adata
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_factors_with_samples_draw_a_row_per_sample_on_shared_scales(sectioned, shared):
+    adata = sectioned
+    fig = sfact.pl.factors(adata, factors=[0, 2], shared_scale=shared, return_fig=True, show=False)
+    axes = [a for a in fig.axes if a.get_title()]  # the scatter panels (not the colour bars)
+    assert len(axes) == 3 * 2
+    assert len(fig.axes) - len(axes) == (1 if shared else 2)  # colour bars: per factor, or one
+    labels = adata.obs["sample"].astype(str).to_numpy()
+    table = adata.uns["sfact"]["samples"]
+    names = adata.uns["sfact"]["factor_names"]
+    for r, smp in enumerate(["s0", "s1", "s2"]):
+        for j, f in enumerate([0, 2]):
+            a = axes[r * 2 + j]
+            offsets = a.collections[0].get_offsets()
+            # the sample's own cells, at their own coordinates
+            assert len(offsets) == int((labels == smp).sum())
+            own = adata.obsm["spatial"][labels == smp]
+            # (drawn in value order: compare as sets of points)
+            np.testing.assert_allclose(np.unique(np.asarray(offsets), axis=0), np.unique(own, axis=0))
+            assert a.get_title().startswith(f"{smp}: {names[f]}")
+            assert f"{float(table.loc[smp, f'moranI_{names[f]}']):.2f}" in a.get_title()
+    # one colour scale per factor across the samples (for everything with shared_scale)
+    for j in range(2):
+        lims = {axes[r * 2 + j].collections[0].get_clim() for r in range(3)}
+        assert len(lims) == 1
+    if shared:
+        assert axes[0].collections[0].get_clim() == axes[1].collections[0].get_clim()
+    plt.close(fig)
+    with pytest.raises(ValueError, match="one row per sample"):
+        _, ax = plt.subplots()
+        sfact.pl.factors(adata, factors=[0], ax=ax, show=False)

@@ -65,6 +65,12 @@ def _spatial_maps(
     names = fit.factor_names
     sel = select_factors(names, factors)
     values = np.asarray(stored, dtype=float)[:, sel]
+    sample_key = fit.params.get("sample_key")
+    if sample_key is not None and sample_key in adata.obs.columns and adata.obs[sample_key].nunique() > 1:
+        return _sample_maps(
+            adata, fit, values, sel, coords, label, sample_key=sample_key, cmap=cmap,
+            shared_scale=shared_scale, size=size, ax=ax, show=show, return_fig=return_fig,
+        )  # fmt: skip
     shared = robust_limits(values) if shared_scale else None
     fig, axes = panel_axes(ax, len(sel), ncols, panel_size=spatial_panel_size(coords))
     s = marker_size(size, adata.n_obs)
@@ -78,6 +84,68 @@ def _spatial_maps(
         )
     if one_bar and sc is not None:
         fig.colorbar(sc, ax=axes, shrink=0.6, aspect=30, pad=0.01)
+    return finish(fig, show=show, return_fig=return_fig)
+
+
+def _sample_maps(
+    adata: AnnData,
+    fit: FitView,
+    values: np.ndarray,
+    sel: list[int],
+    coords: np.ndarray,
+    label: str,
+    *,
+    sample_key: str,
+    cmap: str,
+    shared_scale: bool,
+    size: float | None,
+    ax: Axes | None,
+    show: bool | None,
+    return_fig: bool,
+) -> Figure | None:
+    """One row of panels per sample, one column per factor, each factor on one colour scale.
+
+    Every sample is drawn in its own coordinates; a factor's colour limits come from all
+    samples, so its panels compare across samples (``shared_scale``: one scale for everything).
+    Titles carry the factor's Moran's I within the sample (``uns[key]["samples"]``).
+    """
+    from ._utils import grid
+
+    if ax is not None:
+        raise ValueError(
+            f"A fit with samples (`{sample_key}`) draws one row per sample: leave `ax=None`, or subset "
+            "`adata` to one sample."
+        )
+    col = adata.obs[sample_key]
+    samples = [str(c) for c in (col.cat.categories if hasattr(col, "cat") else sorted(col.astype(str).unique()))]
+    labels = col.astype(str).to_numpy()
+    samples = [smp for smp in samples if (labels == smp).any()]
+    names = fit.factor_names
+    table = fit.uns.get("samples")
+    limits = [robust_limits(values)] * len(sel) if shared_scale else [robust_limits(values[:, j]) for j in range(len(sel))]
+    panel = spatial_panel_size(coords[labels == samples[0]])
+    fig, axes = grid(len(samples) * len(sel), len(sel), panel_size=panel)
+    last = [None] * len(sel)
+    for r, smp in enumerate(samples):
+        cells = labels == smp
+        s = marker_size(size, int(cells.sum()))
+        for j, i in enumerate(sel):
+            a = axes[r * len(sel) + j]
+            title = f"{smp}: {label}{names[i]}"
+            column = f"moranI_{names[i]}"
+            if table is not None and column in getattr(table, "columns", ()) and smp in table.index:
+                title += f"  (I = {float(table.loc[smp, column]):.2f})"
+            lo, hi = limits[j]
+            last[j] = spatial_panel(
+                a, coords[cells], values[cells, j], title=title, cmap=cmap, vmin=lo, vmax=hi, size=s, colorbar=False
+            )
+    # one colour bar per factor (column), or one for the figure with a shared scale
+    if shared_scale:
+        fig.colorbar(last[0], ax=axes, shrink=0.6, aspect=30, pad=0.01)
+    else:
+        for j in range(len(sel)):
+            column_axes = [axes[r * len(sel) + j] for r in range(len(samples))]
+            fig.colorbar(last[j], ax=column_axes, shrink=0.8, aspect=25, pad=0.01)
     return finish(fig, show=show, return_fig=return_fig)
 
 
@@ -97,6 +165,10 @@ def factors(
     return_fig: bool = False,
 ) -> Figure | None:
     """Spatial maps of the factors, ordered by Moran's I (shown in each title).
+
+    For a fit with samples (``sample_key``), one row of panels per sample, each in its own
+    coordinates, with one colour scale per factor across samples (so sections compare) and the
+    factor's Moran's I within the sample in each title.
 
     Parameters
     ----------
