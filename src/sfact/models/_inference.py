@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from ._model import SpatialFactorization
 
-__all__ = ["marginals", "new_marginals", "predict_arrays", "training_marginals"]
+__all__ = ["marginals", "new_marginals", "new_sample_marginals", "predict_arrays", "training_marginals"]
 
 
 def _numpy(t) -> np.ndarray:
@@ -109,3 +109,109 @@ def predict_arrays(
             mus.append(_numpy(mu))
             vars_.append(_numpy(var))
     return np.concatenate(mus), np.concatenate(vars_)
+
+
+def new_sample_marginals(
+    model: SpatialFactorization,
+    adata: AnnData,
+    *,
+    max_iter: int = 300,
+    num_inducing: int = 500,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, var)`` of the cells of samples the model was not trained on.
+
+    For each new sample: its cells' factors are fitted to their counts with the loadings fixed
+    (as new cells of ``pnmf``), then smoothed over the sample's own coordinates by the model's
+    spatial prior (its kernel and hyperparameters, the within-sample group structure, its mean
+    ``β``): GP regression through ``num_inducing`` k-means inducing points with each cell's
+    fitted ``(mu, var)`` as a Gaussian observation of its log-factors. The sample's coordinates are
+    scaled from its own corner with the model's common factor.
+    """
+    import torch
+
+    from .._core.inducing import inducing_points
+    from .._utils import get_coordinates
+
+    model._require_trained()
+    setup = model.setup
+    if setup.sample_key is None:
+        raise ValueError("The model has no samples (`sample_key`): use `get_log_factors` for new cells.")
+    setup.check_vars(adata)
+    sk = setup.sample_key
+    if sk not in adata.obs.columns:
+        raise KeyError(f"`adata.obs[{sk!r}]` (the samples) not found.")
+    labels = adata.obs[sk].astype(str).to_numpy()
+    known = sorted(set(labels) & set(setup.sample_categories or ()))
+    if known:
+        raise ValueError(
+            f"Samples {known[:5]} were seen in training: predict their cells with `get_log_factors`."
+        )
+    prior = model.module.prior
+    if not prior.spatial:  # pnmf: the factors of new cells, whatever their sample
+        return new_marginals(model, adata, max_iter=max_iter)
+    # 1. factors from the counts, loadings fixed (a per-cell prior)
+    mu0, var0 = count_marginals(model, adata, max_iter=max_iter)
+    mu0, var0 = torch.as_tensor(mu0), torch.as_tensor(var0).clamp_min(1e-6)
+    # 2. smoothed over each new sample's own coordinates by the model's spatial prior
+    coords = get_coordinates(adata, setup.spatial_key)
+    G = setup.n_groups or 1
+    g = setup.group_codes(adata) if setup.multigroup else None
+    import copy
+
+    k = copy.deepcopy(prior.kernel).to(device="cpu", dtype=torch.float64)  # float64 on the host
+    beta = prior.beta.detach().double().cpu()
+    mu_out = np.empty(tuple(mu0.shape))
+    var_out = np.empty(tuple(var0.shape))
+    for smp in dict.fromkeys(labels):
+        cells = np.flatnonzero(labels == smp)
+        xy = coords[cells]
+        X = torch.as_tensor((xy - xy.min(axis=0)) / float(setup.scaling["factor"]), dtype=torch.float64)
+        # within-sample groups: the codes of the first sample's block (the kernel depends only
+        # on the distances of the group coordinates, the same in every sample)
+        codes = None
+        if k.multigroup:
+            codes = torch.as_tensor(np.zeros(len(cells), dtype=np.int64) if g is None else g[cells])
+        Z_np, Zg_np = inducing_points(
+            X.numpy(), min(num_inducing, len(cells)), groups=None if codes is None else codes.numpy(),
+            n_groups=G if codes is not None else None, random_state=setup.seed,
+        )  # fmt: skip
+        Z = torch.as_tensor(Z_np, dtype=torch.float64)
+        Zg = None if Zg_np is None else torch.as_tensor(Zg_np)
+        with torch.no_grad():
+            Kzz = k(Z, Z, Zg, Zg)  # (n_sets, M, M)
+            eye = torch.eye(Z.shape[0], dtype=torch.float64)
+            Lzz = torch.linalg.cholesky(Kzz + 1e-6 * Kzz.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * eye)
+            A = torch.linalg.solve_triangular(Lzz, k(Z, X, Zg, codes), upper=False)  # (n_sets, M, n)
+            L = setup.n_factors
+            if A.shape[0] == 1:
+                A = A.expand(L, -1, -1)
+            prec = 1.0 / var0[cells].T  # (L, n)
+            resid = (mu0[cells] - beta).T  # (L, n)
+            P = torch.einsum("lmn,ln,lkn->lmk", A, prec, A) + eye
+            C = torch.linalg.cholesky(P)
+            m = torch.cholesky_solve((A * (prec * resid)[:, None, :]).sum(-1, keepdim=True), C)[..., 0]
+            mean = torch.einsum("lmn,lm->ln", A, m) + beta[:, None]
+            V = torch.linalg.solve_triangular(C, A, upper=False)
+            kxx = k.diag(X, codes).expand(L, -1)
+            var = (kxx - A.pow(2).sum(1) + V.pow(2).sum(1)).clamp_min(1e-8)
+        mu_out[cells] = mean.T.numpy()
+        var_out[cells] = var.T.numpy()
+    return mu_out, var_out
+
+
+def count_marginals(model: SpatialFactorization, adata: AnnData, *, max_iter: int = 300) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, var)`` of cells fitted to their counts with the model's loadings fixed (a per-cell prior)."""
+    import torch
+
+    from .._core.factory import make_module, make_prior
+    from .._core.init import fit_new_factors
+    from ._config import PNMFConfig
+
+    setup = model.setup
+    data = model._build_data(adata, with_inputs=False)
+    per_cell = make_prior("pnmf", setup.n_factors, PNMFConfig(), n_obs=data.n_obs)
+    module = make_module(per_cell, data.n_vars, "fixed", device=model.device, dtype=setup.dtype)
+    with torch.no_grad():
+        module.W.copy_(model.module.loadings())
+    mu, var = fit_new_factors(module, data, seed=setup.seed, max_iter=max_iter)
+    return _numpy(mu), _numpy(var)

@@ -204,6 +204,47 @@ class ResultsMixin:
         """
         return self._marginals(adata, batch_size)
 
+    def fit_new_sample(
+        self, adata: AnnData, *, max_iter: int = 300, num_inducing: int = 500
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Log-factors of the cells of samples (tissue sections) the model was not trained on.
+
+        A new sample has no GP of its own in the model, so its factors cannot be predicted from
+        coordinates. Instead, for each new sample of ``adata``: the cells' factors are fitted to
+        their counts with the loadings fixed, then smoothed over the sample's own coordinates
+        (scaled from its corner with the model's common factor) by the model's spatial prior —
+        its kernel, hyperparameters and mean — by GP regression through ``num_inducing`` k-means
+        inducing points, each cell's fitted log-factors a Gaussian observation with their
+        fitted variance.
+
+        Parameters
+        ----------
+        adata
+            Cells of new samples, with counts, coordinates, the sample column (and the groups of
+            a multi-group prior).
+        max_iter
+            Iterations of the fit of the factors to the counts.
+        num_inducing
+            Inducing points per new sample of the smoothing.
+
+        Returns
+        -------
+        ``(mu, var)``, each an array (n_cells, n_factors), in the order of ``adata``.
+
+        Raises
+        ------
+        ValueError
+            Without samples, or for cells of samples seen in training (use
+            :meth:`get_log_factors` for those).
+
+        Examples
+        --------
+        >>> mu, var = model.fit_new_sample(adata_section5)  # doctest: +SKIP
+        """
+        from . import _inference
+
+        return _inference.new_sample_marginals(self, adata, max_iter=max_iter, num_inducing=num_inducing)
+
     def get_loadings(self) -> np.ndarray:
         """Non-negative loadings ``W`` (D, L).
 

@@ -559,7 +559,8 @@ class ModelSetup:
             raise ValueError(
                 f"`adata.obs[{sk!r}]` has samples the model was not trained on: {unknown[:5]} (trained on "
                 f"{list(self.sample_categories)[:10]}). The factors of a new sample cannot be predicted from "
-                "coordinates: train a model that includes it."
+                "coordinates: `model.fit_new_sample(adata)` fits them to its counts with the loadings fixed "
+                "and smooths them over its coordinates."
             )
         return labels
 
