@@ -156,3 +156,21 @@ def test_bad_input_raises_before_fitting(tiny, monkeypatch, kwargs, match):
     for k in before[2]:
         np.testing.assert_array_equal(before[2][k], after[2][k])
     assert before[3] == after[3]
+
+
+def test_samples_recorded_by_prepare_are_used_by_every_fit():
+    adata = sfact.datasets.simulate(
+        n_obs=450, n_vars=30, n_factors=2, n_groups=1, n_samples=3, lengthscale=15.0, random_state=0
+    )
+    sfact.pp.prepare(adata, sample_key="sample")
+    df = sfact.tl.select_model(
+        adata.copy(), priors=["svgp"], n_factors=[2], max_iter=10, n_jobs=1, random_state=1,
+        prior_kwargs_grid={"num_inducing": [40]},
+    )  # fmt: skip
+    train, test = sfact.tl.heldout_split(adata, fraction=0.05, random_state=1)
+    model = sfact.models.SpatialFactorization(
+        train, prior="svgp", n_factors=2, prior_kwargs={"num_inducing": 40}, random_state=1
+    )
+    assert model.setup.sample_key == "sample"
+    model.train(10, progress_bar=False)
+    assert df["heldout_deviance"].iloc[0] == pytest.approx(sfact.tl.heldout_deviance(model, test), rel=1e-6)

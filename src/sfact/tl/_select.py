@@ -375,8 +375,8 @@ def _checked_data(
 ) -> tuple[AnnData, str | None]:
     """Check the data once per prior (as a fit would), and a slim copy with what the fits read.
 
-    Returns the copy (counts in ``X``, the coordinates, the group and size-factor columns, the
-    record of :func:`sfact.pp.prepare`) and the group key in use.
+    Returns the copy (counts in ``X``, the coordinates, the group, sample and size-factor columns,
+    the record of :func:`sfact.pp.prepare`) and the group key in use.
     """
     import anndata as ad
 
@@ -402,7 +402,8 @@ def _checked_data(
             random_state=0,
         )
     group_key = setup.group_key
-    cols = [c for c in (group_key, size_factors) if c is not None and c in adata.obs.columns]
+    cols = [c for c in (group_key, setup.sample_key, size_factors) if c is not None and c in adata.obs.columns]
+    cols = list(dict.fromkeys(cols))
     slim = ad.AnnData(
         X=_adata_counts(adata, layer).copy(),
         obs=adata.obs[cols].copy(),
