@@ -495,3 +495,29 @@ def test_dask_executor_gives_the_same_outputs_as_serial(done_run, tmp_path, caps
         assert sorted(p.name for p in (b / "figures").iterdir()) == sorted(
             p.name for p in (a / "figures").iterdir()
         )
+
+
+def test_samples_from_the_config_reach_prepare_model_and_results(tmp_path, capsys):
+    """``dataset.sample_key``: sections scaled one by one, one GP per section, per-section outputs."""
+    import sfact as sf
+
+    adata = sf.datasets.simulate(n_obs=450, n_vars=30, n_factors=2, n_groups=1, n_samples=3, random_state=0)
+    adata.write_h5ad(tmp_path / "sections.h5ad")
+    (tmp_path / "s.yaml").write_text(
+        "name: sections\n"
+        "dataset: {path: sections.h5ad, group_key: null, sample_key: sample}\n"
+        "model: {n_factors: 2, prior_kwargs: {n_neighbors: 8}}\n"
+        "training: {max_iter: 5, min_iter: 1}\n"
+        "figures: {kinds: [factors], dpi: 40}\n"
+        "output_dir: out\n"
+    )
+    rc, out, err = sfact("run", "all", "-c", tmp_path / "s.yaml", "--prior", "lcgp", "--executor", "serial", capsys=capsys)
+    assert rc == 0, out + err
+    out_dir = tmp_path / "out"
+    prepared = ad.read_h5ad(out_dir / "prepared.h5ad")
+    assert prepared.uns["sfact_prepare"]["sample_key"] == "sample"
+    meta = json.loads((out_dir / "lcgp" / "model" / "metadata.json").read_text())
+    assert meta["setup"]["sample_key"] == "sample"
+    assert meta["setup"]["sample_categories"] == ["s0", "s1", "s2"]
+    results = ad.read_h5ad(out_dir / "lcgp" / "results.h5ad")
+    assert list(results.uns["sfact"]["samples"].index) == ["s0", "s1", "s2"]
