@@ -173,18 +173,18 @@ class ModelSetup:
 
     @property
     def kernel_multigroup(self) -> bool:
-        """Whether the kernel has groups: a multi-group prior, or several samples (``sample_key``; one sample is no sample)."""
+        """Whether the kernel has groups (a multi-group prior, or several samples; one sample is no sample)."""
         return self.multigroup or (self.n_sample > 1 and prior_family(self.prior) != "pnmf")
 
     @property
     def n_kernel_groups(self) -> int | None:
-        """Groups of the kernel: S x G (G the groups of a multi-group prior, else 1); ``None`` without any."""
+        """Number of groups of the kernel, S x G (G those of a multi-group prior, else 1), or ``None``."""
         if not self.kernel_multigroup:
             return None
         return self.n_sample * (self.n_groups or 1)
 
     def kernel_embedding(self, group_distances: Any = None) -> np.ndarray | None:
-        """Coordinates of the kernel's groups (see :meth:`kernel_codes`); ``None`` without groups.
+        """Coordinates of the kernel's groups (see :meth:`~sfact.models.ModelSetup.kernel_codes`); ``None`` without groups.
 
         Without samples: the multi-group embedding (all groups at distance 1, or ``group_distances``
         embedded by MDS). With samples: each (sample, group) pair gets the sample's coordinates —
@@ -565,9 +565,9 @@ class ModelSetup:
         return labels
 
     def kernel_codes(self, adata: AnnData) -> np.ndarray | None:
-        """The kernel's group of each cell: ``sample x G + group`` (see :meth:`kernel_embedding`).
+        """The kernel's group of each cell: ``sample x G + group`` (see :meth:`~sfact.models.ModelSetup.kernel_embedding`).
 
-        Without samples this is :meth:`group_codes`.
+        Without samples this is :meth:`~sfact.models.ModelSetup.group_codes`.
 
         Parameters
         ----------
