@@ -193,3 +193,31 @@ def test_a_new_sample_is_fitted_to_its_counts_and_smoothed_over_its_coordinates(
     assert recovery(mu) > recovery(raw) + 0.02
     # and is deterministic
     np.testing.assert_array_equal(model.fit_new_sample(new)[0], mu)
+
+
+@pytest.mark.parametrize("prior", ["svgp", "lcgp"])
+def test_with_loadings_fixed_one_section_does_not_move_another(prior):
+    """Independence across samples: the prior shares no parameter between sections (its own GP
+    and its own mean each), so with the loadings fixed, changing one section's counts leaves the
+    other section's factors exactly where they were."""
+    adata = _sections(n_obs=600, n_samples=2)
+    sfact.pp.prepare(adata, sample_key="sample")
+    other = adata.copy()
+    s1 = np.flatnonzero((other.obs["sample"] == "s1").to_numpy())
+    X = other.X.tocsr().toarray()
+    X[s1] = X[np.random.default_rng(0).permutation(s1)][:, ::-1]  # s1's counts scrambled
+    other.X = __import__("scipy.sparse", fromlist=["csr_matrix"]).csr_matrix(X)
+    kw = {"prior": prior, "n_factors": 3, "prior_kwargs": {**OPTS[prior], "lengthscale": 10.0}, "random_state": 0}
+    ref = SpatialFactorization(adata, **kw).train(max_iter=0)
+    fits = []
+    for data in (adata, other):
+        m = SpatialFactorization(data, **kw).train(max_iter=0)
+        with torch.no_grad():  # the same start for section s0, and the same fixed loadings
+            m.module.load_state_dict(ref.module.state_dict())
+        m.module.loadings_mode = "fixed"
+        m.train(max_iter=25, min_iter=30)
+        fits.append(m.get_log_factors())
+    s0 = (adata.obs["sample"] == "s0").to_numpy()
+    np.testing.assert_allclose(fits[0][0][s0], fits[1][0][s0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fits[0][1][s0], fits[1][1][s0], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(fits[0][0][~s0], fits[1][0][~s0], atol=1e-3)  # s1's did move

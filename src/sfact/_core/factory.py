@@ -75,6 +75,7 @@ def make_prior(
     n_groups: int | None = None,
     seed: int = 0,
     embedding: np.ndarray | None = None,
+    sample_of_group: np.ndarray | None = None,
 ) -> Prior:
     """The prior ``name`` for training cells with scaled coordinates ``X`` (and group codes).
 
@@ -99,6 +100,8 @@ def make_prior(
         (n_groups, q) coordinates of the kernel's groups, given when they are not those of a
         multi-group prior (several samples: see :meth:`sfact.models.ModelSetup.kernel_embedding`);
         the prior then uses the multi-group kernel whatever its name.
+    sample_of_group
+        The sample of each of the kernel's groups (several samples): a mean per sample.
     """
     cls = prior_class(name)
     if cls is PNMFPrior:
@@ -131,6 +134,7 @@ def make_prior(
         "hyper_iter": cfg.hyper_iter,
         "hyper_lr_scale": cfg.hyper_lr_scale,
         "lengthscale_bounds": ls_bounds,
+        "sample_of_group": sample_of_group,
     }
     if prior_family(name) == "lcgp":
         prior = cls(

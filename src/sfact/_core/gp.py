@@ -85,6 +85,11 @@ class GPPrior(Prior):
         (low, high) bounds of a learned lengthscale.
     diagonal_only
         Diagonal variational scale (no ``Lu_offdiag``).
+    sample_of_group
+        The sample (tissue section) of each of the kernel's groups: every sample gets its own
+        mean of the log-factors, ``β + β_s`` (``beta_sample``, S x L, trained; ``β`` is then the
+        fixed global mean of the initialization), so samples do not share a parameter of the
+        prior; ``None`` for one sample.
     """
 
     spatial = True
@@ -107,8 +112,11 @@ class GPPrior(Prior):
         hyper_iter: int | None = None,
         hyper_lr_scale: float = 1.0,
         lengthscale_bounds: tuple[float, float] = (1e-3, 1e4),
+        sample_of_group: np.ndarray | list[int] | None = None,
     ):
         super().__init__(n_factors)
+        #: the sample of each of the kernel's groups (several samples), or None
+        self._sample_of_group = None if sample_of_group is None else np.asarray(sample_of_group, dtype=np.int64)
         self.multigroup = group_embedding is not None
         self.kernel = Kernel(
             kernel,  # type: ignore[arg-type]
@@ -146,6 +154,8 @@ class GPPrior(Prior):
             "hyper_lr_scale": self.hyper_lr_scale,
             "lengthscale_bounds": [float(lengthscale_bounds[0]), float(lengthscale_bounds[1])],
         }
+        if self._sample_of_group is not None:
+            self._config["sample_of_group"] = self._sample_of_group.tolist()
 
     def _init_variational(self, n_units: int, n_offdiag: int) -> None:
         """Register ``β`` (L,), ``m`` (L, n_units), ``raw_Lu_diag`` and, unless diagonal, ``Lu_offdiag``.
@@ -155,11 +165,37 @@ class GPPrior(Prior):
         """
         L = self.n_factors
         self.beta = nn.Parameter(torch.zeros(L))
+        if self._sample_of_group is not None:
+            self.beta.requires_grad_(False)
+            n_s = int(self._sample_of_group.max()) + 1
+            self.beta_sample = nn.Parameter(torch.zeros(n_s, L))
+            self.register_buffer("beta_index", torch.as_tensor(self._sample_of_group))
+        else:
+            self.beta_sample = None
         self.m = nn.Parameter(torch.zeros(L, n_units))
         self.raw_Lu_diag = nn.Parameter(torch.full((L, n_units), math.log(0.1)))
         self._offdiag_lr_scale = 1.0 / math.sqrt(n_offdiag)
         if not self.diagonal_only:
             self.Lu_offdiag = nn.Parameter(torch.zeros(L, n_units, n_offdiag))
+
+    def beta_rows(self, groups: Tensor | None) -> Tensor:
+        """The mean of the log-factors of cells of the kernel's ``groups``: (L, B), or (L, 1) for all."""
+        if self.beta_sample is None or groups is None:
+            return self.beta[:, None]
+        return (self.beta[None, :] + self.beta_sample[self.beta_index[groups]]).T
+
+    @torch.no_grad()
+    def set_means(self, F: Tensor, groups: Tensor | None) -> Tensor:
+        """Set ``β`` (and ``β_s``) to the means of log-factors ``F`` (N, L); returns ``F`` centred."""
+        beta = F.mean(0)
+        self.beta.copy_(beta)
+        if self.beta_sample is None or groups is None:
+            return F - beta
+        s = self.beta_index[groups]
+        for k in range(self.beta_sample.shape[0]):
+            cells = s == k
+            self.beta_sample[k] = (F[cells].mean(0) - beta) if bool(cells.any()) else 0.0
+        return F - self.beta_rows(groups).T
 
     def lr_scales(self) -> dict[str, float]:
         """Learning-rate multipliers of parameters (by name) that do not use the base rate.
@@ -232,6 +268,8 @@ class GPPrior(Prior):
     def reorder(self, perm: Tensor) -> None:
         """Permute the factors (variational parameters, per-factor kernels and what derives from them)."""
         self.beta.copy_(self.beta[perm])
+        if self.beta_sample is not None:
+            self.beta_sample.copy_(self.beta_sample[:, perm])
         self.m.copy_(self.m[perm])
         self.raw_Lu_diag.copy_(self.raw_Lu_diag[perm])
         if not self.diagonal_only:

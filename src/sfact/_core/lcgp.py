@@ -382,7 +382,7 @@ class LCGPPrior(GPPrior):
     def marginals(self, inp: PriorInput) -> tuple[Tensor, Tensor]:
         """Mean and variance of ``q(F)`` at the batch's (training) cells, each (B, L)."""
         idx = inp.idx
-        mu = self.m[:, idx] + self.beta[:, None]
+        mu = self.m[:, idx] + self.beta_rows(self.groups_train[idx] if self.multigroup else None)
         var = self._row_var(idx).clamp_min(MIN_VAR)
         return mu.T, var.T
 
@@ -486,7 +486,7 @@ class LCGPPrior(GPPrior):
         var = torch.empty_like(mu)
         if hit.any():
             j = first[hit]
-            mu[hit] = (self.m[:, j] + self.beta[:, None]).T.double()
+            mu[hit] = (self.m[:, j] + self.beta_rows(None if gq is None else gq[hit])).T.double()
             var[hit] = self._row_var(j).T.double().clamp_min(MIN_VAR)
         rest = torch.nonzero(~hit).flatten()
         if rest.numel():
@@ -506,7 +506,7 @@ class LCGPPrior(GPPrior):
                 else:
                     quad = sparse_row_quad(d64, off64, w, nb, self.nbr)
                 v = tau2 + quad  # (L, c) by broadcasting S
-                mu[sel] = (mean + self.beta.double()[:, None]).T
+                mu[sel] = (mean + self.beta_rows(None if gq is None else gq[sel]).double()).T
                 var[sel] = v.expand(self.n_factors, -1).T.clamp_min(MIN_VAR)
         return mu.to(dtype), var.to(dtype)
 
@@ -550,9 +550,7 @@ class LCGPPrior(GPPrior):
         if inp is not None and inp.idx is not None and inp.idx.numel() == F.shape[0]:
             order = torch.argsort(inp.idx.to(F.device))
             F = F[order]
-        beta = F.mean(0)
-        self.beta.copy_(beta)
-        f = (F - beta).double()  # (N, L)
+        f = self.set_means(F, self.groups_train if self.multigroup else None).double()  # (N, L)
         bT = self.b.double().permute(1, 2, 0).contiguous()  # (N, K, S)
         tau2T = self.tau2.double().T.contiguous()  # (N, S)
         s2 = (self.kernel.sigma.detach().double() ** 2).to(f.device)

@@ -177,7 +177,7 @@ class SVGPPrior(GPPrior):
             AtLu = torch.matmul(A.transpose(-1, -2), self.Lu())  # (L, B, M)
             explained = AtLu.pow(2).sum(-1)
         var = (resid + explained).clamp_min(MIN_VAR)
-        mu = mean + self.beta[:, None]
+        mu = mean + self.beta_rows(g)
         return mu.T, var.T
 
     def marginals(self, inp: PriorInput) -> tuple[Tensor, Tensor]:
@@ -210,9 +210,7 @@ class SVGPPrior(GPPrior):
         batches), so the initial posterior mean approximates a non-negative factorization.
         """
         F = log_factors.to(self.m)
-        beta = F.mean(0)
-        self.beta.copy_(beta)
-        Fc = F - beta
+        Fc = self.set_means(F, inp.groups if self.multigroup else None)
         N = F.shape[0]
         M = self.n_inducing
         n_sets = self.kernel.n_sets

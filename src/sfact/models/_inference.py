@@ -160,6 +160,8 @@ def new_sample_marginals(
 
     k = copy.deepcopy(prior.kernel).to(device="cpu", dtype=torch.float64)  # float64 on the host
     beta = prior.beta.detach().double().cpu()
+    if getattr(prior, "beta_sample", None) is not None:  # a new sample: the samples' average mean
+        beta = beta + prior.beta_sample.detach().double().cpu().mean(0)
     mu_out = np.empty(tuple(mu0.shape))
     var_out = np.empty(tuple(var0.shape))
     for smp in dict.fromkeys(labels):

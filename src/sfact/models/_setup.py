@@ -183,6 +183,22 @@ class ModelSetup:
             return None
         return self.n_sample * (self.n_groups or 1)
 
+    def sample_of_group(self) -> np.ndarray | None:
+        """The sample of each of the kernel's groups (several samples, spatial prior), else ``None``.
+
+        Returns
+        -------
+        An int64 array (S·G,): ``k // G`` for group ``k``; ``None`` with one sample or ``pnmf``.
+
+        Examples
+        --------
+        >>> model.setup.sample_of_group()  # 3 samples, one group  # doctest: +SKIP
+        array([0, 1, 2])
+        """
+        if self.n_sample < 2 or not self.kernel_multigroup:
+            return None
+        return np.repeat(np.arange(self.n_sample, dtype=np.int64), self.n_groups or 1)
+
     def kernel_embedding(self, group_distances: Any = None) -> np.ndarray | None:
         """Coordinates of the kernel's groups (see :meth:`~sfact.models.ModelSetup.kernel_codes`); ``None`` without groups.
 

@@ -169,6 +169,7 @@ class TrainingMixin:
             embedding=setup.kernel_embedding(getattr(cfg, "group_distances", None))
             if setup.n_sample > 1 and setup.kernel_multigroup
             else None,
+            sample_of_group=setup.sample_of_group(),
         )
         module = make_module(prior, data.n_vars, setup.loadings_mode, device=self.device, dtype=setup.dtype)
         initialize(module, data, init_iter, self._generator, start=start)
