@@ -35,6 +35,19 @@ SAMPLE_DISTANCE = 1000.0
 MIN_SAMPLE_CELLS = 10
 
 
+def _recorded_key(adata: AnnData, name: str, given: str | None, spatial_key: str) -> str | None:
+    """``given``, else the ``name`` (``group_key``, ``sample_key``) that :func:`sfact.pp.prepare` recorded.
+
+    The recorded key applies only when ``pp.prepare`` scaled the same ``spatial_key``.
+    """
+    if given is not None:
+        return given
+    prep = adata.uns.get(_PREPARE_KEY, {})
+    if prep.get(name) is not None and prep.get("spatial_key", spatial_key) == spatial_key:
+        return str(prep[name])
+    return None
+
+
 def _samples(adata: AnnData, sample_key: str, family: str) -> tuple[tuple[str, ...], np.ndarray]:
     """The samples (in category order) and each cell's sample, checked."""
     if sample_key not in adata.obs.columns:
@@ -262,12 +275,7 @@ class ModelSetup:
         >>> sfact.models.ModelSetup.effective_group_key(adata, group_key=None, spatial_key="spatial")
         'ClusterName'
         """
-        if group_key is not None:
-            return group_key
-        prep = adata.uns.get(_PREPARE_KEY, {})
-        if prep.get("group_key") is not None and prep.get("spatial_key", spatial_key) == spatial_key:
-            return str(prep["group_key"])
-        return None
+        return _recorded_key(adata, "group_key", group_key, spatial_key)
 
     @staticmethod
     def effective_sample_key(adata: AnnData, *, sample_key: str | None, spatial_key: str) -> str | None:
@@ -292,12 +300,7 @@ class ModelSetup:
         >>> sfact.models.ModelSetup.effective_sample_key(adata, sample_key=None, spatial_key="spatial")  # doctest: +SKIP
         'section'
         """
-        if sample_key is not None:
-            return sample_key
-        prep = adata.uns.get(_PREPARE_KEY, {})
-        if prep.get("sample_key") is not None and prep.get("spatial_key", spatial_key) == spatial_key:
-            return str(prep["sample_key"])
-        return None
+        return _recorded_key(adata, "sample_key", sample_key, spatial_key)
 
     @classmethod
     def from_adata(
