@@ -60,7 +60,10 @@ DATASETS = (*REAL, *SIMULATED)
 # the fixed lengthscales that were the defaults before `lengthscale="auto"`
 OLD_DEFAULT = {"svgp": 5.0, "lcgp": 8.0}
 # learned hyperparameters (ELBO, first `hyper_iter` iterations, started from the "auto" choice)
-LEARNED = {"svgp": {"lengthscale": None, "sigma": None}, "lcgp": {"lengthscale": None, "sigma": None, "nugget": None}}
+LEARNED = {
+    "svgp": {"lengthscale": None, "sigma": None},
+    "lcgp": {"lengthscale": None, "sigma": None, "nugget": None},
+}
 VARIANTS = os.environ.get("BENCH_VARIANTS", "0") == "1"  # adds the learned rows
 
 
@@ -191,8 +194,10 @@ def format_table(records: list[dict], refs: dict) -> str:
         for prior in ("svgp", "lcgp"):
             mine = [r for r in recs if r["prior"] == prior]
             fixed = [
-                r for r in mine
-                if r["label"] != f"{prior} default" and "learned" not in r["label"]
+                r
+                for r in mine
+                if r["label"] != f"{prior} default"
+                and "learned" not in r["label"]
                 and float(r["lengthscale"]) in FIXED_LENGTHSCALES
             ]
             best_fixed = min((r["heldout_dev"] for r in fixed), default=float("nan"))

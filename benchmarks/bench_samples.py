@@ -164,7 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "results" / "bench_samples.json")
     args = p.parse_args(argv)
     max_iter = 30 if args.quick else args.max_iter
-    jobs = [(d, label, max_iter) for d in args.datasets for label in FITS if args.only is None or label in args.only]
+    jobs = [
+        (d, label, max_iter)
+        for d in args.datasets
+        for label in FITS
+        if args.only is None or label in args.only
+    ]
     records = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -172,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         for fut in as_completed([pool.submit(one_fit, j) for j in jobs]):
             rec = fut.result()
             records.append(rec)
-            print(f"[{time.perf_counter() - t0:6.0f}s] {rec['dataset']:<9} {rec['label']:<44} {rec['heldout_dev']:.4f}", flush=True)
+            print(
+                f"[{time.perf_counter() - t0:6.0f}s] {rec['dataset']:<9} {rec['label']:<44} {rec['heldout_dev']:.4f}",
+                flush=True,
+            )
     print()
     print(format_table(records))
     args.out.write_text(json.dumps(records, indent=1))

@@ -64,7 +64,9 @@ def test_auto_recovers_short_and_long_simulated_lengthscales(truth):
         n_obs=3000, n_vars=200, n_factors=5, n_groups=1, lengthscale=truth, random_state=0
     )
     sfact.pp.prepare(adata)
-    model = SpatialFactorization(adata, prior="svgp", n_factors=5, prior_kwargs={"kernel": "rbf"}, random_state=0)
+    model = SpatialFactorization(
+        adata, prior="svgp", n_factors=5, prior_kwargs={"kernel": "rbf"}, random_state=0
+    )
     model.train(max_iter=0)
     chosen = model.gp_info()["lengthscale"][0]
     assert chosen == pytest.approx(model.lengthscale_search_["lengthscale"], rel=1e-6)
@@ -74,8 +76,12 @@ def test_auto_recovers_short_and_long_simulated_lengthscales(truth):
 def test_auto_is_deterministic_recorded_and_trains_like_the_fixed_choice(tmp_path):
     adata = _sim(15.0)
     kw = {"num_inducing": 80}
-    a = SpatialFactorization(adata, prior="svgp", n_factors=3, prior_kwargs=kw, random_state=0).train(max_iter=15)
-    b = SpatialFactorization(adata, prior="svgp", n_factors=3, prior_kwargs=kw, random_state=0).train(max_iter=15)
+    a = SpatialFactorization(adata, prior="svgp", n_factors=3, prior_kwargs=kw, random_state=0).train(
+        max_iter=15
+    )
+    b = SpatialFactorization(adata, prior="svgp", n_factors=3, prior_kwargs=kw, random_state=0).train(
+        max_iter=15
+    )
     search = a.lengthscale_search_
     assert search == b.lengthscale_search_
     assert set(search) >= {"lengthscale", "ladder", "deviance", "best", "n_cells", "n_folds"}
@@ -104,7 +110,9 @@ def test_auto_is_deterministic_recorded_and_trains_like_the_fixed_choice(tmp_pat
 
 def test_tl_fit_writes_the_search_to_uns(tmp_path):
     adata = _sim(15.0)
-    sfact.tl.fit(adata, prior="lcgp", n_factors=3, prior_kwargs={"n_neighbors": 8}, max_iter=10, validation_fraction=0)
+    sfact.tl.fit(
+        adata, prior="lcgp", n_factors=3, prior_kwargs={"n_neighbors": 8}, max_iter=10, validation_fraction=0
+    )
     gp = adata.uns["sfact"]["gp"]
     assert gp["lengthscale"][0] == pytest.approx(gp["lengthscale_search"]["lengthscale"], rel=1e-6)
     adata.write_h5ad(tmp_path / "a.h5ad")
@@ -119,7 +127,12 @@ def test_tl_fit_writes_the_search_to_uns(tmp_path):
 def test_multigroup_search_uses_the_groups():
     adata = _sim(15.0, n_groups=2)
     model = SpatialFactorization(
-        adata, prior="mggp_svgp", n_factors=3, group_key="group", prior_kwargs={"num_inducing": 80}, random_state=0
+        adata,
+        prior="mggp_svgp",
+        n_factors=3,
+        group_key="group",
+        prior_kwargs={"num_inducing": 80},
+        random_state=0,
     ).train(max_iter=0)
     single = SpatialFactorization(
         adata, prior="svgp", n_factors=3, prior_kwargs={"num_inducing": 80}, random_state=0
@@ -132,7 +145,9 @@ def test_few_cells_fall_back_to_a_fixed_lengthscale():
     from sfact.models._config import GPConfig
 
     adata = _sim(15.0, n_obs=80)
-    model = SpatialFactorization(adata, prior="svgp", n_factors=2, prior_kwargs={"num_inducing": 30}).train(max_iter=0)
+    model = SpatialFactorization(adata, prior="svgp", n_factors=2, prior_kwargs={"num_inducing": 30}).train(
+        max_iter=0
+    )
     assert model.lengthscale_search_ is None
     assert model.gp_info()["lengthscale"] == [pytest.approx(GPConfig.FALLBACK_LENGTHSCALE)]
     assert "lengthscale_search" not in model.gp_info()
@@ -152,10 +167,18 @@ def test_bad_lengthscale_raises_before_fitting(value):
 def test_models_sharing_a_start_share_the_search():
     adata = _sim(15.0)
     models = [
-        SpatialFactorization(adata, prior="svgp", n_factors=3, prior_kwargs={"num_inducing": 80}, random_state=0),
-        SpatialFactorization(adata, prior="lcgp", n_factors=3, prior_kwargs={"n_neighbors": 8}, random_state=0),
         SpatialFactorization(
-            adata, prior="svgp", n_factors=3, prior_kwargs={"num_inducing": 80, "kernel": "rbf"}, random_state=0
+            adata, prior="svgp", n_factors=3, prior_kwargs={"num_inducing": 80}, random_state=0
+        ),
+        SpatialFactorization(
+            adata, prior="lcgp", n_factors=3, prior_kwargs={"n_neighbors": 8}, random_state=0
+        ),
+        SpatialFactorization(
+            adata,
+            prior="svgp",
+            n_factors=3,
+            prior_kwargs={"num_inducing": 80, "kernel": "rbf"},
+            random_state=0,
         ),
     ]
     share_training_start(models)

@@ -25,7 +25,13 @@ def _one_thread():
 
 def _sections(n_obs: int = 600, n_samples: int = 3, n_groups: int = 1, shift: float = 0.0):
     adata = sfact.datasets.simulate(
-        n_obs=n_obs, n_vars=40, n_factors=3, n_groups=n_groups, n_samples=n_samples, lengthscale=15.0, random_state=0
+        n_obs=n_obs,
+        n_vars=40,
+        n_factors=3,
+        n_groups=n_groups,
+        n_samples=n_samples,
+        lengthscale=15.0,
+        random_state=0,
     )
     if shift:  # sections stored side by side, as an instrument writes them
         codes = adata.obs["sample"].cat.codes.to_numpy()
@@ -99,7 +105,10 @@ def test_prediction_scales_each_sample_and_rejects_unknown_ones(tmp_path):
     np.testing.assert_allclose(var_new, var[rows], rtol=1e-4, atol=1e-4)
     # save -> load (with and without the data) -> the same predictions
     model.save(tmp_path / "m")
-    for loaded in (SpatialFactorization.load(tmp_path / "m"), SpatialFactorization.load(tmp_path / "m", adata)):
+    for loaded in (
+        SpatialFactorization.load(tmp_path / "m"),
+        SpatialFactorization.load(tmp_path / "m", adata),
+    ):
         assert loaded.setup.sample_categories == ("s0", "s1", "s2")
         np.testing.assert_allclose(loaded.get_log_factors(sub)[0], mu_new, rtol=1e-5, atol=1e-6)
     # a sample the model has not seen: a clear error, the AnnData unchanged
@@ -151,7 +160,9 @@ def test_tl_fit_with_samples_writes_per_sample_results(tmp_path):
     import anndata as ad
 
     back = ad.read_h5ad(tmp_path / "a.h5ad")
-    np.testing.assert_allclose(back.uns["sfact"]["samples"]["deviance_per_entry"], table["deviance_per_entry"])
+    np.testing.assert_allclose(
+        back.uns["sfact"]["samples"]["deviance_per_entry"], table["deviance_per_entry"]
+    )
 
 
 def test_a_new_sample_is_fitted_to_its_counts_and_smoothed_over_its_coordinates():
@@ -207,7 +218,12 @@ def test_with_loadings_fixed_one_section_does_not_move_another(prior):
     X = other.X.tocsr().toarray()
     X[s1] = X[np.random.default_rng(0).permutation(s1)][:, ::-1]  # s1's counts scrambled
     other.X = __import__("scipy.sparse", fromlist=["csr_matrix"]).csr_matrix(X)
-    kw = {"prior": prior, "n_factors": 3, "prior_kwargs": {**OPTS[prior], "lengthscale": 10.0}, "random_state": 0}
+    kw = {
+        "prior": prior,
+        "n_factors": 3,
+        "prior_kwargs": {**OPTS[prior], "lengthscale": 10.0},
+        "random_state": 0,
+    }
     ref = SpatialFactorization(adata, **kw).train(max_iter=0)
     fits = []
     for data in (adata, other):

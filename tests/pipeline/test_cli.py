@@ -511,7 +511,9 @@ def test_samples_from_the_config_reach_prepare_model_and_results(tmp_path, capsy
         "figures: {kinds: [factors], dpi: 40}\n"
         "output_dir: out\n"
     )
-    rc, out, err = sfact("run", "all", "-c", tmp_path / "s.yaml", "--prior", "lcgp", "--executor", "serial", capsys=capsys)
+    rc, out, err = sfact(
+        "run", "all", "-c", tmp_path / "s.yaml", "--prior", "lcgp", "--executor", "serial", capsys=capsys
+    )
     assert rc == 0, out + err
     out_dir = tmp_path / "out"
     prepared = ad.read_h5ad(out_dir / "prepared.h5ad")

@@ -218,7 +218,9 @@ def sectioned():
     codes = adata.obs["sample"].cat.codes.to_numpy()
     adata.obsm["spatial"] = adata.obsm["spatial"] + np.c_[codes * 300.0, np.zeros(adata.n_obs)]
     sfact.pp.prepare(adata, sample_key="sample")
-    sfact.tl.fit(adata, prior="lcgp", n_factors=3, prior_kwargs={"n_neighbors": 8}, max_iter=10, validation_fraction=0)
+    sfact.tl.fit(
+        adata, prior="lcgp", n_factors=3, prior_kwargs={"n_neighbors": 8}, max_iter=10, validation_fraction=0
+    )
     return adata
 
 

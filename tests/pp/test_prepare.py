@@ -426,7 +426,11 @@ def _sections() -> ad.AnnData:
     """Three sections stored side by side: s1 spans 100 x 40 at x 0, s2 200 x 50 at x 1000, s3 small."""
     rng = np.random.default_rng(3)
     parts, labels = [], []
-    for name, (x0, w, h, n) in {"s1": (0, 100, 40, 30), "s2": (1000, 200, 50, 40), "s3": (5000, 60, 60, 20)}.items():
+    for name, (x0, w, h, n) in {
+        "s1": (0, 100, 40, 30),
+        "s2": (1000, 200, 50, 40),
+        "s3": (5000, 60, 60, 20),
+    }.items():
         xy = np.column_stack([rng.uniform(x0, x0 + w, n), rng.uniform(0, h, n)])
         xy[0], xy[1] = [x0, 0.0], [x0 + w, h]
         parts.append(xy)

@@ -116,7 +116,9 @@ class GPPrior(Prior):
     ):
         super().__init__(n_factors)
         #: the sample of each of the kernel's groups (several samples), or None
-        self._sample_of_group = None if sample_of_group is None else np.asarray(sample_of_group, dtype=np.int64)
+        self._sample_of_group = (
+            None if sample_of_group is None else np.asarray(sample_of_group, dtype=np.int64)
+        )
         self.multigroup = group_embedding is not None
         self.kernel = Kernel(
             kernel,  # type: ignore[arg-type]

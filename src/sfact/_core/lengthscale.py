@@ -28,6 +28,7 @@ the best fixed one for ``svgp`` and ``lcgp`` and lies within 25% of the simulate
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,13 +100,11 @@ def lengthscale_ladder(nn1: float, extent: float, ratio: float = math.sqrt(2.0))
     """Geometric ladder from ``2·nn1`` to ``extent / 2`` (at least 3 values)."""
     lo = 2.0 * max(float(nn1), 1e-6)
     hi = max(0.5 * float(extent), 4.0 * lo)
-    n = int(math.floor(math.log(hi / lo) / math.log(ratio))) + 1
+    n = math.floor(math.log(hi / lo) / math.log(ratio)) + 1
     return lo * ratio ** np.arange(max(n, 3))
 
 
-def _poisson_deviance(
-    counts: SparseCounts, rows: Tensor, s: Tensor, logF: Tensor, W: Tensor
-) -> Tensor:
+def _poisson_deviance(counts: SparseCounts, rows: Tensor, s: Tensor, logF: Tensor, W: Tensor) -> Tensor:
     """Mean Poisson deviance per entry of ``counts[rows]`` with rates ``s exp(logF) Wᵀ``."""
     batch = counts.batch(rows)
     F = torch.exp(logF)  # (B, L)
@@ -214,7 +213,7 @@ def choose_lengthscale(
         use_np = use_np[rng.permutation(len(use_np))]
         n_b = len(use_np)
         bounds = np.linspace(0, n_b, n_folds + 1).round().astype(int)
-        folds = [slice(int(x), int(y)) for x, y in zip(bounds[:-1], bounds[1:]) if y > x]
+        folds = [slice(int(x), int(y)) for x, y in itertools.pairwise(bounds) if y > x]
         use = torch.as_tensor(use_np, device=dev)
         Xd = X64[use]
         g = groups[use] if multigroup else None
@@ -229,7 +228,9 @@ def choose_lengthscale(
         Z = torch.as_tensor(Z_np, dtype=f64, device=dev)
         Zg = None if Zg_np is None or not multigroup else torch.as_tensor(Zg_np, device=dev)
         F = torch.log(H.to(f64)[use].clamp_min(FACTOR_FLOOR)) - beta
-        lo = max(coordinate_spacing(X_np)["nn1"], 0.5 * coordinate_spacing(Z_np)["nn1"]) if n_b > 1 else np.nan
+        lo = (
+            max(coordinate_spacing(X_np)["nn1"], 0.5 * coordinate_spacing(Z_np)["nn1"]) if n_b > 1 else np.nan
+        )
         extent = float(np.ptp(X_np, axis=0).max()) if n_b > 1 else 0.0
         parts_b.append((use, folds, Xd, g, Z, Zg, F, s.to(f64)[use], lo, extent))
     if ladder is None:
@@ -262,7 +263,9 @@ def choose_lengthscale(
             A = torch.cat(
                 [
                     torch.linalg.solve_triangular(
-                        Lzz, k(Z, Xd[a : a + 8192], Zg, None if g is None else g[a : a + 8192])[0], upper=False
+                        Lzz,
+                        k(Z, Xd[a : a + 8192], Zg, None if g is None else g[a : a + 8192])[0],
+                        upper=False,
                     )
                     for a in range(0, Xd.shape[0], 8192)
                 ],
@@ -272,7 +275,7 @@ def choose_lengthscale(
             parts = [(A[:, f], A[:, f] @ A[:, f].T, A[:, f] @ F[f]) for f in folds]
             AAt = sum(p[1] for p in parts)
             AF = sum(p[2] for p in parts)
-            for idx, (Af, G, P) in zip(folds, parts):  # the fold's cells are left out and scored
+            for idx, (Af, G, P) in zip(folds, parts, strict=True):  # the fold's cells are left out and scored
                 if len(folds) == 1:
                     break  # a block too small for folds is not scored
                 C = torch.linalg.cholesky(AAt - G + ridge * eye)

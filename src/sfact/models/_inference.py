@@ -182,7 +182,9 @@ def new_sample_marginals(
         with torch.no_grad():
             Kzz = k(Z, Z, Zg, Zg)  # (n_sets, M, M)
             eye = torch.eye(Z.shape[0], dtype=torch.float64)
-            Lzz = torch.linalg.cholesky(Kzz + 1e-6 * Kzz.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * eye)
+            Lzz = torch.linalg.cholesky(
+                Kzz + 1e-6 * Kzz.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * eye
+            )
             A = torch.linalg.solve_triangular(Lzz, k(Z, X, Zg, codes), upper=False)  # (n_sets, M, n)
             L = setup.n_factors
             if A.shape[0] == 1:
@@ -201,7 +203,9 @@ def new_sample_marginals(
     return mu_out, var_out
 
 
-def count_marginals(model: SpatialFactorization, adata: AnnData, *, max_iter: int = 300) -> tuple[np.ndarray, np.ndarray]:
+def count_marginals(
+    model: SpatialFactorization, adata: AnnData, *, max_iter: int = 300
+) -> tuple[np.ndarray, np.ndarray]:
     """``(mu, var)`` of cells fitted to their counts with the model's loadings fixed (a per-cell prior)."""
     import torch
 

@@ -224,9 +224,7 @@ class TrainingMixin:
                 shared.searches[key] = search
         if search is None:
             chosen = cfg.FALLBACK_LENGTHSCALE
-            logg.info(
-                f"    lengthscale: {chosen:g} (too few cells to choose it from the data)"
-            )
+            logg.info(f"    lengthscale: {chosen:g} (too few cells to choose it from the data)")
         else:
             chosen = float(search.lengthscale)
             self.lengthscale_search_ = search.to_dict()

@@ -117,12 +117,18 @@ def _sample_maps(
             "`adata` to one sample."
         )
     col = adata.obs[sample_key]
-    samples = [str(c) for c in (col.cat.categories if hasattr(col, "cat") else sorted(col.astype(str).unique()))]
+    samples = [
+        str(c) for c in (col.cat.categories if hasattr(col, "cat") else sorted(col.astype(str).unique()))
+    ]
     labels = col.astype(str).to_numpy()
     samples = [smp for smp in samples if (labels == smp).any()]
     names = fit.factor_names
     table = fit.uns.get("samples")
-    limits = [robust_limits(values)] * len(sel) if shared_scale else [robust_limits(values[:, j]) for j in range(len(sel))]
+    limits = (
+        [robust_limits(values)] * len(sel)
+        if shared_scale
+        else [robust_limits(values[:, j]) for j in range(len(sel))]
+    )
     panel = spatial_panel_size(coords[labels == samples[0]])
     fig, axes = grid(len(samples) * len(sel), len(sel), panel_size=panel)
     last = [None] * len(sel)
@@ -137,7 +143,15 @@ def _sample_maps(
                 title += f"  (I = {float(table.loc[smp, column]):.2f})"
             lo, hi = limits[j]
             last[j] = spatial_panel(
-                a, coords[cells], values[cells, j], title=title, cmap=cmap, vmin=lo, vmax=hi, size=s, colorbar=False
+                a,
+                coords[cells],
+                values[cells, j],
+                title=title,
+                cmap=cmap,
+                vmin=lo,
+                vmax=hi,
+                size=s,
+                colorbar=False,
             )
     # one colour bar per factor (column), or one for the figure with a shared scale
     if shared_scale:

@@ -325,7 +325,10 @@ def prepare(
     scaled = _apply_scaling(coords[keep], scaling, sample_labels)
     sample_sizes: dict[str, int] = {}
     if sample_key is not None:
-        sample_sizes = {k: int(v) for k, v in zip(samples, np.bincount(new_samples.codes, minlength=len(samples)))}
+        sample_sizes = {
+            k: int(v)
+            for k, v in zip(samples, np.bincount(new_samples.codes, minlength=len(samples)), strict=True)
+        }
         extents = _sample_extents(coords[keep], sample_labels)
         positive = [v for v in extents.values() if v > 0]
         if positive and max(positive) > 10 * min(positive):

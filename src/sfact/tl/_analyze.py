@@ -74,7 +74,11 @@ def _log_factors(
         mu, var = model.get_log_factors(None if adata is model.adata else adata, batch_size=batch_size)
     else:
         mu, var = marginals
-    coords = _moran_coords(adata, model) if model.setup.n_sample > 1 else get_coordinates(adata, model.setup.spatial_key)
+    coords = (
+        _moran_coords(adata, model)
+        if model.setup.n_sample > 1
+        else get_coordinates(adata, model.setup.spatial_key)
+    )
     moran = morans_i(np.exp(mu), coords, names=factor_names(model.n_factors), n_neighs=n_neighs)
     return mu, var, moran
 
@@ -297,7 +301,13 @@ def compute_analysis(
 
 
 def _sample_table(
-    adata: AnnData, model: SpatialFactorization, factors: np.ndarray, dev_cell: np.ndarray, *, n_neighs: int, names: list[str]
+    adata: AnnData,
+    model: SpatialFactorization,
+    factors: np.ndarray,
+    dev_cell: np.ndarray,
+    *,
+    n_neighs: int,
+    names: list[str],
 ) -> pd.DataFrame:
     """One row per sample: cells, deviance per entry, and Moran's I of each factor within the sample."""
     import pandas as pd

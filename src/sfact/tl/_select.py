@@ -402,7 +402,9 @@ def _checked_data(
             random_state=0,
         )
     group_key = setup.group_key
-    cols = [c for c in (group_key, setup.sample_key, size_factors) if c is not None and c in adata.obs.columns]
+    cols = [
+        c for c in (group_key, setup.sample_key, size_factors) if c is not None and c in adata.obs.columns
+    ]
     cols = list(dict.fromkeys(cols))
     slim = ad.AnnData(
         X=_adata_counts(adata, layer).copy(),
