@@ -191,3 +191,19 @@ def test_models_sharing_a_start_share_the_search():
         adata, prior="lcgp", n_factors=3, prior_kwargs={"n_neighbors": 8}, random_state=0
     ).train(max_iter=0)
     assert alone.lengthscale_search_ == models[1].lengthscale_search_
+
+
+def test_a_failed_search_warns_and_falls_back(monkeypatch):
+    import sfact._core.lengthscale as lsmod
+    from sfact.models._config import GPConfig
+
+    def singular(*args, **kwargs):
+        raise torch.linalg.LinAlgError("not positive-definite")
+
+    monkeypatch.setattr(lsmod, "choose_lengthscale", singular)
+    adata = _sim(15.0)
+    model = SpatialFactorization(adata, prior="svgp", n_factors=2, prior_kwargs={"num_inducing": 40})
+    with pytest.warns(UserWarning, match="lengthscale search failed"):
+        model.train(max_iter=2)
+    assert model.gp_info()["lengthscale"] == [pytest.approx(GPConfig.FALLBACK_LENGTHSCALE)]
+    assert "lengthscale_search" not in model.gp_info()

@@ -207,19 +207,30 @@ class TrainingMixin:
         if shared is not None and key in shared.searches:
             search = shared.searches[key]
         else:
-            search = choose_lengthscale(
-                data.X,
-                data.groups if multigroup else None,
-                data.counts,
-                data.s,
-                start[0],
-                start[1],
-                kernel=cfg.kernel,
-                group_embedding=emb,
-                group_diff_param=alpha,
-                seed=self.setup.seed,
-                blocks=self._sample_blocks(data),
-            )
+            import torch
+
+            try:
+                search = choose_lengthscale(
+                    data.X,
+                    data.groups if multigroup else None,
+                    data.counts,
+                    data.s,
+                    start[0],
+                    start[1],
+                    kernel=cfg.kernel,
+                    group_embedding=emb,
+                    group_diff_param=alpha,
+                    seed=self.setup.seed,
+                    blocks=self._sample_blocks(data),
+                )
+            except torch.linalg.LinAlgError as err:  # a numerically singular smoothing: say so, go on
+                from .._utils import warn
+
+                warn(
+                    f"The lengthscale search failed ({err}); using lengthscale {cfg.FALLBACK_LENGTHSCALE:g}. "
+                    "Pass `prior_kwargs={'lengthscale': ...}` to choose one."
+                )
+                search = None
             if shared is not None:
                 shared.searches[key] = search
         if search is None:
