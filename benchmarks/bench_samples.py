@@ -20,7 +20,8 @@ on the simulation):
 - the same with α = 1000 (sections nearly independent: independent GPs, shared loadings);
 - ``svgp`` fitted to each section on its own (own loadings), deviance pooled over sections;
 - ``svgp`` / ``lcgp`` with ``sample_key``: every section scaled from its own corner (one common
-  factor), shared loadings, one GP per section (independent across sections).
+  factor), shared loadings, one GP per section (independent across sections); and the same with
+  the sections at distance 1 in the kernel and α learned (a learned correlation between them).
 
 Columns: held-out deviance, relative to the baseline (cell total x gene share), recovery of the
 true log-factors on the simulation (training cells; mean over true factors of the best-match
@@ -53,6 +54,16 @@ FITS = {
     "svgp per section (own loadings)": ("svgp", {}, "separate"),
     "svgp, sample_key (one GP per section)": ("svgp", {}, "sample_key"),
     "lcgp, sample_key (one GP per section)": ("lcgp", {}, "sample_key"),
+    "svgp, sample_key, sections correlated (learned)": (
+        "svgp",
+        {"sample_distance": 1.0, "group_diff_param": None},
+        "sample_key",
+    ),
+    "lcgp, sample_key, sections correlated (learned)": (
+        "lcgp",
+        {"sample_distance": 1.0, "group_diff_param": None},
+        "sample_key",
+    ),
 }
 
 

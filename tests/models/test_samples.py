@@ -237,3 +237,26 @@ def test_with_loadings_fixed_one_section_does_not_move_another(prior):
     np.testing.assert_allclose(fits[0][0][s0], fits[1][0][s0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fits[0][1][s0], fits[1][1][s0], rtol=1e-5, atol=1e-6)
     assert not np.allclose(fits[0][0][~s0], fits[1][0][~s0], atol=1e-3)  # s1's did move
+
+
+def test_a_sample_distance_correlates_sections_and_alpha_can_be_learned():
+    adata = _sections(n_obs=450, n_samples=3)
+    sfact.pp.prepare(adata, sample_key="sample")
+    kw = {"prior": "svgp", "n_factors": 2, "random_state": 0}
+    model = SpatialFactorization(
+        adata, prior_kwargs={**OPTS["svgp"], "sample_distance": 1.0, "group_diff_param": None, "hyper_iter": 5}, **kw
+    )
+    model.train(max_iter=8, min_iter=100)
+    alpha = model.gp_info()["group_diff_param"][0]
+    assert alpha != pytest.approx(1.0, rel=1e-3)  # learned
+    X, codes = model._training_inputs()
+    k = model.module.prior.kernel
+    x = torch.zeros(1, 2)
+    K = k(x, x, torch.tensor([0]), torch.tensor([1]))[0].item()
+    nu = 1.0 / (alpha * 1.0 + 1.0)
+    assert K == pytest.approx(nu**2.5, rel=1e-4)  # Matérn-3/2, p = 2, the same place in two sections
+    independent = SpatialFactorization(adata, prior_kwargs=OPTS["svgp"], **kw).train(max_iter=2)
+    Ki = independent.module.prior.kernel(x, x, torch.tensor([0]), torch.tensor([1]))[0].item()
+    assert Ki < 1e-12
+    with pytest.raises(ValueError, match="sample_distance"):
+        SpatialFactorization(adata, prior_kwargs={"sample_distance": 0.0}, **kw)

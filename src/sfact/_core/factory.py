@@ -129,7 +129,8 @@ def make_prior(
         "per_factor_kernel": cfg.per_factor_kernel,
         "train_lengthscale": cfg._trained("lengthscale"),
         "train_sigma": cfg._trained("sigma"),
-        "train_group_diff_param": is_multigroup(name) and cfg._trained("group_diff_param"),
+        # α: a multi-group prior's, or (several samples) the one that scales their distance
+        "train_group_diff_param": multigroup and cfg._trained("group_diff_param"),
         "diagonal_only": bool(cfg.diagonal_only),
         "hyper_iter": cfg.hyper_iter,
         "hyper_lr_scale": cfg.hyper_lr_scale,

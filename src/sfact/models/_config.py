@@ -73,6 +73,13 @@ class GPConfig:
     group_distances
         Optional (G, G) distances between groups, embedded by classical MDS; all pairs of
         different groups are at distance 1 when ``None``.
+    sample_distance
+        With several samples (``sample_key``): their distance in the multi-group kernel, in the
+        units of ``group_distances``. ``None`` (default): independent GPs, one per sample (the
+        distance is 1000, so the kernel between samples vanishes). A number d correlates the same
+        place in two samples by ν^((3+p)/2) (Matérn-3/2) with ν = 1/(α d² + 1), for serial
+        sections whose coordinates line up; with ``group_diff_param=None`` α, hence the
+        correlation, is learned.
     per_factor_kernel
         One set of kernel hyperparameters per factor.
     train_lengthscale, train_sigma, train_group_diff_param
@@ -93,6 +100,7 @@ class GPConfig:
     sigma: float | list[float] | None = 1.0
     group_diff_param: float | None = 1.0
     group_distances: Any = None
+    sample_distance: float | None = None
     per_factor_kernel: bool = False
     train_lengthscale: bool | None = None
     train_sigma: bool | None = None
@@ -125,6 +133,10 @@ class GPConfig:
                 raise ValueError("`lengthscale` and `sigma` must be positive.")
         if self.kernel not in KERNELS:
             raise ValueError(f"`kernel` must be 'matern32' or 'rbf', received {self.kernel!r}.")
+        if self.sample_distance is not None and not float(self.sample_distance) > 0:
+            raise ValueError(
+                f"`sample_distance` must be positive or None, received {self.sample_distance!r}."
+            )
         if self.group_diff_param is not None and self.group_diff_param < 0:
             raise ValueError(f"`group_diff_param` must be >= 0, received {self.group_diff_param}.")
         if self.hyper_iter is not None and int(self.hyper_iter) < 0:
@@ -173,6 +185,13 @@ class SVGPConfig(GPConfig):
     group_distances
         Optional (G, G) distances between groups, embedded by classical MDS; all pairs of
         different groups are at distance 1 when ``None``.
+    sample_distance
+        With several samples (``sample_key``): their distance in the multi-group kernel, in the
+        units of ``group_distances``. ``None`` (default): independent GPs, one per sample (the
+        distance is 1000, so the kernel between samples vanishes). A number d correlates the same
+        place in two samples by ν^((3+p)/2) (Matérn-3/2) with ν = 1/(α d² + 1), for serial
+        sections whose coordinates line up; with ``group_diff_param=None`` α, hence the
+        correlation, is learned.
     allocation
         How inducing points are split over groups: ``"proportional"``, ``"equal"``, ``"derived"``.
     per_factor_kernel
@@ -248,6 +267,8 @@ class LCGPConfig(GPConfig):
         α of the multi-group kernel; default 1 (fixed); ``None``: starts at 1 and is learned.
     group_distances
         Optional (G, G) distances between groups (classical MDS), as for ``svgp``.
+    sample_distance
+        Distance between samples in the kernel (``sample_key``), as for ``svgp``.
     per_factor_kernel
         One set of kernel hyperparameters per factor.
     train_lengthscale, train_sigma, train_group_diff_param

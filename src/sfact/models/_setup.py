@@ -212,18 +212,23 @@ class ModelSetup:
             return None
         return np.repeat(np.arange(self.n_sample, dtype=np.int64), self.n_groups or 1)
 
-    def kernel_embedding(self, group_distances: Any = None) -> np.ndarray | None:
+    def kernel_embedding(
+        self, group_distances: Any = None, sample_distance: float | None = None
+    ) -> np.ndarray | None:
         """Coordinates of the kernel's groups (see :meth:`~sfact.models.ModelSetup.kernel_codes`); ``None`` without groups.
 
         Without samples: the multi-group embedding (all groups at distance 1, or ``group_distances``
         embedded by MDS). With samples: each (sample, group) pair gets the sample's coordinates —
-        every pair of samples at distance ``SAMPLE_DISTANCE`` (1000), so the kernel between cells
-        of different samples vanishes (independent GPs, one per sample) — next to the group's.
+        every pair of samples at distance ``sample_distance``, by default ``SAMPLE_DISTANCE``
+        (1000), so the kernel between cells of different samples vanishes (independent GPs, one
+        per sample) — next to the group's.
 
         Parameters
         ----------
         group_distances
             The prior's ``group_distances`` option (G x G), or ``None``.
+        sample_distance
+            The prior's ``sample_distance`` option, or ``None`` (independent samples).
 
         Returns
         -------
@@ -244,7 +249,8 @@ class ModelSetup:
         if self.n_sample == 1:
             return groups
         S = self.n_sample
-        samples = SAMPLE_DISTANCE * np.eye(S) / np.sqrt(2.0)
+        d = SAMPLE_DISTANCE if sample_distance is None else float(sample_distance)
+        samples = d * np.eye(S) / np.sqrt(2.0)
         return np.hstack([np.repeat(samples, G, axis=0), np.tile(groups, (S, 1))])
 
     # ------------------------------------------------------------------ construction

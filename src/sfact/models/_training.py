@@ -166,7 +166,9 @@ class TrainingMixin:
             groups=data.groups,
             n_groups=setup.n_kernel_groups,
             seed=setup.seed,
-            embedding=setup.kernel_embedding(getattr(cfg, "group_distances", None))
+            embedding=setup.kernel_embedding(
+                getattr(cfg, "group_distances", None), getattr(cfg, "sample_distance", None)
+            )
             if setup.n_sample > 1 and setup.kernel_multigroup
             else None,
             sample_of_group=setup.sample_of_group(),
@@ -200,7 +202,7 @@ class TrainingMixin:
         from .._core.lengthscale import choose_lengthscale
 
         multigroup = self.setup.kernel_multigroup
-        emb = self.setup.kernel_embedding(cfg.group_distances) if multigroup else None
+        emb = self.setup.kernel_embedding(cfg.group_distances, cfg.sample_distance) if multigroup else None
         alpha = cfg.GROUP_DIFF_START if cfg.group_diff_param is None else float(cfg.group_diff_param)
         key = (cfg.kernel, multigroup, alpha, None if emb is None else np.asarray(emb).tobytes())
         shared = self._shared_start
