@@ -244,12 +244,13 @@ def test_a_sample_distance_correlates_sections_and_alpha_can_be_learned():
     sfact.pp.prepare(adata, sample_key="sample")
     kw = {"prior": "svgp", "n_factors": 2, "random_state": 0}
     model = SpatialFactorization(
-        adata, prior_kwargs={**OPTS["svgp"], "sample_distance": 1.0, "group_diff_param": None, "hyper_iter": 5}, **kw
+        adata,
+        prior_kwargs={**OPTS["svgp"], "sample_distance": 1.0, "group_diff_param": None, "hyper_iter": 5},
+        **kw,
     )
     model.train(max_iter=8, min_iter=100)
     alpha = model.gp_info()["group_diff_param"][0]
     assert alpha != pytest.approx(1.0, rel=1e-3)  # learned
-    X, codes = model._training_inputs()
     k = model.module.prior.kernel
     x = torch.zeros(1, 2)
     K = k(x, x, torch.tensor([0]), torch.tensor([1]))[0].item()
