@@ -261,3 +261,26 @@ def test_a_sample_distance_correlates_sections_and_alpha_can_be_learned():
     assert Ki < 1e-12
     with pytest.raises(ValueError, match="sample_distance"):
         SpatialFactorization(adata, prior_kwargs={"sample_distance": 0.0}, **kw)
+
+
+@pytest.mark.parametrize("prior", ["mggp_svgp", "mggp_lcgp"])
+def test_new_sample_with_groups_and_resume(prior, tmp_path):
+    adata = sfact.datasets.simulate(
+        n_obs=600, n_vars=30, n_factors=2, n_groups=2, n_samples=3, lengthscale=12.0, random_state=0
+    )
+    sfact.pp.prepare(adata, sample_key="sample", group_key="group")
+    is_new = (adata.obs["sample"] == "s2").to_numpy()
+    train = adata[~is_new].copy()
+    train.obs["sample"] = train.obs["sample"].cat.remove_unused_categories()
+    opts = OPTS["svgp" if prior.endswith("svgp") else "lcgp"]
+    model = SpatialFactorization(train, prior=prior, n_factors=2, prior_kwargs=opts, random_state=0)
+    model.train(max_iter=6, min_iter=10)
+    mu, var = model.fit_new_sample(adata[is_new].copy())
+    assert mu.shape == (int(is_new.sum()), 2) and np.isfinite(mu).all() and (var > 0).all()
+    # resuming continues the history; save -> load -> resume as well
+    model.train(max_iter=3, min_iter=10)
+    assert len(model.history["elbo"]) == 9
+    model.save(tmp_path / "m")
+    loaded = SpatialFactorization.load(tmp_path / "m", train)
+    loaded.train(max_iter=2, min_iter=10)
+    assert len(loaded.history["elbo"]) == 11
