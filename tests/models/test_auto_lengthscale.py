@@ -151,6 +151,14 @@ def test_few_cells_fall_back_to_a_fixed_lengthscale():
     assert model.lengthscale_search_ is None
     assert model.gp_info()["lengthscale"] == [pytest.approx(GPConfig.FALLBACK_LENGTHSCALE)]
     assert "lengthscale_search" not in model.gp_info()
+    # a learned lengthscale (None) starts at the data start instead: 4 x the 10th-neighbour spacing
+    from sfact._core.factory import coordinate_spacing
+
+    learned = SpatialFactorization(
+        adata, prior="svgp", n_factors=2, prior_kwargs={"num_inducing": 30, "lengthscale": None}
+    ).train(max_iter=0)
+    start = GPConfig.LENGTHSCALE_NN_MULTIPLE * coordinate_spacing(learned.setup.scaled_coords(adata))["nn10"]
+    assert learned.gp_info()["lengthscale"] == [pytest.approx(start, rel=1e-5)]
 
 
 @pytest.mark.parametrize("value", ["long", "AUTO", -1.0])

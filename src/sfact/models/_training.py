@@ -166,10 +166,8 @@ class TrainingMixin:
             groups=data.groups,
             n_groups=setup.n_kernel_groups,
             seed=setup.seed,
-            embedding=setup.kernel_embedding(
-                getattr(cfg, "group_distances", None), getattr(cfg, "sample_distance", None)
-            )
-            if setup.n_sample > 1 and setup.kernel_multigroup
+            embedding=setup.kernel_embedding(cfg.group_distances, cfg.sample_distance)
+            if setup.kernel_multigroup
             else None,
             sample_of_group=setup.sample_of_group(),
         )
@@ -229,15 +227,19 @@ class TrainingMixin:
                 from .._utils import warn
 
                 warn(
-                    f"The lengthscale search failed ({err}); using lengthscale {cfg.FALLBACK_LENGTHSCALE:g}. "
+                    f"The lengthscale search failed ({err}); using the fallback lengthscale. "
                     "Pass `prior_kwargs={'lengthscale': ...}` to choose one."
                 )
                 search = None
             if shared is not None:
                 shared.searches[key] = search
         if search is None:
+            if value is None:  # learned: the data start of make_prior (a multiple of the spacing)
+                return cfg
             chosen = cfg.FALLBACK_LENGTHSCALE
-            logg.info(f"    lengthscale: {chosen:g} (too few cells to choose it from the data)")
+            logg.info(
+                f"    lengthscale: {chosen:g} (not chosen from the data: too few cells, or the search failed)"
+            )
         else:
             chosen = float(search.lengthscale)
             self.lengthscale_search_ = search.to_dict()
