@@ -67,8 +67,6 @@ def new_marginals(
     model: SpatialFactorization, adata: AnnData, *, batch_size: int = 10000, max_iter: int = 300
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(mu, var)`` of new cells: the GP predictive (spatial priors) or a fit to their counts (``pnmf``)."""
-    import torch
-
     model._require_trained()
     prior = model.module.prior
     if not (prior.per_cell and not prior.spatial):
@@ -77,18 +75,8 @@ def new_marginals(
             model, setup.scaled_coords(adata), setup.kernel_codes(adata), batch_size=batch_size
         )
     # factors of new cells from their counts, loadings fixed
-    from .._core.factory import make_module, make_prior
-    from .._core.init import fit_new_factors
-
-    setup = model.setup
-    setup.check_vars(adata)
-    data = model._build_data(adata, with_inputs=False)
-    new_prior = make_prior(setup.prior, setup.n_factors, setup.prior_config(), n_obs=data.n_obs)
-    module = make_module(new_prior, data.n_vars, "fixed", device=model.device, dtype=setup.dtype)
-    with torch.no_grad():
-        module.W.copy_(model.module.loadings())
-    mu, var = fit_new_factors(module, data, seed=setup.seed, max_iter=max_iter)
-    return _numpy(mu), _numpy(var)
+    model.setup.check_vars(adata)
+    return count_marginals(model, adata, max_iter=max_iter)
 
 
 def predict_arrays(
@@ -127,6 +115,8 @@ def new_sample_marginals(
     fitted ``(mu, var)`` as a Gaussian observation of its log-factors. The sample's coordinates are
     scaled from its own corner with the model's common factor.
     """
+    import copy
+
     import torch
 
     from .._core.inducing import inducing_points
@@ -156,8 +146,6 @@ def new_sample_marginals(
     coords = get_coordinates(adata, setup.spatial_key)
     G = setup.n_groups or 1
     g = setup.group_codes(adata) if setup.multigroup else None
-    import copy
-
     k = copy.deepcopy(prior.kernel).to(device="cpu", dtype=torch.float64)  # float64 on the host
     beta = prior.beta.detach().double().cpu()
     if getattr(prior, "beta_sample", None) is not None:  # a new sample: the samples' average mean
@@ -206,7 +194,10 @@ def new_sample_marginals(
 def count_marginals(
     model: SpatialFactorization, adata: AnnData, *, max_iter: int = 300
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(mu, var)`` of cells fitted to their counts with the model's loadings fixed (a per-cell prior)."""
+    """``(mu, var)`` of cells fitted to their counts with the model's loadings fixed.
+
+    A per-cell prior: the ``pnmf`` prior, with the model's options for a ``pnmf`` model.
+    """
     import torch
 
     from .._core.factory import make_module, make_prior
@@ -215,7 +206,8 @@ def count_marginals(
 
     setup = model.setup
     data = model._build_data(adata, with_inputs=False)
-    per_cell = make_prior("pnmf", setup.n_factors, PNMFConfig(), n_obs=data.n_obs)
+    cfg = setup.prior_config() if setup.prior == "pnmf" else PNMFConfig()
+    per_cell = make_prior("pnmf", setup.n_factors, cfg, n_obs=data.n_obs)
     module = make_module(per_cell, data.n_vars, "fixed", device=model.device, dtype=setup.dtype)
     with torch.no_grad():
         module.W.copy_(model.module.loadings())

@@ -610,9 +610,25 @@ class ModelSetup:
         if not self.kernel_multigroup or self.n_sample == 1:
             return self.group_codes(adata)
         g = self.group_codes(adata) if self.multigroup else None
-        s = group_codes(self.sample_labels(adata), list(self.sample_categories))
-        G = self.n_groups or 1
-        return s * G + (0 if g is None else g)
+        return self.sample_codes(adata) * (self.n_groups or 1) + (0 if g is None else g)
+
+    def sample_codes(self, adata: AnnData) -> np.ndarray:
+        """Sample code of each cell of ``adata``: its index in ``sample_categories``.
+
+        Parameters
+        ----------
+        adata
+            Cells with the model's samples in ``obs[sample_key]``.
+
+        Returns
+        -------
+        An int64 array (n_cells,).
+
+        Examples
+        --------
+        >>> codes = model.setup.sample_codes(adata_new)  # doctest: +SKIP
+        """
+        return group_codes(self.sample_labels(adata), list(self.sample_categories))
 
     def group_codes(self, adata: AnnData) -> np.ndarray | None:
         """Group code of each cell of ``adata``: its index in ``group_categories``.

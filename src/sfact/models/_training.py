@@ -177,10 +177,10 @@ class TrainingMixin:
 
     def _sample_blocks(self, data):
         """The sample code of every training cell (several samples), else ``None``."""
-        setup = self.setup
-        if setup.n_sample < 2 or not setup.kernel_multigroup or data.groups is None:
+        of_group = self.setup.sample_of_group()
+        if of_group is None or data.groups is None:
             return None
-        return (data.groups.detach().cpu().numpy() // (setup.n_groups or 1)).astype("int64")
+        return of_group[data.groups.detach().cpu().numpy()]
 
     def _resolve_lengthscale(self, cfg, data, start):
         """``cfg`` with ``lengthscale="auto"`` (or ``None``) replaced by the search's choice.

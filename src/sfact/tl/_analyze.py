@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import _logging as logg
 from .._keys import Keys
-from .._utils import group_codes, view_to_actual
+from .._utils import view_to_actual
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -91,7 +91,7 @@ def _moran_coords(adata: AnnData, model: SpatialFactorization) -> np.ndarray:
     """
     setup = model.setup
     X = setup.scaled_coords(adata)
-    codes = group_codes(setup.sample_labels(adata), list(setup.sample_categories))
+    codes = setup.sample_codes(adata)
     shift = 10.0 * max(float(np.ptp(X, axis=0).max()), 1.0)
     X = X.copy()
     X[:, 0] += codes * shift
