@@ -1,9 +1,9 @@
-"""Model objects: :class:`SpatialFactorization`, its :class:`ModelSetup`, :class:`TrainingError`."""
+"""Model objects: :class:`SpatialFactorization`, its :class:`ModelSetup`, :class:`TrainingError`, :class:`ModelFileError`."""
 
 from __future__ import annotations
 
-from .._exceptions import TrainingError
+from .._exceptions import ModelFileError, TrainingError
 from ._model import SpatialFactorization
 from ._setup import ModelSetup
 
-__all__ = ["ModelSetup", "SpatialFactorization", "TrainingError"]
+__all__ = ["ModelFileError", "ModelSetup", "SpatialFactorization", "TrainingError"]

@@ -327,10 +327,15 @@ class SpatialFactorization(TrainingMixin, ResultsMixin):
     ) -> None:
         """Save the model: tensors to ``model.pt`` (loadable with ``weights_only=True``), metadata to JSON.
 
+        The save is atomic: the folder is written as a temporary sibling ``.<name>.tmp-<pid>``
+        and renamed into place, so a failure (an exception, a full disk, Ctrl-C) leaves the
+        previously saved model as it was and no half-written folder under ``dir_path``.
+
         Parameters
         ----------
         dir_path
-            Directory to create.
+            Folder to create, or an empty folder. It holds the model's files only: saving
+            replaces the whole folder, so one holding other files raises :class:`FileExistsError`.
         overwrite
             Replace an existing saved model in ``dir_path``.
         save_optimizer
@@ -366,6 +371,12 @@ class SpatialFactorization(TrainingMixin, ResultsMixin):
         Returns
         -------
         The model, ready for :meth:`get_factors`, :meth:`transform` or :meth:`train`.
+
+        Raises
+        ------
+        sfact.models.ModelFileError
+            A file is truncated, edited, does not match the others (factor count, genes, shapes,
+            dtype, format version), or holds Python objects other than tensors (never unpickled).
 
         Examples
         --------
