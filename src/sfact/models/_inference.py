@@ -23,13 +23,17 @@ def _numpy(t) -> np.ndarray:
 
 
 def marginals(
-    model: SpatialFactorization, adata: AnnData | None, batch_size: int
+    model: SpatialFactorization, adata: AnnData | None, batch_size: int, *, checked: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(mu, var)`` of the training cells (``adata`` ``None`` or the training data) or of new cells."""
+    """``(mu, var)`` of the training cells (``adata`` ``None`` or the training data) or of new cells.
+
+    New cells are checked first (:func:`~sfact.models._newcells.check_new_cells`) unless
+    ``checked`` (the caller did it and passes the aligned cells).
+    """
     model._require_trained()
     if adata is None or adata is model.adata:
         return training_marginals(model, batch_size)
-    return new_marginals(model, adata, batch_size=batch_size)
+    return new_marginals(model, adata, batch_size=batch_size, checked=checked)
 
 
 def training_marginals(model: SpatialFactorization, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,10 +68,23 @@ def training_marginals(model: SpatialFactorization, batch_size: int) -> tuple[np
 
 
 def new_marginals(
-    model: SpatialFactorization, adata: AnnData, *, batch_size: int = 10000, max_iter: int = 300
+    model: SpatialFactorization,
+    adata: AnnData,
+    *,
+    batch_size: int = 10000,
+    max_iter: int = 300,
+    checked: bool = False,
+    what: str = "adata",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(mu, var)`` of new cells: the GP predictive (spatial priors) or a fit to their counts (``pnmf``)."""
+    """``(mu, var)`` of new cells: the GP predictive (spatial priors) or a fit to their counts (``pnmf``).
+
+    The cells are checked first (genes aligned to the model's order) unless ``checked``.
+    """
+    from ._newcells import check_new_cells
+
     model._require_trained()
+    if not checked:
+        adata = check_new_cells(model, adata, purpose="factors", what=what).adata
     prior = model.module.prior
     if not (prior.per_cell and not prior.spatial):
         setup = model.setup
@@ -75,7 +92,6 @@ def new_marginals(
             model, setup.scaled_coords(adata), setup.kernel_codes(adata), batch_size=batch_size
         )
     # factors of new cells from their counts, loadings fixed
-    model.setup.check_vars(adata)
     return count_marginals(model, adata, max_iter=max_iter)
 
 
@@ -121,24 +137,19 @@ def new_sample_marginals(
 
     from .._core.inducing import inducing_points
     from .._utils import get_coordinates
+    from ._newcells import check_new_cells
 
     model._require_trained()
     setup = model.setup
     if setup.sample_key is None:
-        raise ValueError("The model has no samples (`sample_key`): use `get_log_factors` for new cells.")
-    setup.check_vars(adata)
-    sk = setup.sample_key
-    if sk not in adata.obs.columns:
-        raise KeyError(f"`adata.obs[{sk!r}]` (the samples) not found.")
-    labels = adata.obs[sk].astype(str).to_numpy()
-    known = sorted(set(labels) & set(setup.sample_categories or ()))
-    if known:
         raise ValueError(
-            f"Samples {known[:5]} were seen in training: predict their cells with `get_log_factors`."
+            "The model has no samples (`sample_key`): predict new cells with `model.get_log_factors(adata)`."
         )
+    adata = check_new_cells(model, adata, purpose="new_sample").adata
+    labels = adata.obs[setup.sample_key].astype(str).to_numpy()
     prior = model.module.prior
     if not prior.spatial:  # pnmf: the factors of new cells, whatever their sample
-        return new_marginals(model, adata, max_iter=max_iter)
+        return count_marginals(model, adata, max_iter=max_iter)
     # 1. factors from the counts, loadings fixed (a per-cell prior)
     mu0, var0 = count_marginals(model, adata, max_iter=max_iter)
     mu0, var0 = torch.as_tensor(mu0), torch.as_tensor(var0).clamp_min(1e-6)

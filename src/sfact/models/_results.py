@@ -69,7 +69,8 @@ class ResultsMixin:
         Parameters
         ----------
         adata
-            Cells whose coordinates are used; the training cells when ``None``.
+            Cells whose coordinates (and samples) are used, checked first as by
+            :meth:`transform`; the training cells when ``None``.
         groups
             Group names to evaluate; all training groups when ``None``.
         batch_size
@@ -98,10 +99,21 @@ class ResultsMixin:
         unknown = [g for g in groups if g not in cats]
         if unknown:
             raise ValueError(f"Unknown groups {unknown}; the model knows {cats}.")
-        X = self._training_inputs()[0] if adata is None else self.setup.scaled_coords(adata)
+        if adata is None or adata is self.adata:
+            X, kernel_codes = self._training_inputs()
+            samples = None if kernel_codes is None or self.setup.n_sample == 1 else kernel_codes // len(cats)
+        else:
+            from ._newcells import check_new_cells
+
+            adata = check_new_cells(self, adata, purpose="groupwise").adata
+            X = self.setup.scaled_coords(adata)
+            samples = self.setup.sample_codes(adata) if self.setup.n_sample > 1 else None
         out = np.empty((len(groups), X.shape[0], self.n_factors))
         for k, g in enumerate(groups):
+            # each cell in group g of its own sample (the kernel's group is sample x G + group)
             codes = np.full(X.shape[0], cats.index(g), dtype=np.int64)
+            if samples is not None:
+                codes = codes + samples * len(cats)
             mu, _ = _inference.predict_arrays(self, X, codes, batch_size=batch_size)
             out[k] = np.exp(mu)
         return out, groups
@@ -141,7 +153,8 @@ class ResultsMixin:
         ----------
         adata
             New cells: predicted from their coordinates (spatial priors) or fitted to their counts
-            with the loadings fixed (``pnmf``). The training cells when ``None``.
+            with the loadings fixed (``pnmf``), checked first as by :meth:`transform`. The
+            training cells when ``None``.
         expected
             Return the posterior mean ``E[e^F] = exp(μ + σ²/2)`` instead of ``exp(μ)``.
         batch_size
@@ -234,8 +247,9 @@ class ResultsMixin:
         Raises
         ------
         ValueError
-            Without samples, or for cells of samples seen in training (use
-            :meth:`get_log_factors` for those).
+            Without samples, for cells of samples seen in training (use
+            :meth:`get_log_factors` for those), or for cells that fail the checks of
+            :meth:`transform` (genes, which may come in any order, counts, coordinates, groups).
 
         Examples
         --------
@@ -267,6 +281,13 @@ class ResultsMixin:
         From their coordinates (and groups) through the GP predictive for the spatial priors; from
         their counts with the loadings fixed for ``pnmf``.
 
+        The cells are checked before anything is computed, for what is read: the genes (the
+        model's, in any order; missing or extra genes raise, naming them) and counts (no NaN,
+        infinite or negative values) for ``pnmf``; coordinates (numeric, finite, the training
+        dimensions), groups and samples (seen in training; a new sample needs
+        :meth:`fit_new_sample`) for the spatial priors. For those, an AnnData without genes
+        (coordinates only) is accepted.
+
         Parameters
         ----------
         adata_new
@@ -279,19 +300,28 @@ class ResultsMixin:
         -------
         ``(factors, scales)``, each (n_new, n_factors): ``exp(μ)`` and ``σ``.
 
+        Raises
+        ------
+        ValueError
+            0 cells, or cells that fail the checks above (the message names the problem).
+        KeyError
+            Missing coordinates, group or sample column.
+
         Examples
         --------
         >>> train, test = sfact.tl.heldout_split(adata)  # doctest: +SKIP
         >>> model = sfact.models.SpatialFactorization(train, prior="svgp").train()  # doctest: +SKIP
         >>> factors, scales = model.transform(test)  # doctest: +SKIP
         """
-        mu, var = _inference.new_marginals(self, adata_new, batch_size=batch_size)
+        mu, var = _inference.new_marginals(self, adata_new, batch_size=batch_size, what="adata_new")
         return np.exp(mu), np.sqrt(var)
 
     def predict(self, adata_new: AnnData | None = None, *, batch_size: int = 10000) -> np.ndarray:
         """Expected counts ``E[λ_nd] = s_n Σ_l W_dl e^{μ_nl+σ²_nl/2}`` (dense, n x D).
 
         Size factors of new cells come from their own counts (``"total"``) or ``obs`` column.
+        New cells are checked as by :meth:`transform`, and their genes always: they must be the
+        model's, in any order, and their counts must be finite and non-negative.
 
         Parameters
         ----------
@@ -302,20 +332,32 @@ class ResultsMixin:
 
         Returns
         -------
-        Dense array (n_cells, n_vars) of expected counts.
+        Dense array (n_cells, n_vars) of expected counts. Its columns follow the genes of
+        ``adata_new`` in ``adata_new``'s own order (so they line up with its counts, also when
+        its genes are the model's in another order); for the training cells, the model's order
+        (:attr:`var_names`).
 
         Examples
         --------
         >>> Y_hat = model.predict(test)  # doctest: +SKIP
         """
-        adata = self.adata if adata_new is None else adata_new
-        mu, var = self._marginals(adata_new, batch_size)
+        from ._newcells import check_new_cells
+
+        self._require_trained()
+        checked = None
+        if adata_new is not None and adata_new is not self.adata:
+            checked = check_new_cells(self, adata_new, purpose="predict", what="adata_new")
+            adata = checked.adata  # the model's genes in the model's order
+        else:
+            adata = self.adata
         if adata is None:
             raise RuntimeError("No training data attached: pass `adata_new` (or `adata` to `load`).")
+        mu, var = _inference.marginals(self, None if checked is None else adata, batch_size, checked=True)
         X = get_counts(adata, self.setup.layer) if self.setup.size_factors == "total" else None
         s = self.setup.size_factors_of(adata, X)
         W = self.get_loadings()
-        return s[:, None] * (np.exp(mu + 0.5 * var) @ W.T)
+        out = s[:, None] * (np.exp(mu + 0.5 * var) @ W.T)
+        return out if checked is None else checked.to_input_order(out)
 
     def reorder_factors(self, order: np.ndarray) -> None:
         """Permute the factors everywhere in the model (``order[k]`` is the old index of factor k).

@@ -673,16 +673,9 @@ class ModelSetup:
         --------
         >>> model.setup.check_vars(adata_new[:, model.var_names])  # doctest: +SKIP
         """
-        expected = list(self.var_names)
-        received = [str(v) for v in adata.var_names]
-        if received != expected:
-            missing = [v for v in expected if v not in set(received)]
-            raise ValueError(
-                f"Genes do not match the model: expected {len(expected)} genes "
-                f"({expected[:3]}...), received {len(received)} ({received[:3]}...)"
-                + (f"; missing {missing[:5]}" if missing else "; same genes in another order")
-                + ". Subset/reorder with `adata[:, model.var_names]`."
-            )
+        from ._newcells import check_genes
+
+        check_genes(self.var_names, adata, reorder=False)  # the one gene check (names missing/extra genes)
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:

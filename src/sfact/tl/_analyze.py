@@ -425,6 +425,9 @@ def analyze(
     >>> model = sfact.models.SpatialFactorization.load("model_dir", adata)  # doctest: +SKIP
     >>> sfact.tl.analyze(adata, model, group_key="ClusterName")  # doctest: +SKIP
     """
+    from ..models._newcells import check_new_cells
+
+    check_new_cells(model, adata, purpose="analyze", reorder=False)  # genes, counts, coordinates, ...
     if copy:
         adata = adata.copy()
     else:

@@ -81,7 +81,10 @@ def heldout_deviance(model: SpatialFactorization, adata_test: AnnData, *, batch_
     model
         A trained model.
     adata_test
-        Held-out cells with counts, coordinates and (multi-group priors) groups.
+        Held-out cells with counts, coordinates and (multi-group priors) groups; checked before
+        anything is computed: the model's genes (in any order; missing or extra genes raise,
+        naming them), counts without NaN, infinite or negative values, coordinates, groups and
+        samples seen in training, at least one cell.
     batch_size
         Cells per batch of the GP predictive.
 
@@ -95,9 +98,13 @@ def heldout_deviance(model: SpatialFactorization, adata_test: AnnData, *, batch_
     >>> model = sfact.models.SpatialFactorization(train, prior="svgp").train()  # doctest: +SKIP
     >>> sfact.tl.heldout_deviance(model, test)  # doctest: +SKIP
     """
+    from ..models._inference import marginals
+    from ..models._newcells import check_new_cells
     from ._analysis import _adata_counts, poisson_deviance_sparse
 
-    model.check_vars(adata_test)
+    # before anything is computed: the model's genes (aligned to its order), finite non-negative
+    # counts, coordinates, groups and samples
+    adata_test = check_new_cells(model, adata_test, purpose="score", what="adata_test").adata
     if model.prior == "pnmf":
         from scanpy import logging as logg
 
@@ -105,7 +112,7 @@ def heldout_deviance(model: SpatialFactorization, adata_test: AnnData, *, batch_
             "`heldout_deviance` with `pnmf` fits the held-out cells' factors to the counts it scores: "
             "a check of the fit, not a prediction comparable with the spatial priors."
         )
-    mu, var = model.get_log_factors(adata_test, batch_size=batch_size)
+    mu, var = marginals(model, adata_test, batch_size, checked=True)
     Y = _adata_counts(adata_test, model.setup.layer)
     s = model.size_factors(adata_test, Y)
     per_cell, _ = poisson_deviance_sparse(Y, np.exp(mu + 0.5 * var), model.get_loadings(), s)
@@ -171,8 +178,16 @@ def knn_deviance(
         raise ValueError(f"`n_neighbors` must be a positive integer, received {n_neighbors!r}.")
     if not 0 <= shrink <= 1:
         raise ValueError(f"`shrink` must be in [0, 1], received {shrink}.")
-    if list(train.var_names) != list(test.var_names):
-        raise ValueError("`train` and `test` must have the same genes in the same order.")
+    from ..models._newcells import check_genes
+
+    check_genes(
+        train.var_names,
+        test,
+        what="test",
+        reorder=False,
+        reference="`train`",
+        expected_name="train.var_names",
+    )
     Ytr = sp.csr_matrix(_adata_counts(train, layer), dtype=np.float64)
     Yte = sp.csr_matrix(_adata_counts(test, layer), dtype=np.float64)
     tot_tr = np.asarray(Ytr.sum(1)).ravel()
