@@ -187,6 +187,34 @@ class FitView:
         info = self.group_loadings_info
         return [] if info is None else [str(g) for g in np.atleast_1d(info["groups"])]
 
+    def group_loadings_key(self, group: str) -> str:
+        """The ``varm`` key of one group's loadings, from the mapping the fit recorded.
+
+        ``uns[key]['group_loadings']`` lists the ``groups`` and their ``varm_keys`` side by side:
+        that mapping is authoritative (two groups never share a key). Without it (results
+        written without the record) the key is derived from the name, trying the current and
+        the older spelling (``/`` as ``_``).
+
+        Parameters
+        ----------
+        group
+            A group name.
+
+        Returns
+        -------
+        The key (not necessarily present in ``adata.varm``).
+        """
+        group = str(group)
+        info = self.group_loadings_info
+        if info is not None and "groups" in info and "varm_keys" in info:
+            groups = [str(g) for g in np.atleast_1d(info["groups"])]
+            varm_keys = [str(k) for k in np.atleast_1d(info["varm_keys"])]
+            if len(groups) == len(varm_keys):
+                return dict(zip(groups, varm_keys, strict=True)).get(group, self.keys.group_loadings(group))
+        slot = self.keys.group_loadings(group)
+        legacy = self.keys.legacy_group_loadings(group)
+        return legacy if slot not in self.adata.varm and legacy in self.adata.varm else slot
+
     def group_loadings(self, group: str) -> np.ndarray:
         """One group's loadings (n_vars, n_factors).
 
@@ -199,10 +227,11 @@ class FitView:
         -------
         The stored array.
         """
-        slot = self.keys.group_loadings(group)
-        if slot not in self.adata.varm:
+        slot = self.group_loadings_key(group)
+        recorded = self.group_loadings_info is not None
+        if slot not in self.adata.varm or (recorded and str(group) not in self.groups_with_loadings):
             raise KeyError(
-                f"`adata.varm[{slot!r}]` not found: run "
+                f"No loadings of group {str(group)!r} (`adata.varm[{slot!r}]`): run "
                 f"`sfact.tl.group_loadings(adata, group_key=..., key={self.key!r})` "
                 f"first (groups with loadings: {self.groups_with_loadings})."
             )

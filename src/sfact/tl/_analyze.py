@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import _logging as logg
-from .._keys import Keys
+from .._keys import Keys, check_key_added
+from .._transaction import fit_transaction
 from .._utils import view_to_actual
 
 if TYPE_CHECKING:
@@ -383,6 +384,9 @@ def analyze(
     formed. With a ``group_key``, per-group loadings and gene enrichment follow
     (:func:`sfact.tl.group_loadings`, :func:`sfact.tl.gene_enrichment`).
 
+    Everything is computed before anything is written, and the writing (with the per-group
+    steps) is one transaction: on any failure or Ctrl-C, ``adata`` is put back as it was.
+
     Parameters
     ----------
     adata
@@ -390,7 +394,8 @@ def analyze(
     model
         A trained :class:`~sfact.models.SpatialFactorization` (left unchanged).
     key_added
-        Base key of every slot written; slots written earlier under it are replaced.
+        Base key of every slot written; slots written earlier under it are replaced. A key an
+        ``.h5ad`` file cannot store (empty, ``'.'``, or containing ``'/'`` or NUL) is refused.
     analyze_batch_size
         Cells per batch.
     group_key
@@ -418,13 +423,15 @@ def analyze(
         ``params``, ``history``, ``moranI``, ``metrics``, ``factor_names``, ``keys``, ``gp``;
         with ``group_key`` also ``group_loadings`` and ``enrichment``.
     ``adata.varm['{key}_loadings_{group}']``
-        With ``group_key``: per-group loadings.
+        With ``group_key``: per-group loadings (group names escaped: ``/`` is written ``%2F``;
+        the keys are recorded in ``uns['{key}']['group_loadings']['varm_keys']``).
 
     Examples
     --------
     >>> model = sfact.models.SpatialFactorization.load("model_dir", adata)  # doctest: +SKIP
     >>> sfact.tl.analyze(adata, model, group_key="ClusterName")  # doctest: +SKIP
     """
+    check_key_added(key_added)
     from ..models._newcells import check_new_cells
 
     check_new_cells(model, adata, purpose="analyze", reorder=False)  # genes, counts, coordinates, ...
@@ -462,13 +469,14 @@ def _analyze(
     progress_bar: bool | None = None,
     log_factors: LogFactors | None = None,
 ) -> None:
-    """Compute, write, then per-group loadings and enrichment (with ``group_key``)."""
+    """Compute, then write, per-group loadings and enrichment (with ``group_key``) in one transaction."""
     from tqdm.auto import tqdm
 
     from .._settings import settings
     from ._groups import gene_enrichment, group_loadings
 
     _check_batch_size(analyze_batch_size)
+    check_key_added(key_added)
     if group_key is not None and group_key not in adata.obs.columns:
         raise KeyError(
             f"`adata.obs[{group_key!r}]` not found: pass an existing `group_key` "
@@ -486,23 +494,31 @@ def _analyze(
         steps.append(name)
         bar.set_postfix_str(name)
 
-    result = compute_analysis(
-        adata, model, batch_size=analyze_batch_size, n_neighs=n_neighs, log_factors=log_factors, step=step
-    )
-    step("writing")
-    write_analysis(adata, result, key_added=key_added)
     deep = (
         f"added\n    '{keys.factors}', '{keys.scales}' (adata.obsm)\n    '{keys.loadings}' (adata.varm)\n"
         f"    '{keys.obs_deviance()}' (adata.obs, adata.var)\n    '{keys.uns}' (adata.uns)"
     )
-    if group_key is not None:
-        step("group loadings")
-        group_loadings(
-            adata, group_key=group_key, key=key_added, batch_size=analyze_batch_size, progress_bar=show
+    try:
+        result = compute_analysis(
+            adata, model, batch_size=analyze_batch_size, n_neighs=n_neighs, log_factors=log_factors, step=step
         )
-        step("gene enrichment")
-        gene_enrichment(adata, key=key_added, n_top=n_top)
-        deep += f"\n    '{keys.group_loadings_prefix}*' (adata.varm)"
-    bar.update()
-    bar.close()
+        # the per-group steps read the slots just written: all of it or none (Ctrl-C included)
+        with fit_transaction(adata, keys):
+            step("writing")
+            write_analysis(adata, result, key_added=key_added)
+            if group_key is not None:
+                step("group loadings")
+                group_loadings(
+                    adata,
+                    group_key=group_key,
+                    key=key_added,
+                    batch_size=analyze_batch_size,
+                    progress_bar=show,
+                )
+                step("gene enrichment")
+                gene_enrichment(adata, key=key_added, n_top=n_top)
+                deep += f"\n    '{keys.group_loadings_prefix}*' (adata.varm)"
+        bar.update()
+    finally:
+        bar.close()
     logg.info("    finished analysis", time=start, deep=deep)

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import _logging as logg
-from .._keys import Keys
+from .._keys import Keys, check_key_added
+from .._transaction import fit_transaction, transaction
 from .._utils import view_to_actual
 
 if TYPE_CHECKING:
@@ -50,8 +51,12 @@ def fit(
 
     A thin wrapper: builds :class:`sfact.models.SpatialFactorization`, trains it, computes the
     factors of every cell in batches, orders the factors (in the model too) by descending
-    Moran's I and writes the results (:func:`sfact.tl.analyze`). Nothing is written if training
-    fails.
+    Moran's I and writes the results (:func:`sfact.tl.analyze`).
+
+    **All or nothing.** Nothing is written if training fails, and the writing (results,
+    per-group loadings, enrichment, validation, ``save_model``) is one transaction: if any of it
+    fails or is interrupted (Ctrl-C), ``adata`` is put back as it was before the call, so a
+    failed re-fit under the same ``key_added`` keeps the previous fit intact.
 
     **The baseline guard.** With ``validation_fraction`` > 0 (by default 0.05 when there are at
     least 1000 cells), that fraction of the cells, drawn with ``random_state`` as
@@ -91,7 +96,8 @@ def fit(
         ``None``, ``"total"`` or a column of ``adata.obs``; see
         :class:`~sfact.models.SpatialFactorization`.
     key_added
-        Base key of every slot written.
+        Base key of every slot written. A key an ``.h5ad`` file cannot store (empty, ``'.'``, or
+        containing ``'/'`` or NUL) is refused before anything runs.
     max_iter
         Maximum iterations (passes over the cells).
     tol
@@ -126,7 +132,7 @@ def fit(
     random_state
         Seed or :class:`numpy.random.Generator`.
     progress_bar
-        Show training progress; defaults to :attr:`sfact.settings.progress_bar`.
+        Show training and analysis progress; defaults to :attr:`sfact.settings.progress_bar`.
     copy
         Return a modified copy instead of writing to ``adata``.
 
@@ -154,7 +160,9 @@ def fit(
         (``group_key``, or the one recorded by :func:`sfact.pp.prepare`), also
         ``group_loadings`` and ``enrichment`` (see :func:`sfact.tl.gene_enrichment`).
     ``adata.varm['{key}_loadings_{group}']``
-        When the fit has groups: each group's loadings (see :func:`sfact.tl.group_loadings`).
+        When the fit has groups: each group's loadings (see :func:`sfact.tl.group_loadings`;
+        ``%``, ``/`` and NUL in a group name are written ``%25``, ``%2F``, ``%00``, and the
+        keys are recorded in ``uns['{key}']['group_loadings']['varm_keys']``).
     ``adata.obs['{key}_validation']``
         With validation cells: ``True`` for the cells held out of training.
 
@@ -175,6 +183,7 @@ def fit(
     from ._heldout import resolve_validation_fraction, validation_mask
 
     # every check of the arguments before anything is copied, split or trained
+    check_key_added(key_added)
     fraction = resolve_validation_fraction(validation_fraction, adata.n_obs)
     _check_batch_size(analyze_batch_size)
     if copy:
@@ -225,20 +234,23 @@ def fit(
     log_factors = order_by_moran(
         model, adata, n_neighs=n_neighs, batch_size=analyze_batch_size, marginals=marginals
     )
-    _analyze(
-        adata,
-        model,
-        key_added=key_added,
-        analyze_batch_size=analyze_batch_size,
-        group_key=model.setup.group_key,
-        n_neighs=n_neighs,
-        n_top=10,
-        log_factors=log_factors,
-    )
     keys = Keys(key_added)
-    write_validation(adata, keys, mask, checks)
-    if save_model is not None:
-        model.save(save_model, overwrite=True)
+    # one transaction: on any failure or Ctrl-C from here on, adata is put back as it was
+    with fit_transaction(adata, keys):
+        _analyze(
+            adata,
+            model,
+            key_added=key_added,
+            analyze_batch_size=analyze_batch_size,
+            group_key=model.setup.group_key,
+            n_neighs=n_neighs,
+            n_top=10,
+            progress_bar=progress_bar,
+            log_factors=log_factors,
+        )
+        write_validation(adata, keys, mask, checks)
+        if save_model is not None:
+            model.save(save_model, overwrite=True)
     logg.info(
         "    finished",
         time=start,
@@ -320,17 +332,22 @@ def groupwise_factors(
     ``adata.uns['{key}']['groupwise_groups']``
         The group names along the second axis.
 
+    Both are written together: on a failure nothing is.
+
     Examples
     --------
     >>> model = sfact.models.SpatialFactorization.load("model_dir")  # doctest: +SKIP
     >>> sfact.tl.groupwise_factors(adata, model)  # doctest: +SKIP
     """
+    check_key_added(key_added)
     if copy:
         adata = adata.copy()
     else:
         view_to_actual(adata)
     F, names = model.groupwise_factors(adata, groups=groups, batch_size=batch_size)
     keys = Keys(key_added)
-    adata.obsm[keys.groupwise] = np.transpose(F, (1, 0, 2)).astype(np.float32)
-    adata.uns.setdefault(keys.uns, {})["groupwise_groups"] = np.asarray(names)
+    F = np.transpose(F, (1, 0, 2)).astype(np.float32)
+    with transaction(adata, uns_keys=[keys.uns]):
+        adata.obsm[keys.groupwise] = F
+        adata.uns.setdefault(keys.uns, {})["groupwise_groups"] = np.asarray(names)
     return adata if copy else None

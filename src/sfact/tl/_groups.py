@@ -243,7 +243,8 @@ def group_loadings(
     under the key are replaced):
 
     ``adata.varm['{key}_loadings_{group}']``
-        (n_vars, n_factors) loadings of each group (``/`` in a group name becomes ``_``).
+        (n_vars, n_factors) loadings of each group (``%``, ``/``, NUL in a group name are written
+        ``%25``, ``%2F``, ``%00``: distinct groups never share a key).
     ``adata.uns['{key}']['group_loadings']``
         ``group_key``, ``groups``, ``varm_keys``, ``n_cells`` and ``n_iter`` per group,
         ``max_iter``, ``tol``, ``prior_strength``.

@@ -23,6 +23,7 @@ import pandas as pd
 
 from .. import _logging as logg
 from .._constants import PRIOR_NAMES
+from .._keys import check_key_added
 from .._utils import check_random_state, seed_of
 
 if TYPE_CHECKING:
@@ -150,7 +151,8 @@ def select_model(
     random_state
         Seed of the split or folds and of every fit.
     key_added
-        Key in ``adata.uns`` of the results.
+        Key in ``adata.uns`` of the results (one an ``.h5ad`` file can store: not empty or
+        ``'.'``, without ``'/'`` or NUL).
 
     Returns
     -------
@@ -189,8 +191,7 @@ def select_model(
     settings, hyper_names = _expand(priors_, ns, grid, fixed)
     seed = seed_of(random_state)
     folds = _fold_indices(adata.n_obs, n_folds, heldout_fraction, seed)
-    if not isinstance(key_added, str) or not key_added:
-        raise ValueError(f"`key_added` must be a non-empty string, received {key_added!r}.")
+    check_key_added(key_added)
     for name, value, low in (("max_iter", max_iter, 0), ("init_iter", init_iter, 0)):
         if not isinstance(value, int | np.integer) or value < low:
             raise ValueError(f"`{name}` must be an integer >= {low}, received {value!r}.")
