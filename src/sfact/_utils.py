@@ -17,6 +17,11 @@ if TYPE_CHECKING:
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
+#: labels that mean "no group" / "no sample": a missing value, also when written as text (``NaN``
+#: becomes ``"nan"`` under ``astype(str)``); :func:`sfact.pp.prepare` drops these cells and the
+#: model refuses them, so both treat them alike
+MISSING_LABELS = frozenset({"None", "nan", "NaN"})
+
 
 class SfactWarning(UserWarning):
     """Warnings issued by sfact about the user's data or settings."""
@@ -45,8 +50,18 @@ def view_to_actual(adata: AnnData) -> None:
         adata._init_as_actual(adata.copy())
 
 
+def check_in_memory(adata: AnnData) -> None:
+    """Raise :class:`ValueError` for a backed AnnData (counts on disk), naming the fix."""
+    if getattr(adata, "isbacked", False):
+        raise ValueError(
+            "`adata` is backed (opened with `read_h5ad(..., backed='r')`): sfact needs the counts in "
+            "memory. Load them with `adata = adata.to_memory()` first."
+        )
+
+
 def get_counts(adata: AnnData, layer: str | None = None) -> Any:
-    """Return the count matrix from ``adata.X`` or ``adata.layers[layer]``."""
+    """Return the count matrix from ``adata.X`` or ``adata.layers[layer]`` (of an in-memory AnnData)."""
+    check_in_memory(adata)
     if layer is None:
         if adata.X is None:
             raise ValueError("`adata.X` is empty: pass `layer=` naming the layer with raw counts.")
@@ -76,10 +91,19 @@ def check_counts(X: Any, slot: str = "adata.X", *, allow_nan: bool = False) -> N
         If ``X`` has negative, NaN or infinite values.
     """
     vals = _values(X)
+    if not np.issubdtype(vals.dtype, np.number):
+        raise ValueError(
+            f"`{slot}` must be numeric, received dtype {vals.dtype}: store the raw counts as integers or "
+            "floats (pass `layer=` if they are in a layer)."
+        )
+    if vals.dtype == np.float16:
+        raise ValueError(
+            f"`{slot}` is float16, which sfact cannot use (scipy.sparse does not support it, and it holds "
+            f"integers above 2048 inexactly): convert it with `{slot} = {slot}.astype(np.float32)`, or run "
+            "`sfact.pp.prepare`, which does so."
+        )
     if vals.size == 0:
         return
-    if not np.issubdtype(vals.dtype, np.number):
-        raise ValueError(f"`{slot}` must be numeric, received dtype {vals.dtype}.")
     if not allow_nan:
         bad = ~np.isfinite(vals)
         if bad.any():
@@ -107,7 +131,17 @@ def get_coordinates(adata: AnnData, spatial_key: str = "spatial") -> np.ndarray:
             f"`adata.obsm[{spatial_key!r}]` not found: pass `spatial_key=` naming the coordinates "
             f"(available: {list(adata.obsm.keys())})."
         )
-    X = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
+    raw = adata.obsm[spatial_key]
+    try:
+        X = np.asarray(raw, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        dtype = getattr(raw, "dtype", None)
+        dtype = getattr(raw, "dtypes", dtype) if dtype is None else dtype  # a DataFrame
+        raise ValueError(
+            f"`adata.obsm[{spatial_key!r}]` must hold numeric coordinates ({err}): convert them to numbers, "
+            f"e.g. `adata.obsm[{spatial_key!r}] = adata.obsm[{spatial_key!r}].astype(float)`, or pass "
+            "`spatial_key=` naming the coordinates."
+        ) from None
     if X.ndim != 2 or X.shape[0] != adata.n_obs:
         raise ValueError(f"`adata.obsm[{spatial_key!r}]` must be (n_obs, n_dims), received {X.shape}.")
     return X
@@ -125,6 +159,75 @@ def group_codes(values: Any, categories: Any, *, unknown: Callable[[list], str] 
     if unknown is not None and (codes < 0).any():
         raise ValueError(unknown([v for v, c in zip(values, codes, strict=True) if c < 0]))
     return codes
+
+
+def _is_integer(value: Any) -> bool:
+    """Whether ``value`` is an integer: an int (not a bool), or a float with an integer value."""
+    if isinstance(value, bool | np.bool_):
+        return False
+    if isinstance(value, int | np.integer):
+        return True
+    return isinstance(value, float | np.floating) and bool(np.isfinite(value)) and float(value).is_integer()
+
+
+def _bound(minimum: float | None, positive: bool) -> str:
+    if positive or minimum == 1:
+        return "positive"
+    return "" if minimum is None else f">= {minimum}"
+
+
+def check_int(value: Any, name: str, *, minimum: int | None = None, none_ok: bool = False) -> int | None:
+    """``value`` as an int, after checking it is a whole number of at least ``minimum``.
+
+    A float with an integer value (``100.0``) is accepted; ``50.5``, NaN, booleans and strings are
+    not. Raises :class:`ValueError` (:class:`TypeError` for a non-number) naming the argument.
+
+    Examples
+    --------
+    >>> check_int(100.0, "batch_size", minimum=1)
+    100
+    """
+    if value is None and none_ok:
+        return None
+    if not _is_integer(value) or (minimum is not None and value < minimum):
+        bound = _bound(minimum, False)
+        what = f"{bound}, a whole number" if bound else "a whole number"
+        number = isinstance(value, int | float | np.number) and not isinstance(value, bool | np.bool_)
+        raise (ValueError if number else TypeError)(
+            f"`{name}` must be {what}{' (or None)' if none_ok else ''}; received {value!r}."
+        )
+    return int(value)
+
+
+def check_float(
+    value: Any,
+    name: str,
+    *,
+    minimum: float | None = None,
+    positive: bool = False,
+    none_ok: bool = False,
+) -> float | None:
+    """``value`` as a float, after checking it is finite, ``> 0`` with ``positive``, ``>= minimum``.
+
+    Raises :class:`ValueError` (:class:`TypeError` for a non-number) naming the argument.
+
+    Examples
+    --------
+    >>> check_float(0.05, "learning_rate", positive=True)
+    0.05
+    """
+    if value is None and none_ok:
+        return None
+    number = isinstance(value, int | float | np.number) and not isinstance(value, bool | np.bool_)
+    ok = number and bool(np.isfinite(value))
+    ok = ok and not (positive and not value > 0) and not (minimum is not None and value < minimum)
+    if not ok:
+        bound = _bound(minimum, positive)
+        what = f"{bound} and finite" if bound else "a finite number"
+        raise (ValueError if number else TypeError)(
+            f"`{name}` must be {what}{' (or None)' if none_ok else ''}; received {value!r}."
+        )
+    return float(value)
 
 
 def check_random_state(random_state: Any) -> np.random.Generator:

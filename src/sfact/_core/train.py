@@ -153,11 +153,10 @@ def train_loop(
     t_offset = history.time[-1] if history.time else 0.0
     first_iter = len(history)
     converged = False
-    from tqdm.auto import tqdm
+    from .._logging import progress_bar as make_bar
 
-    bar = tqdm(
-        range(cfg.max_iter), desc=f"training {module.prior.name}", disable=not progress_bar, leave=False
-    )
+    # in a log (not a terminal or notebook) the bar writes a few lines, not one per redraw
+    bar = make_bar(range(cfg.max_iter), desc=f"training {module.prior.name}", disable=not progress_bar)
     it = -1
     # fixed random blocks of cells with precomputed CSR structures (all genes per step)
     blocks = data.counts.blocks(B, generator) if By >= D else None

@@ -17,6 +17,7 @@ from .._constants import (
     KernelName,
     is_gpu,
 )
+from .._utils import check_float, check_int
 
 NeighborMethod = Literal["auto", "exact", "pynndescent"]
 NeighborSelection = Literal["auto", "spatial", "correlation"]
@@ -39,6 +40,9 @@ class PNMFConfig:
     """
 
     init_scale: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_float(self.init_scale, "init_scale", positive=True)
 
     def _for_device(self, device: str) -> PNMFConfig:
         """The config with every device-dependent default filled in (nothing to fill for ``pnmf``)."""
@@ -127,22 +131,36 @@ class GPConfig:
             raise ValueError(
                 f"`lengthscale` must be a positive number, 'auto' or None, received {self.lengthscale!r}."
             )
-        for name in ("lengthscale", "sigma"):
-            v = getattr(self, name)
-            if v is not None and not isinstance(v, str) and np.any(np.asarray(v, dtype=float) <= 0):
-                raise ValueError("`lengthscale` and `sigma` must be positive.")
+        _hyperparameter(self.lengthscale, "lengthscale", "a positive number, 'auto' or None")
+        _hyperparameter(self.sigma, "sigma", "a positive number or None")
         if self.kernel not in KERNELS:
             raise ValueError(f"`kernel` must be 'matern32' or 'rbf', received {self.kernel!r}.")
-        if self.sample_distance is not None and not float(self.sample_distance) > 0:
-            raise ValueError(
-                f"`sample_distance` must be positive or None, received {self.sample_distance!r}."
-            )
-        if self.group_diff_param is not None and self.group_diff_param < 0:
-            raise ValueError(f"`group_diff_param` must be >= 0, received {self.group_diff_param}.")
-        if self.hyper_iter is not None and int(self.hyper_iter) < 0:
-            raise ValueError(f"`hyper_iter` must be >= 0 or None, received {self.hyper_iter}.")
-        if not self.hyper_lr_scale > 0:
-            raise ValueError(f"`hyper_lr_scale` must be positive, received {self.hyper_lr_scale}.")
+        if self.sample_distance is not None:
+            check_float(self.sample_distance, "sample_distance", positive=True)
+        if self.group_diff_param is not None:
+            check_float(self.group_diff_param, "group_diff_param", minimum=0)
+        check_int(self.hyper_iter, "hyper_iter", minimum=0, none_ok=True)
+        check_float(self.hyper_lr_scale, "hyper_lr_scale", positive=True)
+
+    def _check_n_factors(self, n_factors: int) -> None:
+        """Raise :class:`ValueError` unless every per-factor list (``lengthscale``, ``sigma``) fits ``n_factors``.
+
+        A list holds one value, or one per factor with ``per_factor_kernel=True``.
+        """
+        for name in ("lengthscale", "sigma"):
+            v = getattr(self, name)
+            if v is None or isinstance(v, str) or np.ndim(v) == 0:
+                continue
+            n = len(v)
+            if n == 1 or (self.per_factor_kernel and n == n_factors):
+                continue
+            if self.per_factor_kernel:
+                fix = f"pass one value, or one per factor ({n_factors} values)"
+            elif n == n_factors:
+                fix = "pass one value, or set `per_factor_kernel=True` for one value per factor"
+            else:
+                fix = f"pass one value, or one per factor ({n_factors} values) with `per_factor_kernel=True`"
+            raise ValueError(f"`{name}` has {n} values for a model with {n_factors} factors: {fix}.")
 
     def _trained(self, name: str) -> bool:
         """Whether hyperparameter ``name`` is learned: ``train_<name>``, or (when that is ``None``) its value is ``None``.
@@ -226,8 +244,8 @@ class SVGPConfig(GPConfig):
     cache_budget: int | None = None
 
     def __post_init__(self) -> None:
-        if self.num_inducing is not None and int(self.num_inducing) < 1:
-            raise ValueError(f"`num_inducing` must be positive, received {self.num_inducing}.")
+        check_int(self.num_inducing, "num_inducing", minimum=1, none_ok=True)
+        check_int(self.cache_budget, "cache_budget", minimum=0, none_ok=True)
         super().__post_init__()
         if self.allocation not in ALLOCATIONS:
             raise ValueError(
@@ -314,11 +332,11 @@ class LCGPConfig(GPConfig):
     order_seed: int = 0
 
     def __post_init__(self) -> None:
-        if int(self.n_neighbors) < 1:
-            raise ValueError(f"`n_neighbors` must be positive, received {self.n_neighbors}.")
+        check_int(self.n_neighbors, "n_neighbors", minimum=1)
+        check_int(self.order_seed, "order_seed")
         super().__post_init__()
-        if self.nugget is not None and not self.nugget > 0:
-            raise ValueError(f"`nugget` must be positive, received {self.nugget}.")
+        if self.nugget is not None:
+            check_float(self.nugget, "nugget", positive=True)
         if self.neighbor_method not in NEIGHBOR_METHODS:
             raise ValueError(
                 f"`neighbor_method` must be 'auto', 'exact' or 'pynndescent', received {self.neighbor_method!r}."
@@ -328,6 +346,27 @@ class LCGPConfig(GPConfig):
                 "`neighbor_selection` must be 'auto', 'spatial' or 'correlation', "
                 f"received {self.neighbor_selection!r}."
             )
+
+
+def _hyperparameter(value: Any, name: str, what: str) -> Any:
+    """A kernel hyperparameter checked: ``None``, ``"auto"``, a positive finite number, or a list of them.
+
+    Only checks: the value is kept as given (so the recorded options stay as the user wrote them).
+    """
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | float | np.number) and not isinstance(value, bool | np.bool_):
+        check_float(value, name, positive=True)
+        return value
+    try:
+        values = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        values = None
+    if values is None or values.ndim != 1 or values.size == 0 or isinstance(value, bool | np.bool_):
+        raise ValueError(f"`{name}` must be {what}, or a list of positive numbers; received {value!r}.")
+    if not (np.isfinite(values).all() and (values > 0).all()):
+        raise ValueError(f"`{name}` must be positive and finite, received {values.tolist()}.")
+    return value
 
 
 CONFIGS = {

@@ -20,7 +20,17 @@ from .._constants import (
     prior_family,
 )
 from .._scaling import apply_scaling, fit_scaling
-from .._utils import check_counts, get_coordinates, get_counts, group_codes, slot_name, warn
+from .._utils import (
+    MISSING_LABELS,
+    check_counts,
+    check_in_memory,
+    check_int,
+    get_coordinates,
+    get_counts,
+    group_codes,
+    slot_name,
+    warn,
+)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -56,12 +66,14 @@ def _samples(adata: AnnData, sample_key: str, family: str) -> tuple[tuple[str, .
             f"(available: {list(adata.obs.columns)})."
         )
     col = adata.obs[sample_key]
-    if col.isna().any():
-        raise ValueError(
-            f"`adata.obs[{sample_key!r}]` has {int(col.isna().sum())} cells without a sample; drop them with "
-            f"`sfact.pp.prepare(adata, sample_key={sample_key!r})` first."
-        )
     labels = col.astype(str).to_numpy()
+    n_missing = int(col.isna().sum()) or int(np.isin(labels, list(MISSING_LABELS)).sum())
+    if n_missing:
+        raise ValueError(
+            f"`adata.obs[{sample_key!r}]` has {n_missing} cells without a sample (NaN, or a sample named "
+            f"{sorted(MISSING_LABELS)}); drop them with `sfact.pp.prepare(adata, sample_key={sample_key!r})` "
+            "first."
+        )
     if isinstance(col.dtype, pd.CategoricalDtype):
         cats = tuple(str(c) for c in col.cat.categories if (labels == str(c)).any())
     else:
@@ -74,6 +86,25 @@ def _samples(adata: AnnData, sample_key: str, family: str) -> tuple[tuple[str, .
             "Drop them or merge them with another sample."
         )
     return cats, labels
+
+
+def _check_locations(
+    coords: np.ndarray, spatial_key: str, prior: str, sample_key: str | None, labels: np.ndarray | None
+) -> None:
+    """Raise :class:`ValueError` when all cells (of a sample) sit at one location: a spatial prior sees nothing."""
+    parts = {None: coords} if labels is None else {s: coords[labels == s] for s in dict.fromkeys(labels)}
+    for sample, xy in parts.items():
+        if len(xy) > 1 and not (xy != xy[0]).any():
+            where = (
+                "All cells"
+                if sample is None
+                else f"All cells of sample {sample!r} of `adata.obs[{sample_key!r}]`"
+            )
+            raise ValueError(
+                f"{where} are at one location in `adata.obsm[{spatial_key!r}]` ({xy[0].tolist()}): the "
+                f"spatial prior {prior!r} has no spatial variation to model. Pass `spatial_key=` naming the "
+                "real coordinates, or use `prior='pnmf'`."
+            )
 
 
 def _totals(X: Any) -> np.ndarray:
@@ -355,6 +386,7 @@ class ModelSetup:
         from .._utils import seed_of
         from ._config import config_to_dict, make_config
 
+        check_in_memory(adata)
         if prior not in PRIOR_NAMES:
             raise ValueError(f"Unknown prior {prior!r}; choose one of {PRIOR_NAMES}.")
         prior_config = make_config(prior, prior_kwargs)
@@ -365,6 +397,9 @@ class ModelSetup:
             )
         if not isinstance(n_factors, int | np.integer) or n_factors < 1:
             raise ValueError(f"`n_factors` must be a positive integer, received {n_factors!r}.")
+        check_int(n_samples, "n_samples", minimum=1)
+        if hasattr(prior_config, "_check_n_factors"):
+            prior_config._check_n_factors(int(n_factors))
         if n_factors > adata.n_vars:
             raise ValueError(
                 f"`n_factors={n_factors}` is more than the number of genes ({adata.n_vars}); "
@@ -374,6 +409,11 @@ class ModelSetup:
             raise ValueError(f"Need at least 2 cells, received {adata.n_obs}.")
         X = get_counts(adata, layer)
         check_counts(X, slot_name(layer))
+        if not _totals(X).any():
+            raise ValueError(
+                f"`{slot_name(layer)}` has no counts (every entry is 0): there is nothing to factorize. "
+                "Pass `layer=` naming the layer with the raw counts, or check how the data were loaded."
+            )
         coords = get_coordinates(adata, spatial_key)
         if not np.isfinite(coords).all():
             raise ValueError(
@@ -393,6 +433,8 @@ class ModelSetup:
         sample_categories, sample_labels = None, None
         if sample_key is not None:
             sample_categories, sample_labels = _samples(adata, sample_key, prior_family(prior))
+        if prior_family(prior) != "pnmf":
+            _check_locations(coords, spatial_key, prior, sample_key, sample_labels)
         prepared = prep.get("spatial_key", None) == spatial_key and "factor" in prep
         if prepared and sample_key is not None and prep.get("sample_key") != sample_key:
             prepared = False  # scaled without these samples: scale them here
@@ -772,6 +814,16 @@ def _group_categories(adata: AnnData, group_key: str) -> list[str]:
         raise ValueError(
             f"`adata.obs[{group_key!r}]` has missing values; remove those cells with "
             f"`sfact.pp.prepare(adata, group_key={group_key!r})`."
+        )
+    # a missing value written as text ("nan", "None"): sfact.pp.prepare drops these cells, so the
+    # model does not make a group of them
+    as_text = g.astype(str).to_numpy()
+    named = sorted(set(as_text) & MISSING_LABELS)
+    if named:
+        raise ValueError(
+            f"`adata.obs[{group_key!r}]` has {int(np.isin(as_text, named).sum())} cells whose group is "
+            f"{named[0]!r}, which sfact reads as a missing value: remove those cells with "
+            f"`sfact.pp.prepare(adata, group_key={group_key!r})`, or rename the group."
         )
     cat = g.astype("category").cat.remove_unused_categories()
     return [str(c) for c in cat.cat.categories]

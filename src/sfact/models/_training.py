@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _logging as logg
 from .._settings import settings
+from .._utils import check_float, check_int
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -301,6 +302,11 @@ class TrainingMixin:
 
         Raises
         ------
+        ValueError
+            Before anything is done, if an option is out of range: a negative, non-finite or
+            fractional ``max_iter``, ``init_iter``, ``min_iter``, ``batch_size`` or ``y_batch_size``
+            (which must be whole numbers, the batch sizes positive), a ``learning_rate`` that is not
+            positive and finite, or a ``tol`` or ``kl_weight`` that is negative or not finite.
         sfact.models.TrainingError
             If the ELBO becomes non-finite; the message names the iteration and the model keeps
             its last finite parameters.
@@ -319,8 +325,17 @@ class TrainingMixin:
 
         from .._core.train import TrainConfig, make_optimizer, train_loop
 
-        if max_iter < 0:
-            raise ValueError(f"`max_iter` must be >= 0, received {max_iter}.")
+        # every option checked before anything moves or trains (integers where integers are meant)
+        max_iter = check_int(max_iter, "max_iter", minimum=0)
+        tol = check_float(tol, "tol", minimum=0)
+        learning_rate = check_float(learning_rate, "learning_rate", positive=True, none_ok=True)
+        batch_size = check_int(batch_size, "batch_size", minimum=1, none_ok=True)
+        y_batch_size = check_int(y_batch_size, "y_batch_size", minimum=1, none_ok=True)
+        kl_weight = check_float(kl_weight, "kl_weight", minimum=0)
+        init_iter = check_int(init_iter, "init_iter", minimum=0)
+        min_iter = check_int(min_iter, "min_iter", minimum=0)
+        if callback is not None and not callable(callback):
+            raise TypeError(f"`callback` must be callable or None, received {type(callback).__name__}.")
         if learning_rate is None:
             learning_rate = 0.05 if self.prior == "pnmf" else 0.1
         if device is not None:
@@ -332,8 +347,6 @@ class TrainingMixin:
         if y_batch_size is not None and y_batch_size > D:
             logg.info(f"    `y_batch_size={y_batch_size}` is more than the {D} genes; using {D}.")
             y_batch_size = D
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"`batch_size` must be positive, received {batch_size}.")
         if settings.deterministic:
             torch.use_deterministic_algorithms(True)
         if self._generator is None:

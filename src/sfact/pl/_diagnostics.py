@@ -50,12 +50,22 @@ def elbo(
     -------
     {returns_fig}
 
+    Raises
+    ------
+    ValueError
+        If the fit has no training iterations (it was trained with ``max_iter=0``).
+
     Examples
     --------
     >>> fig = sfact.pl.elbo(adata, return_fig=True)  # doctest: +SKIP
     """
     fit = FitView.from_adata(adata, key, what="plotting the ELBO")
     hist = history(adata, key=key)
+    if len(hist) == 0:
+        raise ValueError(
+            f"The fit under `key={key!r}` has no training iterations (trained with `max_iter=0`): there is no "
+            "ELBO to plot. Fit again with `max_iter` > 0."
+        )
     y = hist["elbo"].to_numpy()
     x = hist.index.to_numpy()
     fig, ax = single_axes(ax, (4.6, 3.0))

@@ -13,6 +13,7 @@ from ._utils import (
     finish,
     marker_size,
     panel_axes,
+    plane_coords,
     robust_limits,
     select_factors,
     select_groups,
@@ -27,12 +28,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def _coords(adata: AnnData, spatial_key: str) -> np.ndarray:
-    if spatial_key not in adata.obsm:
-        raise KeyError(
-            f"`adata.obsm[{spatial_key!r}]` not found: pass `spatial_key=` (available: {list(adata.obsm)})."
-        )
-    return np.asarray(adata.obsm[spatial_key], dtype=float)
+def _coords(adata: AnnData, spatial_key: str, what: str) -> np.ndarray:
+    return plane_coords(adata, spatial_key, what)
 
 
 def _moran_title(fit: FitView, name: str, prefix: str = "", *, sep: str = "  ") -> str:
@@ -60,8 +57,8 @@ def _spatial_maps(
     return_fig: bool,
 ) -> Figure | None:
     fit = FitView.from_adata(adata, key, what="plotting factors")
+    coords = _coords(adata, spatial_key, f"`sfact.pl.{'scales' if scales else 'factors'}`")
     stored = fit.scales if scales else fit.factors
-    coords = _coords(adata, spatial_key)
     names = fit.factor_names
     sel = select_factors(names, factors)
     values = np.asarray(stored, dtype=float)[:, sel]
@@ -339,7 +336,7 @@ def groupwise_factors(
 
     fit = FitView.from_adata(adata, key, what="plotting group-wise factors")
     gw, all_groups = fit.groupwise  # (N, G, L)
-    coords = _coords(adata, spatial_key)
+    coords = _coords(adata, spatial_key, "`sfact.pl.groupwise_factors`")
     names = fit.factor_names
     sel = select_factors(names, factors)
     gsel = select_groups(all_groups, groups, "group-wise factors exist for")
@@ -454,7 +451,7 @@ def factors_with_genes(
     from ..get._get import top_genes
 
     fit = FitView.from_adata(adata, key, what="plotting factors with genes")
-    coords = _coords(adata, spatial_key)
+    coords = _coords(adata, spatial_key, "`sfact.pl.factors_with_genes`")
     names = fit.factor_names
     sel = select_factors(names, factors)
     top = top_genes(adata, key=key, n_genes=n_genes, by=by)  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ from ._utils import (
     grid,
     group_colors,
     marker_size,
+    plane_coords,
     spatial_panel_size,
     style_spatial_axes,
     wrap_label,
@@ -95,9 +96,7 @@ def inducing_points(
     Z, Zg = model.inducing_points()
     setup = model.setup
     spatial_key = setup.spatial_key if spatial_key is None else spatial_key
-    if spatial_key not in adata.obsm:
-        raise KeyError(f"`adata.obsm[{spatial_key!r}]` not found: pass `spatial_key=`.")
-    coords = np.asarray(adata.obsm[spatial_key], dtype=float)
+    coords = plane_coords(adata, spatial_key, "`sfact.pl.inducing_points`")
     group_key = setup.group_key if group_key is None else group_key
     if group_key is not None and group_key not in adata.obs.columns:
         raise KeyError(f"`adata.obs[{group_key!r}]` not found: pass an existing `group_key`.")

@@ -15,6 +15,23 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
+def plane_coords(adata: AnnData, spatial_key: str, what: str) -> np.ndarray:
+    """``adata.obsm[spatial_key]`` as floats (n_obs, >= 2) for maps in the plane, with clear errors.
+
+    ``what`` names the plot in the message; a third coordinate column is ignored by the maps.
+    """
+    from .._utils import get_coordinates
+
+    coords = get_coordinates(adata, spatial_key)
+    if coords.shape[1] < 2:
+        raise ValueError(
+            f"{what} draws maps in the plane, but `adata.obsm[{spatial_key!r}]` has {coords.shape[1]} "
+            "coordinate column: pass `spatial_key=` naming 2-D coordinates, or plot "
+            "`sfact.get.factors_df(adata)` against the 1-D positions."
+        )
+    return coords
+
+
 def grid(
     n_panels: int, ncols: int, *, panel_size: tuple[float, float] = (3.2, 3.0)
 ) -> tuple[Figure, list[Axes]]:

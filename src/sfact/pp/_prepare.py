@@ -14,7 +14,9 @@ from sfact._scaling import apply_scaling as _apply_scaling
 from sfact._scaling import fit_scaling as _fit_scaling
 from sfact._scaling import sample_extents as _sample_extents
 from sfact._utils import (
+    MISSING_LABELS,
     check_counts,
+    check_in_memory,
     get_coordinates,
     get_counts,
     group_codes,
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 UNS_KEY = "sfact_prepare"
 """Key of ``adata.uns`` where :func:`prepare` records what it did."""
 
-_MISSING_GROUPS = frozenset({"None", "nan", "NaN"})
+_MISSING_GROUPS = MISSING_LABELS  # the model refuses these labels too (sfact.models.ModelSetup)
 
 
 def prepare(
@@ -56,8 +58,9 @@ def prepare(
 
     In order, this
 
-    1. checks the inputs: the coordinates, the group column and the counts exist, and the
-       counts are non-negative (a warning if they are not integer-valued);
+    1. checks the inputs: ``adata`` is in memory (not backed), the coordinates (numeric), the
+       group column and the counts exist, and the counts are non-negative and not all zero (a
+       warning if they are not integer-valued); float16 counts become float32 (with a warning);
     2. drops cells with NaN or infinite coordinates, NaN counts (any NaN in the cell's row), a
        missing group or a missing sample (NaN, or one named ``"None"``, ``"nan"`` or
        ``"NaN"``), counting each cell under the first of these reasons that applies;
@@ -180,6 +183,7 @@ def prepare(
         )
 
     # --- inputs ----------------------------------------------------------------------------
+    check_in_memory(adata)
     coords = get_coordinates(adata, spatial_key)
     if group_key is not None and group_key not in adata.obs.columns:
         raise KeyError(
@@ -193,7 +197,15 @@ def prepare(
         )
     X = get_counts(adata, layer)
     slot = slot_name(layer)
+    half = getattr(X, "dtype", None) == np.float16
+    if half:  # scipy.sparse and torch training cannot use float16: the prepared counts are float32
+        X = np.asarray(X, dtype=np.float32)
     check_counts(X, slot, allow_nan=True)
+    if not np.nan_to_num(_values(X)).any():
+        raise ValueError(
+            f"`{slot}` has no counts (every entry is 0): there is nothing to factorize. Pass `layer=` "
+            "naming the layer with the raw counts, or check how the data were loaded."
+        )
 
     start = logg.info("preparing data for sfact")
     n_obs, n_vars = adata.n_obs, adata.n_vars
@@ -303,6 +315,12 @@ def prepare(
         var_removed["min_cells"] = 0
     if not var_keep.any():
         raise ValueError(f"No gene is left after filtering (removed per reason: {var_removed}).")
+    if not _sum(X[np.flatnonzero(keep)][:, np.flatnonzero(var_keep)], axis=1).any():
+        raise ValueError(
+            f"`{slot}` has no counts in the {int(keep.sum())} cells and {int(var_keep.sum())} genes left after "
+            f"filtering (removed per reason: cells {removed}, genes {var_removed}): loosen the filters, or "
+            "pass `layer=` naming the layer with the raw counts."
+        )
 
     # --- samples ---------------------------------------------------------------------------
     samples: list[str] = []
@@ -359,6 +377,15 @@ def prepare(
             adata._inplace_subset_var(np.flatnonzero(var_keep))
         out = adata
 
+    if half:
+        if layer is None:
+            out.X = np.asarray(out.X, dtype=np.float32)
+        else:
+            out.layers[layer] = np.asarray(out.layers[layer], dtype=np.float32)
+        warn(
+            f"`{slot}` was float16, which sfact cannot train on (and which holds counts above 2048 "
+            "inexactly); the prepared counts are float32. Store counts as integers or float32."
+        )
     out.obsm[scaled_key] = scaled
     if new_groups is not None:
         out.obs[group_key] = new_groups
@@ -422,6 +449,11 @@ def _nonfinite_per_row(X: Any, n_obs: int) -> tuple[np.ndarray, np.ndarray]:
         n_inf = np.bincount(coo.row[np.isinf(coo.data)], minlength=n_obs)
         return n_nan, n_inf
     return np.isnan(data).sum(axis=1), np.isinf(data).sum(axis=1)
+
+
+def _values(X: Any) -> np.ndarray:
+    """The stored values of a dense or sparse matrix."""
+    return np.asarray(X.data) if sp.issparse(X) else np.asarray(X)
 
 
 def _sum(X: Any, axis: int) -> np.ndarray:

@@ -56,6 +56,10 @@ def morans_i(
 
     import anndata as ad
 
+    from .._utils import check_int, warn
+
+    check_int(n_neighs, "n_neighs", minimum=1)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # squidpy's dependencies warn at import time
         import squidpy as sq
@@ -87,6 +91,13 @@ def morans_i(
             lg.setLevel(level)
     df = df.loc[names, ["I", "pval_norm", "var_norm", "pval_norm_fdr_bh"]].copy()
     df.index.name = None
+    undefined = [str(n) for n, i in zip(names, df["I"].to_numpy(), strict=True) if not np.isfinite(i)]
+    if undefined:
+        warn(
+            f"Moran's I is undefined (NaN) for {', '.join(undefined)}: the factor is constant over the cells (flat), e.g. "
+            "from a lengthscale much longer than the tissue, all cells at one place, or too little training. "
+            "Such a factor carries no spatial pattern; check the fit (`prior_kwargs={'lengthscale': ...}`)."
+        )
     return df
 
 

@@ -178,6 +178,7 @@ def fit(
     >>> m["validation_deviance"] < m["validation_baseline_deviance"]  # doctest: +SKIP
     True
     """
+    from .._utils import check_int
     from ..models import ModelSetup, SpatialFactorization
     from ._analyze import _analyze, _check_batch_size, order_by_moran
     from ._heldout import resolve_validation_fraction, validation_mask
@@ -186,6 +187,7 @@ def fit(
     check_key_added(key_added)
     fraction = resolve_validation_fraction(validation_fraction, adata.n_obs)
     _check_batch_size(analyze_batch_size)
+    check_int(n_neighs, "n_neighs", minimum=1)  # Moran's I runs after training: check it before
     if copy:
         adata = adata.copy()
     mask = None
