@@ -219,8 +219,11 @@ def _error(msg: object) -> int:
 
 def _pipeline(args: argparse.Namespace) -> int:
     from .pipeline import ConfigError, collect_configs, make_plan, print_plan, run_plan, write_summaries
+    from .pipeline._plan import check_plan
 
     t0 = time.perf_counter()
+    if args.executor != "dask" and args.scheduler:
+        return _error("--scheduler needs --executor dask.")
     try:
         priors = _priors(args.prior)
         configs = collect_configs(args.config, args.config_name)
@@ -231,10 +234,16 @@ def _pipeline(args: argparse.Namespace) -> int:
             force=args.force,
             resume=getattr(args, "resume", False),
         )
+        # output folders (created, cleared of what killed runs left) and devices, before anything runs
+        check_plan(
+            plan,
+            devices=args.devices,
+            executor=args.executor,
+            scheduler=args.scheduler,
+            dry_run=args.dry_run,
+        )
     except ConfigError as e:
         return _error(e)
-    if args.executor != "dask" and args.scheduler:
-        return _error("--scheduler needs --executor dask.")
     print_plan(plan)
     if args.dry_run:
         print("Dry run: nothing was run or written.")

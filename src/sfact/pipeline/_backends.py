@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._constants import is_gpu
 from ._jobs import STAGES
-from ._worker import available_cpus, dask_entry, execute_job, local_entry, one_line
+from ._worker import available_cpus, dask_entry, die_with_parent, execute_job, local_entry, one_line
 
 if TYPE_CHECKING:
     from ._display import Display
@@ -63,7 +63,7 @@ class SlotPool:
         free = [i for i in range(len(self.devices)) if i not in self.busy]
         gpus = [i for i in free if is_gpu(self.devices[i])]
         cpus = [i for i in free if not is_gpu(self.devices[i])]
-        choice = (gpus or cpus) if job.use_gpu else cpus
+        choice = gpus if job.needs_gpu else (gpus or cpus) if job.use_gpu else cpus
         if not choice:
             return None
         self.busy[choice[0]] = job.name
@@ -83,7 +83,7 @@ class SerialPool(SlotPool):
             return None
         gpus = [i for i, d in enumerate(self.devices) if is_gpu(d)]
         cpus = [i for i, d in enumerate(self.devices) if not is_gpu(d)]
-        i = (gpus or cpus)[0] if job.use_gpu else cpus[0]
+        i = gpus[0] if job.needs_gpu else (gpus or cpus)[0] if job.use_gpu else cpus[0]
         self.busy[i] = job.name
         return i
 
@@ -129,14 +129,20 @@ class SerialBackend:
 
 
 class LocalBackend:
-    """One spawned process per running job; events through a manager queue."""
+    """One spawned process per running job; events through a manager queue.
+
+    The workers and the manager process end when this process does, even when it is killed
+    (:func:`._worker.die_with_parent`).
+    """
 
     def __init__(self, tracker: Tracker, n_slots: int) -> None:
         import multiprocessing as mp
+        from multiprocessing.managers import SyncManager
 
         self.tracker = tracker
         self.ctx = mp.get_context("spawn")
-        self.manager = self.ctx.Manager()
+        self.manager = SyncManager(ctx=self.ctx)
+        self.manager.start(initializer=die_with_parent)
         self.events = self.manager.Queue()
         self.procs: dict[str, Any] = {}
         self.outcomes: dict[str, dict] = {}

@@ -59,6 +59,8 @@ class Job:
     """Names of jobs that must finish (``done`` or ``skipped``) first; a failed dependency cancels it."""
     use_gpu: bool = False
     """May run on a GPU slot (training and analysis); ``False`` jobs always get ``"cpu"``."""
+    needs_gpu: bool = False
+    """Must run on a GPU slot (``training.device: cuda``): never given ``"cpu"``."""
     dataset: str = ""
     prior: str | None = None
     max_epoch: int | None = None

@@ -12,8 +12,11 @@ Output layout of a data set (``output_dir``)::
     logs/preprocess.log, logs/select.log, logs/<prior>.log
     run_summary.json                      written by the command line after each run
 
-Files and folders are written to a temporary sibling and renamed into place, so a failure
-never leaves half an output nor destroys an earlier good one.
+Files and folders are written to a temporary sibling (``.NAME.tmp-PID``; a folder being
+replaced is moved to ``.NAME.old-PID`` for the moment of the swap) and renamed into place
+(:mod:`sfact._atomic`, which :meth:`sfact.models.SpatialFactorization.save` uses too), so a
+failure never leaves half an output nor destroys an earlier good one. The siblings a killed
+process leaves behind are removed by the next run (:func:`remove_stale_temporaries`).
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .._atomic import atomic_file, swap_dir, tmp_sibling
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -140,14 +146,110 @@ class Layout:
 
 
 def _tmp_sibling(path: Path, tag: str = "tmp") -> Path:
-    return path.with_name(f".{path.name}.{tag}-{os.getpid()}")
+    return tmp_sibling(path, tag)
+
+
+#: a temporary sibling written by :func:`_tmp_sibling`: ``.NAME.tmp-PID`` or ``.NAME.old-PID``
+_SIBLING = re.compile(r"^\.(?P<name>.+)\.(?P<tag>tmp|old)-(?P<pid>[0-9]+)$")
+
+
+def _process_start(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), from ``/proc``; ``None`` if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        btime = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime")
+        )
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22: start time in clock ticks after boot
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _writer_alive(pid: int, since: float) -> bool:
+    """Whether process ``pid`` runs and may have written a file last modified at ``since``.
+
+    A process that started after that (a reused PID) cannot be the writer; a zombie is dead.
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        pass
+    except OverflowError:
+        return False
+    with contextlib.suppress(OSError, IndexError):
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    start = _process_start(pid)
+    return start is None or start <= since + 2.0  # /proc's boot time has whole seconds
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporary siblings in ``folder`` that a killed process left behind.
+
+    A ``.NAME.tmp-PID`` file or folder whose process ``PID`` is gone (or is a later process
+    with the same number) is removed. A ``.NAME.old-PID`` folder (an earlier output moved
+    aside while a new one was put in place) is moved back to ``NAME`` when that is missing,
+    and removed otherwise. Siblings of running processes are left alone.
+
+    Returns
+    -------
+    The paths removed or moved back.
+    """
+    if not folder.is_dir():
+        return []
+    done = []
+    for entry in sorted(folder.iterdir()):
+        m = _SIBLING.match(entry.name)
+        if m is None:
+            continue
+        try:
+            since = entry.lstat().st_mtime
+        except OSError:
+            continue
+        if _writer_alive(int(m["pid"]), since):
+            continue
+        target = entry.with_name(m["name"])
+        with contextlib.suppress(OSError):
+            if m["tag"] == "old" and not target.exists() and not target.is_symlink():
+                os.replace(entry, target)
+            elif entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            done.append(entry)
+    return done
+
+
+def check_output_dir(root: Path, *, create: bool) -> None:
+    """Raise :class:`OSError` with a readable message unless ``root`` is (or can be made) a writable folder.
+
+    With ``create``, the folder and its ``logs`` folder are made; without, nothing is written:
+    the nearest existing folder above must be a folder this process may write to.
+    """
+    path = root
+    while not path.exists() and not path.is_symlink():
+        if path.parent == path:
+            break
+        path = path.parent
+    if not path.is_dir():
+        raise OSError(f"{path} is not a folder" if path != root else "it is not a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OSError(f"{path} is not writable" if path != root else "it is not writable")
+    if create:
+        try:
+            (root / "logs").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OSError(f"cannot create it ({exc.strerror or exc})") from exc
 
 
 def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -184,20 +286,7 @@ def _jsonable(obj: Any) -> Any:
 
 def _swap_dir(tmp: Path, final: Path) -> None:
     """Move the finished folder ``tmp`` to ``final``, replacing an existing one only on success."""
-    old = None
-    if final.exists():
-        old = _tmp_sibling(final, "old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        if old is not None:
-            os.replace(old, final)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    swap_dir(tmp, final)
 
 
 @contextlib.contextmanager

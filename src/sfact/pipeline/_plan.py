@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._constants import is_gpu
+from ._backends import worker_devices
 from ._config import Config
 from ._config_files import find_configs, load_config
 from ._config_schema import MULTIGROUP_PRIORS, PRIORS, ConfigError
 from ._jobs import ALL_STAGES, STAGES, Job, JobResult
-from ._layout import Layout
+from ._layout import Layout, check_output_dir, remove_stale_temporaries
 from ._runner import run_jobs
 from ._stages import STAGE_FUNCTIONS
 
@@ -429,6 +431,7 @@ def _plan_stage(ds: _Dataset, task: Task, prior: str, pc: Config, after: str | N
         log_path=layout.log(prior),
         depends_on=(after,) if after is not None else (),
         use_gpu=task in ("train", "analyze") and pc.training.device != "cpu",
+        needs_gpu=task in ("train", "analyze") and is_gpu(pc.training.device),
         dataset=ds.name,
         prior=prior,
         max_epoch=pc.training.max_iter if task == "train" else None,
@@ -471,6 +474,108 @@ def _stale_model(layout: Layout, prior: str, cfg: Config) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# what a run needs: output folders and devices
+# ---------------------------------------------------------------------------------------------
+def check_plan(
+    plan: Plan,
+    *,
+    devices: Sequence[str] | None = None,
+    executor: Executor = "local",
+    scheduler: str | None = None,
+    dry_run: bool = False,
+) -> None:
+    """Check, before anything runs, that the plan's devices and output folders can be used.
+
+    Every output folder must be one this process can create and write to (it is created, with
+    its ``logs`` folder, unless ``dry_run``); temporary outputs that killed runs left there are
+    removed (:func:`~sfact.pipeline._layout.remove_stale_temporaries`, unless ``dry_run``). GPUs
+    in ``devices`` must exist, and jobs whose config says ``training.device: cuda`` need a GPU
+    slot (not checked with a Dask ``scheduler`` address: its workers decide).
+
+    Parameters
+    ----------
+    plan
+        From :func:`make_plan`.
+    devices
+        The device slots the run will use (``None``: every visible GPU and the CPU).
+    executor
+        The executor the run will use.
+    scheduler
+        The Dask scheduler's address, if any.
+    dry_run
+        Check without writing anything.
+
+    Raises
+    ------
+    ConfigError
+        Naming the folder, device or config key and the fix.
+
+    Examples
+    --------
+    >>> check_plan(plan, devices=["cpu"], dry_run=True)  # doctest: +SKIP
+    """
+    _check_devices(plan, devices, executor=executor, scheduler=scheduler)
+    _check_output_dirs(plan, create=not dry_run)
+
+
+def _check_output_dirs(plan: Plan, *, create: bool) -> None:
+    first_job = {}
+    for name, out_dir in plan.output_dirs.items():
+        first_job.setdefault(out_dir, name)
+    for out_dir in plan.datasets.values():
+        root = Path(out_dir)
+        try:
+            check_output_dir(root, create=create)
+        except OSError as exc:
+            raise ConfigError(
+                f"{root} cannot be used as the output folder: {exc}; choose a folder you can write to.",
+                key="output_dir",
+                file=plan.sources.get(first_job.get(out_dir, "")),
+            ) from None
+        if not create:
+            continue
+        # what killed runs left behind, also next to outputs whose job is skipped now
+        remove_stale_temporaries(root)
+        for job in [*plan.jobs, *plan.skipped]:
+            if job.prior is not None and plan.output_dirs.get(job.name) == out_dir:
+                remove_stale_temporaries(root / job.prior)
+
+
+def _check_devices(
+    plan: Plan, devices: Sequence[str] | None, *, executor: Executor, scheduler: str | None
+) -> None:
+    if executor == "dask" and scheduler is not None:
+        return  # the cluster's workers decide; a GPU job on a worker without one fails, saying why
+    asked = [d for d in devices or () if is_gpu(d)]
+    gpu_jobs = [job for job in plan.jobs if job.needs_gpu]
+    if not asked and not gpu_jobs:
+        return
+    import torch
+
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = "CUDA is not available on this machine"
+    bad = [d for d in asked if n_gpus == 0 or (d != "cuda" and int(d.split(":")[1]) >= n_gpus)]
+    if bad:
+        have = missing if n_gpus == 0 else f"only {n_gpus} GPU(s) are visible (cuda:0 to cuda:{n_gpus - 1})"
+        raise ConfigError(
+            f"{', '.join(bad)} asked for, but {have}: pass GPUs that exist, `--devices cpu`, "
+            "or leave --devices out (every visible GPU and the CPU).",
+            key="--devices",
+        )
+    if gpu_jobs and not any(is_gpu(d) for d in worker_devices(list(devices) if devices else None)):
+        job = gpu_jobs[0]
+        device = job.kwargs["config"]["training"]["device"]
+        why = missing if n_gpus == 0 else "--devices gives no GPU"
+        fix = "" if n_gpus == 0 else ", or add a GPU to --devices"
+        raise ConfigError(
+            f"is {device!r}, but {why}: set `training.device: auto` (a GPU when there is one, "
+            f"else the CPU) or `cpu`{fix}.",
+            key="training.device",
+            file=plan.sources.get(job.name),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
 # running
 # ---------------------------------------------------------------------------------------------
 def run_plan(
@@ -504,10 +609,17 @@ def run_plan(
     -------
     One :class:`~sfact.pipeline.JobResult` per job, skipped jobs first.
 
+    Raises
+    ------
+    ConfigError
+        Before anything runs, when an output folder or a device cannot be used
+        (:func:`check_plan`).
+
     Examples
     --------
     >>> results = run_plan(plan, executor="serial")  # doctest: +SKIP
     """
+    check_plan(plan, devices=devices, executor=executor, scheduler=scheduler)
     results: list[JobResult] = []
     if plan.jobs:
         results = run_jobs(

@@ -41,7 +41,7 @@ def print_plan(plan: Plan, file: IO[str] | None = None) -> None:
             # within a data set and prior, the stage is enough ("after train")
             deps = [d.rsplit("/", 1)[-1] if d.startswith(f"{j.dataset}/") else d for d in j.depends_on]
             extra.append(f"after {', '.join(deps)}")
-        extra.append("gpu/cpu" if j.use_gpu else "cpu")
+        extra.append("gpu" if j.needs_gpu else "gpu/cpu" if j.use_gpu else "cpu")
         if j.task == "train":
             extra.append(f"max_iter {j.max_epoch}")
             if j.kwargs.get("resume"):

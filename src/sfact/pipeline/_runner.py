@@ -13,6 +13,7 @@ import pickle
 import sys
 from typing import TYPE_CHECKING, Literal, get_args
 
+from .._constants import is_gpu
 from ._backends import (
     DaskBackend,
     LocalBackend,
@@ -106,7 +107,9 @@ def run_jobs(
         ``"cpu"`` for several CPU jobs). Default: one slot per visible CUDA GPU plus one
         ``"cpu"`` slot; a ``"cpu"`` slot is added when missing. Jobs with ``use_gpu=False``
         always run on a ``"cpu"`` slot; ``use_gpu=True`` jobs take a free GPU slot if there is
-        one, else a free ``"cpu"`` slot. Ignored with a ``scheduler`` address.
+        one, else a free ``"cpu"`` slot; ``needs_gpu=True`` jobs only take a GPU slot (a
+        :class:`ValueError` before anything runs when there is none). Ignored with a
+        ``scheduler`` address.
     live
         A live table refreshed 4 times a second; otherwise plain lines (job started,
         finished or failed with its log, progress every 10 s). Default: whether ``console``
@@ -155,6 +158,13 @@ def run_jobs(
     if executor not in get_args(Executor):
         raise ValueError(f"`executor` must be 'local', 'dask' or 'serial', received {executor!r}.")
     devices = worker_devices(devices)
+    if not (executor == "dask" and scheduler is not None) and not any(is_gpu(d) for d in devices):
+        gpu_only = [job.name for job in jobs if job.needs_gpu]
+        if gpu_only:
+            raise ValueError(
+                f"Job(s) {', '.join(gpu_only)} must run on a GPU, but no device slot is one "
+                f"({', '.join(devices)}): pass GPU slots in `devices` or let the jobs use the CPU."
+            )
     if executor != "serial":
         for job in jobs:
             try:

@@ -99,7 +99,7 @@ def select(
                 f"{layout.selection_json} exists (use --force to redo it)",
                 selection=str(layout.selection_dir),
             )
-        adata, dev = _read_prepared(layout, cfg, device)
+        adata, dev = _read_prepared(layout, cfg, device, honour_gpu=False)  # the runner gives "cpu"
         import matplotlib
 
         matplotlib.use("Agg")

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._atomic import atomic_file
 from ._jobs import null_reporter
 from ._layout import Layout, _json_text, _swap_dir, _tmp_dir, _tmp_sibling, _write_json, _write_text
 from ._stage_figures import figures
@@ -111,13 +112,8 @@ def preprocess(
             )
         report(message="writing prepared.h5ad")
         layout.root.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_sibling(layout.prepared)
-        try:
+        with atomic_file(layout.prepared) as tmp:
             adata.write_h5ad(tmp)
-            os.replace(tmp, layout.prepared)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
         info = {
             "name": cfg.name,
             **cfg.data_dict(),
@@ -429,7 +425,10 @@ def analyze(
                 )
             )
             (tmp / "metrics.json").write_text(_json_text(metrics))
-            # everything is written: move it into place, metrics.json last
+            # everything is written: move it into place, metrics.json (the marker of a finished
+            # analysis) last, and gone meanwhile, so that a kill in between leaves no marker
+            # next to a mix of old and new files
+            layout.metrics(prior).unlink(missing_ok=True)
             for f in (
                 "results.h5ad",
                 "factors.npy",

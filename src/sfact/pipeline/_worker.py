@@ -29,6 +29,7 @@ import pickle
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from datetime import datetime
@@ -49,12 +50,76 @@ _EVENT_INTERVAL = 0.25
 _FOREIGN_LOGGERS = ("distributed", "tornado", "asyncio", "bokeh")
 
 
+#: seconds an orphaned local worker gets to clean up after SIGTERM before it exits regardless
+_ORPHAN_GRACE_S = 5.0
+#: set in a local worker (or the runner's manager process) once the runner is gone
+_ORPHANED = threading.Event()
+_TERMINATING = threading.Event()
+
+
 class _Cancelled(BaseException):
     """Raised inside a local worker when the runner terminates it (SIGTERM)."""
 
 
 def _raise_cancelled(signum, frame):  # pragma: no cover - runs in a child process
-    raise _Cancelled("terminated by the runner")
+    # once only: a second SIGTERM (the runner's and the parent-death one) must not interrupt
+    # the clean-up the first one started
+    if _TERMINATING.is_set():
+        return
+    _TERMINATING.set()
+    import multiprocessing as mp
+
+    parent = mp.parent_process()
+    if parent is not None and not parent.is_alive():  # SIGTERM from PR_SET_PDEATHSIG
+        _ORPHANED.set()
+    raise _Cancelled("terminated by the runner" if not _ORPHANED.is_set() else "the runner is gone")
+
+
+def _set_parent_death_signal(signum: int) -> bool:
+    """Ask Linux to send ``signum`` to this process when its parent dies; whether it worked."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(1, int(signum), 0, 0, 0) == 0  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - no prctl
+        return False
+
+
+def _watch_parent(sentinel: int, grace_s: float) -> None:  # pragma: no cover - child process
+    from multiprocessing.connection import wait
+
+    wait([sentinel])  # readable once the parent is gone
+    _ORPHANED.set()
+    with contextlib.suppress(OSError):
+        os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(grace_s)
+    os._exit(1)
+
+
+def die_with_parent(grace_s: float = _ORPHAN_GRACE_S) -> None:
+    """End this spawned process when the process that started it dies (even by ``SIGKILL``).
+
+    Used by the local workers and the runner's manager process, so that killing the runner
+    leaves no orphans (the resource tracker then ends on its own, as nothing holds its pipe).
+    The process gets ``SIGTERM`` (a worker then cancels its job and removes its temporary
+    outputs), and ends ``grace_s`` seconds later if it is still there. Linux sends the signal
+    at once (``PR_SET_PDEATHSIG``); elsewhere a thread waiting on the parent's sentinel does.
+    A no-op in a process that :mod:`multiprocessing` did not start.
+    """
+    import multiprocessing as mp
+
+    parent = mp.parent_process()
+    if parent is None:
+        return
+    _set_parent_death_signal(signal.SIGTERM)
+    # the thread also covers a parent that died before the line above, and escalates
+    thread = threading.Thread(
+        target=_watch_parent, args=(parent.sentinel, grace_s), name="sfact-parent-watch", daemon=True
+    )
+    thread.start()
 
 
 def one_line(exc: BaseException) -> str:
@@ -148,6 +213,8 @@ def execute_job(job: Job, device: str, emit: Callable[[dict], Any]) -> dict[str,
     emit_failed = []
 
     def send(event: dict) -> None:
+        if _ORPHANED.is_set():  # nobody is listening any more
+            return
         try:
             emit(event)
         except Exception as exc:  # the job must not die because the display is gone
@@ -237,9 +304,10 @@ def execute_job(job: Job, device: str, emit: Callable[[dict], Any]) -> dict[str,
 
 
 def local_entry(job_bytes: bytes, name: str, log_path: str, device: str, events, threads: int) -> None:
-    """Entry point of a spawned local worker process (one per job)."""
+    """Entry point of a spawned local worker process (one per job); it ends when the runner does."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates us
     signal.signal(signal.SIGTERM, _raise_cancelled)
+    die_with_parent()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     limit_threads(threads, override=False)
     # everything this process writes, C libraries included, goes to the job's log
@@ -258,6 +326,8 @@ def local_entry(job_bytes: bytes, name: str, log_path: str, device: str, events,
     except BaseException as exc:  # e.g. the job's module cannot be imported here
         traceback.print_exc()
         outcome = {"status": "failed", "error": f"could not load the job: {one_line(exc)}", "device": device}
+    if _ORPHANED.is_set():  # the runner and its queue are gone: the log says what happened
+        return
     try:
         events.put({"kind": "outcome", "job": name, "outcome": outcome})
     except Exception as exc:  # e.g. an output that cannot be pickled
