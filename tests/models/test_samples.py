@@ -39,7 +39,11 @@ def _sections(n_obs: int = 600, n_samples: int = 3, n_groups: int = 1, shift: fl
     return adata
 
 
-OPTS = {"svgp": {"num_inducing": 60}, "lcgp": {"n_neighbors": 8}}
+# independent samples unless a test says otherwise (the default, "auto", chooses from the data)
+OPTS = {
+    "svgp": {"num_inducing": 60, "sample_distance": None},
+    "lcgp": {"n_neighbors": 8, "sample_distance": None},
+}
 
 
 @pytest.mark.parametrize("prior", ["svgp", "lcgp"])
@@ -284,3 +288,69 @@ def test_new_sample_with_groups_and_resume(prior, tmp_path):
     loaded = SpatialFactorization.load(tmp_path / "m", train)
     loaded.train(max_iter=2, min_iter=10)
     assert len(loaded.history["elbo"]) == 11
+
+
+def _one_tissue_in_three_sections(rotate: bool):
+    """One simulated tissue, every cell in one of three sections at random (serial sections whose
+    coordinates line up); with ``rotate`` sections 1 and 2 are turned by 90 and 180 degrees, so
+    the same place shows different tissue in each."""
+    adata = sfact.datasets.simulate(n_obs=900, n_vars=40, n_factors=3, lengthscale=15.0, random_state=0)
+    section = np.random.default_rng(0).integers(0, 3, adata.n_obs)
+    adata.obs["section"] = [f"s{i}" for i in section]
+    if rotate:
+        xy = adata.obsm["spatial"].copy()
+        c = xy.mean(0)
+        turn = np.array([[0.0, -1.0], [1.0, 0.0]])
+        for s, k in ((1, 1), (2, 2)):
+            m = section == s
+            adata.obsm["spatial"][m] = (np.linalg.matrix_power(turn, k) @ (xy[m] - c).T).T + c
+    sfact.pp.prepare(adata, sample_key="section")
+    return adata
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_auto_sample_distance_correlates_aligned_sections_only(rotate):
+    from sfact.models._training import SAMPLE_CORRELATIONS
+
+    adata = _one_tissue_in_three_sections(rotate)
+    model = SpatialFactorization(
+        adata, prior="svgp", n_factors=3, prior_kwargs={"num_inducing": 60}, random_state=0
+    ).train(max_iter=0)
+    search = model.train_info["lengthscale_search"]
+    assert set(search["sample_candidates"]) == {"0.0", *(str(c) for c in SAMPLE_CORRELATIONS)}
+    corr = search["sample_correlation"]
+    # aligned sections share their pattern: a correlation wins; rotated ones do not
+    assert (corr > 0) != rotate
+    # the model's kernel correlates the same place in two sections by the chosen value
+    k = model.module.prior.kernel
+    x = torch.zeros(1, 2)
+    K = k(x, x, torch.tensor([0]), torch.tensor([1]))[0].item()
+    assert K == pytest.approx(corr, rel=1e-3, abs=1e-9)
+    gp = model.gp_info()
+    assert gp["lengthscale_search"]["sample_correlation"] == corr
+
+
+@pytest.mark.parametrize(("kernel", "p"), [("matern32", 2), ("rbf", 2), ("matern32", 3)])
+def test_sample_distance_for_gives_the_correlation(kernel, p):
+    from sfact._core.kernels import Kernel
+    from sfact.models._training import sample_distance_for
+
+    for corr in (0.5, 0.9, 0.99):
+        d = sample_distance_for(corr, 2.0, kernel, p)
+        emb = np.array([[0.0], [d]])
+        k = Kernel(
+            kernel,
+            n_dims=p,
+            lengthscale=np.asarray(3.0),
+            sigma=np.asarray(1.0),
+            n_factors=1,
+            per_factor=False,
+            group_embedding=emb,
+            group_diff_param=2.0,
+            train_lengthscale=False,
+            train_sigma=False,
+            train_group_diff_param=False,
+        ).double()
+        x = torch.zeros(1, p, dtype=torch.float64)
+        K = k(x, x, torch.tensor([0]), torch.tensor([1]))[0].item()
+        assert K == pytest.approx(corr, rel=1e-5)  # the embedding is stored in float32

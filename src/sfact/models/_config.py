@@ -79,7 +79,11 @@ class GPConfig:
         different groups are at distance 1 when ``None``.
     sample_distance
         With several samples (``sample_key``): their distance in the multi-group kernel, in the
-        units of ``group_distances``. ``None`` (default): independent GPs, one per sample (the
+        units of ``group_distances``. ``"auto"`` (default): chosen from the data before training,
+        with the lengthscale: independent samples, or the same place in two samples correlated by
+        0.5, 0.9 or 0.99, whichever the cross-validated deviance of the search prefers
+        (independence unless a correlation is better by more than the search's tolerance; see
+        "Several samples" in the model docs). ``None``: independent GPs, one per sample (the
         distance is 1000, so the kernel between samples vanishes). A number d correlates the same
         place in two samples by ν^((3+p)/2) (Matérn-3/2) with ν = 1/(α d² + 1), for serial
         sections whose coordinates line up; with ``group_diff_param=None`` α, hence the
@@ -104,7 +108,7 @@ class GPConfig:
     sigma: float | list[float] | None = 1.0
     group_diff_param: float | None = 1.0
     group_distances: Any = None
-    sample_distance: float | None = None
+    sample_distance: float | str | None = "auto"
     per_factor_kernel: bool = False
     train_lengthscale: bool | None = None
     train_sigma: bool | None = None
@@ -135,7 +139,12 @@ class GPConfig:
         _hyperparameter(self.sigma, "sigma", "a positive number or None")
         if self.kernel not in KERNELS:
             raise ValueError(f"`kernel` must be 'matern32' or 'rbf', received {self.kernel!r}.")
-        if self.sample_distance is not None:
+        if isinstance(self.sample_distance, str):
+            if self.sample_distance != "auto":
+                raise ValueError(
+                    f"`sample_distance` must be a positive number, 'auto' or None, received {self.sample_distance!r}."
+                )
+        elif self.sample_distance is not None:
             check_float(self.sample_distance, "sample_distance", positive=True)
         if self.group_diff_param is not None:
             check_float(self.group_diff_param, "group_diff_param", minimum=0)
@@ -205,7 +214,11 @@ class SVGPConfig(GPConfig):
         different groups are at distance 1 when ``None``.
     sample_distance
         With several samples (``sample_key``): their distance in the multi-group kernel, in the
-        units of ``group_distances``. ``None`` (default): independent GPs, one per sample (the
+        units of ``group_distances``. ``"auto"`` (default): chosen from the data before training,
+        with the lengthscale: independent samples, or the same place in two samples correlated by
+        0.5, 0.9 or 0.99, whichever the cross-validated deviance of the search prefers
+        (independence unless a correlation is better by more than the search's tolerance; see
+        "Several samples" in the model docs). ``None``: independent GPs, one per sample (the
         distance is 1000, so the kernel between samples vanishes). A number d correlates the same
         place in two samples by ν^((3+p)/2) (Matérn-3/2) with ν = 1/(α d² + 1), for serial
         sections whose coordinates line up; with ``group_diff_param=None`` α, hence the

@@ -22,7 +22,37 @@ if TYPE_CHECKING:
     from ._model import SpatialFactorization
     from ._setup import ModelSetup
 
-__all__ = ["TrainingMixin", "share_training_start"]
+__all__ = ["SAMPLE_CORRELATIONS", "TrainingMixin", "sample_distance_for", "share_training_start"]
+
+#: with ``sample_distance="auto"``: the correlations between two samples at the same place that
+#: the search tries next to independence
+SAMPLE_CORRELATIONS = (0.5, 0.9, 0.99)
+
+
+def sample_distance_for(correlation: float, alpha: float, kernel: str, n_dims: int) -> float:
+    """The distance between samples at which the multi-group kernel correlates them by ``correlation``.
+
+    The kernel multiplies the covariance of two groups at the same place by ``ν^e`` with
+    ``ν = 1 / (α d² + 1)`` and ``e = (3 + p) / 2`` (Matérn-3/2) or ``p / 2`` (RBF).
+
+    Parameters
+    ----------
+    correlation
+        In (0, 1).
+    alpha
+        The kernel's ``group_diff_param`` (> 0).
+    kernel
+        ``"matern32"`` or ``"rbf"``.
+    n_dims
+        Dimension p of the coordinates.
+
+    Returns
+    -------
+    The distance ``d = sqrt((1/ν − 1) / α)``.
+    """
+    e = (3.0 + n_dims) / 2.0 if kernel == "matern32" else n_dims / 2.0
+    nu = float(correlation) ** (1.0 / e)
+    return float(((1.0 / nu - 1.0) / max(float(alpha), 1e-12)) ** 0.5)
 
 
 @dataclass(frozen=True)
@@ -184,11 +214,15 @@ class TrainingMixin:
         return of_group[data.groups.detach().cpu().numpy()]
 
     def _resolve_lengthscale(self, cfg, data, start):
-        """``cfg`` with ``lengthscale="auto"`` (or ``None``) replaced by the search's choice.
+        """``cfg`` with ``lengthscale="auto"`` (or ``None``) and ``sample_distance="auto"`` resolved.
 
         The search (:func:`sfact._core.lengthscale.choose_lengthscale`) runs on the KL-NMF
         ``start`` and is recorded in :attr:`lengthscale_search_`; with too few cells the
-        prior's fallback lengthscale is used. ``None`` (learned) starts from the choice.
+        prior's fallback lengthscale is used. ``None`` (learned) starts from the choice. With
+        several samples and ``sample_distance="auto"`` the search runs once per candidate
+        correlation between samples (:data:`SAMPLE_CORRELATIONS`, and independence); the
+        candidate of the lowest deviance wins, independence unless a correlation is better by
+        more than the search's tolerance (independent samples train faster).
         """
         import dataclasses
 
@@ -196,44 +230,103 @@ class TrainingMixin:
 
         self.lengthscale_search_ = None
         value = getattr(cfg, "lengthscale", 0.0)
-        if not (value is None or isinstance(value, str)):
+        auto_ls = value is None or isinstance(value, str)
+        auto_d = getattr(cfg, "sample_distance", None) == "auto"
+        if auto_d and not (self.setup.n_sample > 1 and self.setup.kernel_multigroup):
+            cfg, auto_d = dataclasses.replace(cfg, sample_distance=None), False
+        if not (auto_ls or auto_d):
             return cfg
-        from .._core.lengthscale import choose_lengthscale
+        from .._core.lengthscale import NUM_INDUCING, TOLERANCE, choose_lengthscale
+        from ._setup import SAMPLE_DISTANCE
 
         multigroup = self.setup.kernel_multigroup
-        emb = self.setup.kernel_embedding(cfg.group_distances, cfg.sample_distance) if multigroup else None
         alpha = cfg.GROUP_DIFF_START if cfg.group_diff_param is None else float(cfg.group_diff_param)
-        key = (cfg.kernel, multigroup, alpha, None if emb is None else np.asarray(emb).tobytes())
-        shared = self._shared_start
-        if shared is not None and key in shared.searches:
-            search = shared.searches[key]
-        else:
-            import torch
+        ladder = None if auto_ls else np.atleast_1d(np.mean(np.asarray(value, dtype=float)))
+        distances = (
+            [None, *(sample_distance_for(c, alpha, cfg.kernel, data.X.shape[1]) for c in SAMPLE_CORRELATIONS)]
+            if auto_d
+            else [cfg.sample_distance]
+        )
+        searches = []
+        for i, d in enumerate(distances):
+            cand_ladder = ladder
+            if auto_d and i > 0 and ladder is None and searches[0] is not None:
+                # a correlation is tried near the independent samples' best lengthscale only
+                lad0 = np.asarray(searches[0].ladder)
+                j0 = int(np.argmin(searches[0].deviance))
+                cand_ladder = lad0[max(j0 - 2, 0) : j0 + 3]
+            emb = self.setup.kernel_embedding(cfg.group_distances, d) if multigroup else None
+            key = (
+                cfg.kernel,
+                multigroup,
+                alpha,
+                None if emb is None else np.asarray(emb).tobytes(),
+                None if cand_ladder is None else np.asarray(cand_ladder).tobytes(),
+            )
+            shared = self._shared_start
+            if shared is not None and key in shared.searches:
+                search = shared.searches[key]
+            else:
+                import torch
 
-            try:
-                search = choose_lengthscale(
-                    data.X,
-                    data.groups if multigroup else None,
-                    data.counts,
-                    data.s,
-                    start[0],
-                    start[1],
-                    kernel=cfg.kernel,
-                    group_embedding=emb,
-                    group_diff_param=alpha,
-                    seed=self.setup.seed,
-                    blocks=self._sample_blocks(data),
-                )
-            except torch.linalg.LinAlgError as err:  # a numerically singular smoothing: say so, go on
-                from .._utils import warn
+                independent = d is None or d >= SAMPLE_DISTANCE
+                try:
+                    search = choose_lengthscale(
+                        data.X,
+                        data.groups if multigroup else None,
+                        data.counts,
+                        data.s,
+                        start[0],
+                        start[1],
+                        kernel=cfg.kernel,
+                        group_embedding=emb,
+                        group_diff_param=alpha,
+                        seed=self.setup.seed,
+                        ladder=cand_ladder,
+                        blocks=self._sample_blocks(data) if independent else None,
+                        # correlated samples share one smoothing: inducing points for all of them
+                        num_inducing=NUM_INDUCING
+                        if independent
+                        else min(NUM_INDUCING * self.setup.n_sample, 2 * NUM_INDUCING),
+                    )
+                except torch.linalg.LinAlgError as err:  # a numerically singular smoothing: say so, go on
+                    from .._utils import warn
 
-                warn(
-                    f"The lengthscale search failed ({err}); using the fallback lengthscale. "
-                    "Pass `prior_kwargs={'lengthscale': ...}` to choose one."
-                )
-                search = None
-            if shared is not None:
-                shared.searches[key] = search
+                    warn(
+                        f"The lengthscale search failed ({err}); using the fallback lengthscale. "
+                        "Pass `prior_kwargs={'lengthscale': ...}` to choose one."
+                    )
+                    search = None
+                if shared is not None:
+                    shared.searches[key] = search
+            searches.append(search)
+        # the candidate between samples: independence unless a correlation is better by > TOLERANCE
+        pick = 0
+        if auto_d:
+            best = [np.inf if s is None else float(np.min(s.deviance)) for s in searches]
+            j = int(np.argmin(best))
+            if np.isfinite(best[j]) and (
+                not np.isfinite(best[0]) or best[j] < best[0] * (1.0 - TOLERANCE)
+            ):
+                pick = j
+            cfg = dataclasses.replace(cfg, sample_distance=distances[pick])
+            corr = 0.0 if pick == 0 else SAMPLE_CORRELATIONS[pick - 1]
+            logg.info(
+                "    samples: "
+                + ("independent" if pick == 0 else f"correlated by {corr:g} at the same place")
+                + ", chosen from the data"
+            )
+        search = searches[pick]
+        if search is not None:
+            self.lengthscale_search_ = search.to_dict()
+            if auto_d:
+                self.lengthscale_search_["sample_correlation"] = corr
+                self.lengthscale_search_["sample_candidates"] = {
+                    str(c): (None if s is None else float(np.min(s.deviance)))
+                    for c, s in zip((0.0, *SAMPLE_CORRELATIONS), searches, strict=True)
+                }
+        if not auto_ls:
+            return cfg
         if search is None:
             if value is None:  # learned: the data start of make_prior (a multiple of the spacing)
                 return cfg
@@ -243,7 +336,6 @@ class TrainingMixin:
             )
         else:
             chosen = float(search.lengthscale)
-            self.lengthscale_search_ = search.to_dict()
             logg.info(
                 f"    lengthscale: {chosen:.3g}, chosen from the data "
                 f"(ladder {search.ladder[0]:.3g}-{search.ladder[-1]:.3g}, best {search.best:.3g})"
