@@ -317,3 +317,43 @@ def test_key_that_used_to_break_round_trips(tmp_path):
         np.testing.assert_array_equal(
             sfact.get.loadings_df(back, key="a_b", group=g), sfact.get.loadings_df(adata, key="a_b", group=g)
         )
+
+
+# ------------------------------------------------------------------ standalone writers, early checks
+def test_interrupted_group_loadings_keeps_the_previous_ones(monkeypatch, fitted):
+    """``tl.group_loadings`` on its own: interrupted between two groups' slots, nothing changes."""
+    adata = fitted.copy()
+    snap = _deep_snapshot(adata)
+    cls = type(adata.varm)
+    real = cls.__setitem__
+    calls = {"n": 0}
+
+    def set_then_interrupt(self, key, value):  # the second group's slot fails, once
+        if str(key).startswith("sfact_loadings_"):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+        return real(self, key, value)
+
+    monkeypatch.setattr(cls, "__setitem__", set_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        sfact.tl.group_loadings(adata, group_key="grp", progress_bar=False)
+    assert calls["n"] >= 2
+    _assert_unchanged(adata, snap)
+
+
+def test_fit_refuses_a_save_model_folder_of_other_files_before_training(monkeypatch, tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    adata = _data()
+    snap = _deep_snapshot(adata)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the save folder was checked")
+
+    monkeypatch.setattr(SpatialFactorization, "train", no_training)
+    with pytest.raises(FileExistsError, match="save"):
+        sfact.tl.fit(adata, **FIT, save_model=folder)
+    assert (folder / "notes.txt").read_text() == "mine"
+    _assert_unchanged(adata, snap)

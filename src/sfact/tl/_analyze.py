@@ -470,8 +470,7 @@ def _analyze(
     log_factors: LogFactors | None = None,
 ) -> None:
     """Compute, then write, per-group loadings and enrichment (with ``group_key``) in one transaction."""
-    from tqdm.auto import tqdm
-
+    from .._logging import progress_bar as progress_bar_
     from .._settings import settings
     from ._groups import gene_enrichment, group_loadings
 
@@ -485,7 +484,7 @@ def _analyze(
     keys = Keys(key_added)
     start = logg.info(f"analysing {adata.n_obs} cells in batches of {analyze_batch_size}")
     show = settings.progress_bar if progress_bar is None else progress_bar
-    bar = tqdm(total=5 if group_key is None else 7, desc="analysing", disable=not show, leave=False)
+    bar = progress_bar_(total=5 if group_key is None else 7, desc="analysing", disable=not show)
     steps: list[str] = []
 
     def step(name: str) -> None:  # one tick per finished step

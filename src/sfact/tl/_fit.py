@@ -178,7 +178,7 @@ def fit(
     >>> m["validation_deviance"] < m["validation_baseline_deviance"]  # doctest: +SKIP
     True
     """
-    from .._utils import check_int
+    from .._utils import check_in_memory, check_int
     from ..models import ModelSetup, SpatialFactorization
     from ._analyze import _analyze, _check_batch_size, order_by_moran
     from ._heldout import resolve_validation_fraction, validation_mask
@@ -188,6 +188,11 @@ def fit(
     fraction = resolve_validation_fraction(validation_fraction, adata.n_obs)
     _check_batch_size(analyze_batch_size)
     check_int(n_neighs, "n_neighs", minimum=1)  # Moran's I runs after training: check it before
+    check_in_memory(adata)
+    if save_model is not None:  # a folder that cannot take the model: say so before training
+        from ..models._io import check_save_target
+
+        check_save_target(save_model, overwrite=True)
     if copy:
         adata = adata.copy()
     mask = None

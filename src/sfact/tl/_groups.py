@@ -283,13 +283,12 @@ def group_loadings(
     Y = sp.csr_matrix(Y)
     results: dict[str, tuple[np.ndarray, int, int]] = {}
     skipped = []
-    from tqdm.auto import tqdm
-
+    from .._logging import progress_bar as progress_bar_
     from .._settings import settings
 
     show = settings.progress_bar if progress_bar is None else progress_bar
-    for code, name in tqdm(
-        list(zip(sel, names, strict=True)), desc="group loadings", disable=not show, leave=False
+    for code, name in progress_bar_(
+        list(zip(sel, names, strict=True)), desc="group loadings", disable=not show
     ):
         idx = np.flatnonzero(codes == code)
         if idx.size < min_cells:
@@ -309,23 +308,24 @@ def group_loadings(
         results[name] = (Wg, n_iter, idx.size)
     if skipped:
         logg.info(f"    skipped groups with fewer than {min_cells} cells: {', '.join(skipped)}")
-    _drop_group_slots(adata, keys)
-    varm_keys = []
-    for name, (Wg, _, _) in results.items():
-        k = keys.group_loadings(name)
-        adata.varm[k] = Wg.astype(np.float32)
-        varm_keys.append(k)
+    from .._transaction import fit_transaction
+
+    varm_keys = [keys.group_loadings(name) for name in results]
     done = list(results)
-    adata.uns[keys.uns][keys.group_loadings_info] = {
-        "group_key": group_key,
-        "groups": np.asarray(done, dtype=object).astype(str),
-        "varm_keys": np.asarray(varm_keys, dtype=object).astype(str),
-        "n_cells": np.asarray([results[g][2] for g in done], dtype=np.int64),
-        "n_iter": np.asarray([results[g][1] for g in done], dtype=np.int64),
-        "max_iter": int(max_iter),
-        "tol": float(tol),
-        "prior_strength": float(prior_strength),
-    }
+    with fit_transaction(adata, keys):  # the old groups' slots go and the new come, or nothing changes
+        _drop_group_slots(adata, keys)
+        for k, (Wg, _, _) in zip(varm_keys, results.values(), strict=True):
+            adata.varm[k] = Wg.astype(np.float32)
+        adata.uns[keys.uns][keys.group_loadings_info] = {
+            "group_key": group_key,
+            "groups": np.asarray(done, dtype=object).astype(str),
+            "varm_keys": np.asarray(varm_keys, dtype=object).astype(str),
+            "n_cells": np.asarray([results[g][2] for g in done], dtype=np.int64),
+            "n_iter": np.asarray([results[g][1] for g in done], dtype=np.int64),
+            "max_iter": int(max_iter),
+            "tol": float(tol),
+            "prior_strength": float(prior_strength),
+        }
     logg.info(
         "    finished",
         time=start,
