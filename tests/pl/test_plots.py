@@ -120,8 +120,11 @@ def test_ax_with_many_panels_raises(fitted):
         sfact.pl.factors(fitted, ax=ax)
 
 
-def test_show_false_returns_none(fitted):
-    assert sfact.pl.moran(fitted, show=False) is None
+def test_show_false_returns_the_axes(fitted):
+    """As in scanpy: ``show=False`` returns the Axes (``show=True`` shows and returns None)."""
+    ax = sfact.pl.moran(fitted, show=False)
+    assert isinstance(ax, matplotlib.axes.Axes) and ax.patches
+    assert sfact.pl.moran(fitted, show=True) is None
 
 
 def test_rasterized_scatter(fitted):

@@ -53,7 +53,7 @@ def test_model_selection_into_ax_and_show_false(selected):
     fig, ax = plt.subplots()
     out = sfact.pl.model_selection(selected, ax=ax, return_fig=True)
     assert out is fig
-    assert sfact.pl.model_selection(selected, show=False) is None
+    assert sfact.pl.model_selection(selected, show=False).get_title().startswith("Model selection")
 
 
 def test_model_selection_before_select_raises():

@@ -126,7 +126,8 @@ def figures(
                 t = time.perf_counter()
                 try:
                     fig = makers[kind]()
-                    fig.savefig(tmp / f"{kind}.png", dpi=cfg.figures.dpi)
+                    # tight: long group names and labels are not cut at the figure edge
+                    fig.savefig(tmp / f"{kind}.png", dpi=cfg.figures.dpi, bbox_inches="tight")
                 except Exception as e:
                     raise RuntimeError(f"Drawing the {kind!r} figure failed: {type(e).__name__}: {e}") from e
                 finally:

@@ -9,9 +9,11 @@ import numpy as np
 from ..get._get import history
 from ..get._view import FitView
 from ._docs import doc_params
-from ._utils import finish, single_axes
+from ._utils import finish, single_axes, single_title
 
 if TYPE_CHECKING:
+    import os
+
     from anndata import AnnData
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -24,10 +26,13 @@ def elbo(
     key: str = "sfact",
     skip: int | None = None,
     color: str = "C0",
+    title: str | None = None,
+    figsize: tuple[float, float] | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
+    save: bool | str | os.PathLike | None = None,
     return_fig: bool = False,
-) -> Figure | None:
+) -> Figure | Axes | list[Axes] | None:
     """ELBO per matrix entry against iteration.
 
     The first iterations climb steeply; by default the y range is set by the iterations after
@@ -42,8 +47,11 @@ def elbo(
         10) when ``None``, ``0`` for the full range.
     color
         Line colour.
+    {title_single}
+    {figsize}
     {ax}
     {show}
+    {save}
     {return_fig}
 
     Returns
@@ -68,7 +76,8 @@ def elbo(
         )
     y = hist["elbo"].to_numpy()
     x = hist.index.to_numpy()
-    fig, ax = single_axes(ax, (4.6, 3.0))
+    title = single_title(title)
+    fig, ax = single_axes(ax, (4.6, 3.0), figsize)
     ax.plot(x, y, color=color, lw=1.6)
     n = len(y)
     if skip is None:
@@ -81,7 +90,8 @@ def elbo(
     converged = bool(fit.metrics.get("converged", False))
     ax.set_xlabel("iteration")
     ax.set_ylabel("ELBO per entry")
-    ax.set_title(f"ELBO ({n} iterations, {'converged' if converged else 'not converged'})", fontsize=10)
+    default = f"ELBO ({n} iterations, {'converged' if converged else 'not converged'})"
+    ax.set_title(title or default, fontsize=10)
     ax.grid(alpha=0.3, lw=0.5)
     ax.spines[["top", "right"]].set_visible(False)
     ax.annotate(
@@ -94,7 +104,7 @@ def elbo(
         fontsize=8,
         color="0.3",
     )
-    return finish(fig, show=show, return_fig=return_fig)
+    return finish(fig, ax, show=show, save=save, return_fig=return_fig, name="elbo")
 
 
 @doc_params
@@ -104,10 +114,13 @@ def moran(
     key: str = "sfact",
     alpha: float = 0.05,
     color: str = "C0",
+    title: str | None = None,
+    figsize: tuple[float, float] | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
+    save: bool | str | os.PathLike | None = None,
     return_fig: bool = False,
-) -> Figure | None:
+) -> Figure | Axes | list[Axes] | None:
     """Moran's I of each factor, as horizontal bars (top factor first).
 
     Parameters
@@ -117,8 +130,11 @@ def moran(
     alpha
         Bars of factors whose FDR-adjusted p-value is at least ``alpha`` are drawn pale.
     {color}
+    {title_single}
+    {figsize}
     {ax}
     {show}
+    {save}
     {return_fig}
 
     Returns
@@ -142,7 +158,8 @@ def moran(
         to_rgba(color, 1.0 if fdr is None or not np.isfinite(p) or p < alpha else 0.35)
         for p in (fdr if fdr is not None else np.zeros(len(names)))
     ]
-    fig, ax = single_axes(ax, (4.2, 0.9 + 0.32 * len(names)))
+    title = single_title(title)
+    fig, ax = single_axes(ax, (4.2, 0.9 + 0.32 * len(names)), figsize)
     pos = np.arange(len(names))
     ax.barh(pos, values, color=colors, height=0.7)
     ax.set_yticks(pos, names, fontsize=9)
@@ -161,6 +178,6 @@ def moran(
     lo = min(0.0, float(np.nanmin(values)) * 1.15) if values.size else 0.0
     ax.set_xlim(lo, max(float(np.nanmax(values)) * 1.15, 0.05) if values.size else 1.0)
     ax.set_xlabel("Moran's I")
-    ax.set_title("Spatial autocorrelation of the factors", fontsize=10)
+    ax.set_title(title or "Spatial autocorrelation of the factors", fontsize=10)
     ax.spines[["top", "right"]].set_visible(False)
-    return finish(fig, show=show, return_fig=return_fig)
+    return finish(fig, ax, show=show, save=save, return_fig=return_fig, name="moran")

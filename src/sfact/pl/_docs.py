@@ -63,18 +63,78 @@ ax
 
 ax_factor = """\
 ax
-    Draw a single factor into this axes."""
+    Draw a single factor into this axes; its colour bar is drawn inside the axes' area, so it
+    never overlaps a neighbouring panel of a grid."""
 
 show = """\
 show
-    Show the figure (default when ``return_fig`` is False)."""
+    Show the figure; ``None`` follows ``scanpy.settings.autoshow`` (on by default). With
+    ``show=False`` the plot returns its Axes instead, as scanpy's plots do."""
+
+save = """\
+save
+    Write the figure to this file (its suffix sets the format; ``scanpy.settings.file_format_figs``
+    is appended when there is none; missing folders are made), or with ``True`` to
+    ``{scanpy.settings.figdir}/sfact_<plot>.<format>``. Written with ``bbox_inches="tight"``,
+    so long labels are not cut at the figure's edge."""
 
 return_fig = """\
 return_fig
-    Return the :class:`~matplotlib.figure.Figure` instead of showing it."""
+    Return the :class:`~matplotlib.figure.Figure` (neither shown nor closed)."""
+
+title = """\
+title
+    Title replacing the default one. With several panels: a list of one title per panel, or a
+    string for the figure's title (the panels keep theirs)."""
+
+title_single = """\
+title
+    Title replacing the default one."""
+
+figsize = """\
+figsize
+    Size of the new figure, ``(width, height)`` in inches; from the number of panels when
+    ``None``. Not with ``ax`` (size the figure that holds it)."""
+
+vmin = """\
+vmin
+    Lower colour limit: a number, a percentile of the drawn values as a string (``"p1"``, as in
+    scanpy), or ``None`` for their minimum. Lower values take the lowest colour and the colour
+    bar ends in a triangle at the bottom."""
+
+vmax = """\
+vmax
+    Upper colour limit: a number, a percentile of the drawn values as a string (``"p99.5"``, as in
+    scanpy: a few extreme cells then do not wash out the rest), or ``None`` for their maximum.
+    Higher values take the top colour and the colour bar ends in a triangle at the top."""
+
+vcenter = """\
+vcenter
+    Centre of a diverging colour scale (a number or a percentile string), mapped to the middle
+    colour (:class:`~matplotlib.colors.TwoSlopeNorm`); it must lie between the limits."""
+
+library_id = """\
+library_id
+    Samples to draw (values of the fit's ``sample_key`` column; squidpy's name for them), for a
+    fit with several samples; all when ``None``."""
+
+invert_y = """\
+invert_y
+    Draw y increasing downward, the image convention of :func:`scanpy.pl.spatial` and
+    :func:`squidpy.pl.spatial_scatter` (the same coordinates give the same picture as theirs);
+    ``False`` draws y upward."""
+
+by = """\
+by
+    Rank genes by ``"share"`` (``W_dl / Σ_l W_dl``: how specific the gene is to the factor, the
+    default of every gene plot) or ``"loading"`` (``W_dl``, which favours highly expressed
+    genes); see :func:`sfact.get.top_genes`."""
 
 # ---------------------------------------------------------------------------- Returns
-returns_fig = "The figure when ``return_fig=True``, else ``None``."
+returns_fig = """\
+The :class:`~matplotlib.figure.Figure` with ``return_fig=True``; else, with ``show=False``, the
+:class:`~matplotlib.axes.Axes` of the plot (a list of them, one per panel, when there are
+several; colour bars not included); else ``None``."""
 
 FRAGMENTS: dict[str, str] = {
     "adata": adata,
@@ -91,7 +151,17 @@ FRAGMENTS: dict[str, str] = {
     "ax": ax,
     "ax_factor": ax_factor,
     "show": show,
+    "save": save,
     "return_fig": return_fig,
+    "title": title,
+    "title_single": title_single,
+    "figsize": figsize,
+    "vmin": vmin,
+    "vmax": vmax,
+    "vcenter": vcenter,
+    "library_id": library_id,
+    "invert_y": invert_y,
+    "by": by,
     "returns_fig": returns_fig,
 }
 """The fragments by placeholder name."""

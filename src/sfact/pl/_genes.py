@@ -11,9 +11,26 @@ from ..get._get import loadings_df
 from ..get._get import top_genes as _top_genes
 from ..get._view import FitView
 from ._docs import doc_params
-from ._utils import finish, panel_axes, select_factors, select_groups, single_axes, wrap_label
+from ._utils import (
+    RANK_BY,
+    ColorScale,
+    add_colorbar,
+    color_scale,
+    finish,
+    panel_axes,
+    panel_titles,
+    resolve_limit,
+    select_factors,
+    select_groups,
+    set_suptitle,
+    single_axes,
+    single_title,
+    wrap_label,
+)
 
 if TYPE_CHECKING:
+    import os
+
     from anndata import AnnData
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -51,15 +68,18 @@ def top_genes(
     key: str = "sfact",
     factors: Sequence[int | str] | None = None,
     n_genes: int = 10,
-    by: str = "loading",
+    by: str = RANK_BY,
     group: str | None = None,
     ncols: int = 5,
     color: str = "C0",
     shared_scale: bool = False,
+    title: str | Sequence[str] | None = None,
+    figsize: tuple[float, float] | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
+    save: bool | str | os.PathLike | None = None,
     return_fig: bool = False,
-) -> Figure | None:
+) -> Figure | Axes | list[Axes] | None:
     """The top genes of each factor as horizontal bars (one panel per factor).
 
     Parameters
@@ -70,16 +90,17 @@ def top_genes(
         Factor names or indices; all when ``None``.
     n_genes
         Genes per factor.
-    by
-        ``"loading"`` (the loading ``W_dl``) or ``"share"`` (``W_dl / Σ_l W_dl``, how specific the
-        gene is to the factor); see :func:`sfact.get.top_genes`.
+    {by}
     {group}
     {ncols}
     {color}
     shared_scale
         One x range for all panels (shares always use 0 to 1).
+    {title}
+    {figsize}
     {ax_factor}
     {show}
+    {save}
     {return_fig}
 
     Returns
@@ -88,26 +109,28 @@ def top_genes(
 
     Examples
     --------
-    >>> fig = sfact.pl.top_genes(adata, n_genes=8, by="share", return_fig=True)  # doctest: +SKIP
+    >>> fig = sfact.pl.top_genes(adata, n_genes=8, by="loading", return_fig=True)  # doctest: +SKIP
     """
     names = FitView.from_adata(adata, key, what="plotting top genes").factor_names
     sel = select_factors(names, factors)
     table = _top_genes(adata, key=key, n_genes=n_genes, by=by, group=group)  # type: ignore[arg-type]
     column = "loading" if by == "loading" else "share"
     xmax = float(table.loc[table["factor"].isin([names[i] for i in sel]), column].max()) * 1.05
-    fig, axes = panel_axes(ax, len(sel), ncols, panel_size=(2.5, 0.6 + 0.2 * n_genes))
-    for a, i in zip(axes, sel, strict=True):
+    titles, suptitle = panel_titles(title, [names[i] + (f" ({group})" if group else "") for i in sel])
+    fig, axes = panel_axes(ax, len(sel), ncols, panel_size=(2.5, 0.6 + 0.2 * n_genes), figsize=figsize)
+    for a, i, t in zip(axes, sel, titles, strict=True):
         rows = table[table["factor"] == names[i]]
         _bar_panel(
             a,
             rows["gene"].tolist(),
             rows[column].to_numpy(dtype=float),
             colors=color,
-            title=names[i] + (f" ({group})" if group else ""),
+            title=t,
             xlabel="loading" if by == "loading" else "share of the gene",
             xlim=(0, 1.0) if by == "share" else (0, xmax) if shared_scale else None,
         )
-    return finish(fig, show=show, return_fig=return_fig)
+    set_suptitle(fig, suptitle)
+    return finish(fig, axes, show=show, save=save, return_fig=return_fig, name="top_genes")
 
 
 @doc_params
@@ -117,16 +140,20 @@ def loadings(
     key: str = "sfact",
     factors: Sequence[int | str] | None = None,
     n_genes: int = 5,
-    by: str = "share",
+    by: str = RANK_BY,
     normalize: bool = True,
     group: str | None = None,
     cmap: str = "Purples",
-    vmin: float | None = None,
-    vmax: float | None = None,
+    vmin: float | str | None = None,
+    vmax: float | str | None = None,
+    vcenter: float | str | None = None,
+    title: str | None = None,
+    figsize: tuple[float, float] | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
+    save: bool | str | os.PathLike | None = None,
     return_fig: bool = False,
-) -> Figure | None:
+) -> Figure | Axes | list[Axes] | None:
     """Heatmap of the loadings of each factor's top genes (genes x factors).
 
     Rows are the union of the top ``n_genes`` of every selected factor, grouped by the factor
@@ -140,17 +167,21 @@ def loadings(
         Factor names or indices (columns); all when ``None``.
     n_genes
         Top genes per factor.
-    by
-        Rank genes by ``"share"`` or ``"loading"`` (see :func:`sfact.get.top_genes`).
+    {by}
     normalize
         Show each gene's shares of the factors (rows sum to 1 over all factors) instead of the
         raw loadings, which scale with the gene's expression.
     {group}
     {cmap}
-    vmin, vmax
-        Colour limits; the data's range when ``None``.
-    {ax}
+    {vmin}
+    {vmax}
+    {vcenter}
+    {title_single}
+    {figsize}
+    ax
+        Draw into this axes; the colour bar is drawn inside the axes' area.
     {show}
+    {save}
     {return_fig}
 
     Returns
@@ -177,16 +208,23 @@ def loadings(
     best = M.argmax(1)
     order = np.lexsort((-M[np.arange(len(genes)), best], best))
     genes, M = [genes[k] for k in order], M[order]
-    fig, ax = single_axes(ax, (1.9 + 0.42 * len(sel), 0.9 + 0.2 * len(genes)))
-    im = ax.imshow(M, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    scale = color_scale(M, vmin=vmin, vmax=vmax, vcenter=vcenter)
+    title = single_title(title)
+    inside = ax is not None
+    fig, ax = single_axes(ax, (1.9 + 0.42 * len(sel), 0.9 + 0.2 * len(genes)), figsize)
+    im = ax.imshow(M, aspect="auto", cmap=cmap, norm=scale.norm(), interpolation="nearest")
     ax.set_xticks(np.arange(len(sel)), [names[i] for i in sel], rotation=90, fontsize=8)
     ax.set_yticks(np.arange(len(genes)), genes, fontsize=8)
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    ax.set_title("gene shares" if normalize else "loadings", fontsize=10)
-    fig.colorbar(im, ax=ax, shrink=min(1.0, 6.0 / max(len(genes), 1) + 0.3), aspect=25, pad=0.02)
-    return finish(fig, show=show, return_fig=return_fig)
+    ax.set_title(title or ("gene shares" if normalize else "loadings"), fontsize=10)
+    if inside:
+        add_colorbar(im, ax, inside=True, extend=scale.extend)
+    else:
+        shrink = min(1.0, 6.0 / max(len(genes), 1) + 0.3)
+        add_colorbar(im, ax, extend=scale.extend, shrink=shrink, aspect=25, pad=0.02)
+    return finish(fig, ax, show=show, save=save, return_fig=return_fig, name="loadings")
 
 
 # ---------------------------------------------------------------------------- enrichment
@@ -212,12 +250,31 @@ def _enrichment(
     return _Enrichment(names, sel, all_groups, gsel, genes, np.asarray(enr["log2fc"], dtype=float))
 
 
-def _symmetric_limit(values: np.ndarray, vmax: float | None) -> float:
-    if vmax is not None:
-        return float(vmax)
-    v = np.abs(np.asarray(values, dtype=float))
+def _diverging_scale(
+    values: np.ndarray, vmin: float | str | None, vmax: float | str | None, vcenter: float | str | None
+) -> ColorScale:
+    """A colour scale centred at ``vcenter`` (0 when ``None``), symmetric unless both limits are given.
+
+    Without limits: ``±`` the 99th percentile of the absolute deviations from the centre; with
+    one limit, the other mirrors it around the centre.
+    """
+    v = np.asarray(values, dtype=float).ravel()
     v = v[np.isfinite(v)]
-    return float(max(np.percentile(v, 99), 1e-3)) if v.size else 1.0
+    center = resolve_limit(vcenter, v, "vcenter")
+    c = 0.0 if center is None else center
+    lo, hi = resolve_limit(vmin, v, "vmin"), resolve_limit(vmax, v, "vmax")
+    if lo is None and hi is None:
+        lim = float(max(np.percentile(np.abs(v - c), 99), 1e-3)) if v.size else 1.0
+        lo, hi = c - lim, c + lim
+    elif lo is None:
+        lo = 2 * c - hi  # type: ignore[operator]
+    elif hi is None:
+        hi = 2 * c - lo
+    if center is None and not lo < c < hi:  # type: ignore[operator]
+        center = None  # limits away from 0: a plain linear scale
+    elif center is None:
+        center = c
+    return color_scale(v, vmin=lo, vmax=hi, vcenter=center)
 
 
 @doc_params
@@ -231,11 +288,16 @@ def gene_enrichment(
     ncols: int = 2,
     cmap: str = "RdBu_r",
     shared_scale: bool = True,
-    vmax: float | None = None,
+    vmin: float | str | None = None,
+    vmax: float | str | None = None,
+    vcenter: float | str | None = None,
+    title: str | Sequence[str] | None = None,
+    figsize: tuple[float, float] | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
+    save: bool | str | os.PathLike | None = None,
     return_fig: bool = False,
-) -> Figure | None:
+) -> Figure | Axes | list[Axes] | None:
     """Heatmaps of gene enrichment (log2 fold change of group vs global loadings), one per factor.
 
     Each panel shows, for one factor, the ``n_genes`` genes with the largest absolute
@@ -255,13 +317,22 @@ def gene_enrichment(
         Genes (rows) per panel.
     {ncols}
     cmap
-        Diverging colour map, centred at 0.
+        Diverging colour map, centred at ``vcenter``.
     shared_scale
         One symmetric colour scale (and one colour bar) for all panels; per panel otherwise.
+    vmin
+        Lower colour limit (a number or a percentile string like ``"p1"``); mirrors ``vmax``
+        around the centre when ``None``. Clipped values are marked on the colour bar.
     vmax
-        Colour limit (``±vmax``); the 99th percentile of the absolute values when ``None``.
+        Upper colour limit (a number or a percentile string like ``"p99"``); mirrors ``vmin``
+        when ``None``; with neither, ``±`` the 99th percentile of the absolute values.
+    vcenter
+        The value of the middle colour (a number or a percentile string); 0 when ``None``.
+    {title}
+    {figsize}
     {ax_factor}
     {show}
+    {save}
     {return_fig}
 
     Returns
@@ -276,6 +347,7 @@ def gene_enrichment(
     import matplotlib.pyplot as plt
 
     names, sel, all_groups, gsel, genes_all, lfc = _enrichment(adata, key, factors, groups)
+    titles, suptitle = panel_titles(title, [names[i] for i in sel])
     lfc = lfc[gsel]  # (G, D, L)
     panels = []
     for i in sel:
@@ -285,7 +357,12 @@ def gene_enrichment(
         score = np.where(np.isfinite(score), score, -1.0)
         top = np.argsort(-score, kind="stable")[: min(n_genes, len(genes_all))]
         panels.append((i, top, block[:, top].T))  # (genes, groups)
-    lim = _symmetric_limit(np.concatenate([p[2].ravel() for p in panels]), vmax) if shared_scale else None
+    shared = (
+        _diverging_scale(np.concatenate([p[2].ravel() for p in panels]), vmin, vmax, vcenter)
+        if shared_scale
+        else None
+    )
+    scales = [shared or _diverging_scale(p[2], vmin, vmax, vcenter) for p in panels]
     n_rows = max(len(p[1]) for p in panels) if panels else 1
     label_w = max([len(all_groups[k]) for k in gsel] + [1])
     width = 1.3 + 0.2 * len(gsel)
@@ -295,8 +372,8 @@ def gene_enrichment(
     if ax is None:  # (only a grid has rows)
         n_grid_rows = -(-len(sel) // max(1, min(ncols, len(sel))))
         panel_size = (width + (0 if shared_scale else 0.7), height + label_h / n_grid_rows)
-    fig, axes = panel_axes(ax, len(sel), ncols, panel_size=panel_size)
-    if ax is None and shared_scale:  # room for the one colour bar beside the grid
+    fig, axes = panel_axes(ax, len(sel), ncols, panel_size=panel_size, figsize=figsize)
+    if ax is None and shared_scale and figsize is None:  # room for the one colour bar beside the grid
         w, h = fig.get_size_inches()
         fig.set_size_inches(w + 0.9, h)
     cmap_obj = plt.get_cmap(cmap).copy()
@@ -304,10 +381,13 @@ def gene_enrichment(
     im = None
     n_cols = max(1, min(ncols, len(panels)))
     bottom = {max(k for k in range(len(panels)) if k % n_cols == c) for c in range(n_cols)}
-    for k_panel, (a, (i, top, M)) in enumerate(zip(axes, panels, strict=True)):
-        v = lim if lim is not None else _symmetric_limit(M, vmax)
+    for k_panel, (a, (_i, top, M)) in enumerate(zip(axes, panels, strict=True)):
         im = a.imshow(
-            np.ma.masked_invalid(M), aspect="auto", cmap=cmap_obj, vmin=-v, vmax=v, interpolation="nearest"
+            np.ma.masked_invalid(M),
+            aspect="auto",
+            cmap=cmap_obj,
+            norm=scales[k_panel].norm(),
+            interpolation="nearest",
         )
         if (
             ax is not None or k_panel in bottom
@@ -319,14 +399,25 @@ def gene_enrichment(
         a.tick_params(length=0)
         for spine in a.spines.values():
             spine.set_visible(False)
-        a.set_title(names[i], fontsize=10)
-        if lim is None:
-            fig.colorbar(im, ax=a, shrink=0.6, aspect=20, pad=0.02, label="log2 FC")
-    if lim is not None and im is not None:
-        fig.colorbar(
-            im, ax=axes, shrink=min(0.6, 4.0 / max(height, 1e-3)), aspect=20, pad=0.01, label="log2 FC"
+        a.set_title(titles[k_panel], fontsize=10)
+        if ax is not None:
+            add_colorbar(im, a, inside=True, extend=scales[k_panel].extend, label="log2 FC")
+        elif shared is None:
+            add_colorbar(
+                im, a, extend=scales[k_panel].extend, shrink=0.6, aspect=20, pad=0.02, label="log2 FC"
+            )
+    if shared is not None and im is not None and ax is None:
+        add_colorbar(
+            im,
+            axes,
+            extend=shared.extend,
+            shrink=min(0.6, 4.0 / max(height, 1e-3)),
+            aspect=20,
+            pad=0.01,
+            label="log2 FC",
         )
-    return finish(fig, show=show, return_fig=return_fig)
+    set_suptitle(fig, suptitle)
+    return finish(fig, axes, show=show, save=save, return_fig=return_fig, name="gene_enrichment")
 
 
 def _pairs_bars(
@@ -366,10 +457,13 @@ def enrichment_by_group(
     n_genes: int = 8,
     ncols: int = 4,
     shared_scale: bool = True,
+    title: str | Sequence[str] | None = None,
+    figsize: tuple[float, float] | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
+    save: bool | str | os.PathLike | None = None,
     return_fig: bool = False,
-) -> Figure | None:
+) -> Figure | Axes | list[Axes] | None:
     """For each group, its most enriched and depleted genes, as bars coloured by factor.
 
     Each panel lists the ``n_genes`` (gene, factor) pairs with the largest absolute log2 fold
@@ -389,9 +483,12 @@ def enrichment_by_group(
     {ncols}
     shared_scale
         One x range for all panels.
+    {title}
+    {figsize}
     ax
         Draw a single group into this axes.
     {show}
+    {save}
     {return_fig}
 
     Returns
@@ -419,8 +516,13 @@ def enrichment_by_group(
                 [fcolors[names[sel[j]]] for j in l_idx],
             )
         )
-    fig, axes = panel_axes(ax, len(items), ncols, panel_size=(2.6, 0.95 + 0.19 * n_genes), what="group")
+    titles, suptitle = panel_titles(title, [it[0] for it in items])
+    items = [(t, *it[1:]) for t, it in zip(titles, items, strict=True)]
+    fig, axes = panel_axes(
+        ax, len(items), ncols, panel_size=(2.6, 0.95 + 0.19 * n_genes), what="group", figsize=figsize
+    )
     _pairs_bars(fig, axes, items, shared_scale=shared_scale)
+    set_suptitle(fig, suptitle)
     used = {c for *_, colors in items for c in colors}
     handles = [Patch(color=c, label=n) for n, c in fcolors.items() if c in used]
     if ax is None:
@@ -435,7 +537,7 @@ def enrichment_by_group(
         )
     else:
         ax.legend(handles=handles, fontsize=7, frameon=False, loc="best")
-    return finish(fig, show=show, return_fig=return_fig)
+    return finish(fig, axes, show=show, save=save, return_fig=return_fig, name="enrichment_by_group")
 
 
 @doc_params
@@ -449,10 +551,13 @@ def enrichment_by_factor(
     ncols: int = 3,
     shared_scale: bool = True,
     colors: tuple[str, str] = ("#c0392b", "#2e6da4"),
+    title: str | Sequence[str] | None = None,
+    figsize: tuple[float, float] | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
+    save: bool | str | os.PathLike | None = None,
     return_fig: bool = False,
-) -> Figure | None:
+) -> Figure | Axes | list[Axes] | None:
     """For each factor, the most enriched and depleted (gene, group) pairs as bars.
 
     Each panel lists the ``n_genes`` (gene, group) pairs with the largest absolute log2 fold
@@ -473,8 +578,11 @@ def enrichment_by_factor(
         One x range for all panels.
     colors
         Colours of enriched and depleted bars.
+    {title}
+    {figsize}
     {ax_factor}
     {show}
+    {save}
     {return_fig}
 
     Returns
@@ -494,9 +602,12 @@ def enrichment_by_factor(
         values = block[g_idx, d_idx]
         labels = [f"{genes[d]} · {_short(all_groups[gsel[g]])}" for g, d in zip(g_idx, d_idx, strict=True)]
         items.append((names[i], labels, values, [colors[0] if v >= 0 else colors[1] for v in values]))
-    fig, axes = panel_axes(ax, len(items), ncols, panel_size=(3.6, 0.9 + 0.19 * n_genes))
+    titles, suptitle = panel_titles(title, [it[0] for it in items])
+    items = [(t, *it[1:]) for t, it in zip(titles, items, strict=True)]
+    fig, axes = panel_axes(ax, len(items), ncols, panel_size=(3.6, 0.9 + 0.19 * n_genes), figsize=figsize)
     _pairs_bars(fig, axes, items, shared_scale=shared_scale)
-    return finish(fig, show=show, return_fig=return_fig)
+    set_suptitle(fig, suptitle)
+    return finish(fig, axes, show=show, save=save, return_fig=return_fig, name="enrichment_by_factor")
 
 
 def _short(text: str, width: int = 24) -> str:

@@ -7,9 +7,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ._docs import doc_params
-from ._utils import finish
+from ._utils import finish, single_axes, single_title
 
 if TYPE_CHECKING:
+    import os
+
     from anndata import AnnData
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -20,10 +22,13 @@ def model_selection(
     adata: AnnData,
     *,
     key: str = "sfact_selection",
+    title: str | None = None,
+    figsize: tuple[float, float] | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
+    save: bool | str | os.PathLike | None = None,
     return_fig: bool = False,
-) -> Figure | None:
+) -> Figure | Axes | list[Axes] | None:
     """Held-out deviance of each setting of :func:`sfact.tl.select_model` (lower is better).
 
     One row per setting (prior, number of factors L, grid options), coloured by prior: each
@@ -35,8 +40,11 @@ def model_selection(
     ----------
     {adata_selection}
     {key_selection}
+    {title_single}
+    {figsize}
     {ax}
     {show}
+    {save}
     {return_fig}
 
     Returns
@@ -48,8 +56,6 @@ def model_selection(
     >>> sfact.tl.select_model(adata, priors=["svgp", "lcgp"], n_factors=[5, 10])  # doctest: +SKIP
     >>> fig = sfact.pl.model_selection(adata, return_fig=True)  # doctest: +SKIP
     """
-    import matplotlib.pyplot as plt
-
     from ..tl._select import _setting_means
 
     res = adata.uns.get(key)
@@ -65,10 +71,8 @@ def model_selection(
     priors = list(dict.fromkeys(means["prior"]))
     colors = {p: f"C{i % 10}" for i, p in enumerate(priors)}
     n = len(means)
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(5.2, 1.0 + 0.34 * n), layout="constrained")
-    else:
-        fig = ax.figure
+    title = single_title(title)
+    fig, ax = single_axes(ax, (5.2, 1.0 + 0.34 * n), figsize)
     values = means["heldout_deviance"].to_numpy(dtype=float)
     best = int(np.nanargmin(values)) if np.isfinite(values).any() else -1
     for i, (mkey, prior) in enumerate(zip(mean_keys, means["prior"], strict=True)):
@@ -98,12 +102,12 @@ def model_selection(
     ax.set_xlabel("held-out deviance per entry")
     n_folds = int(df["fold"].nunique())
     ax.set_title(
-        f"Model selection ({n_folds} fold{'s' if n_folds > 1 else ''}; lower is better)", fontsize=10
+        title or f"Model selection ({n_folds} fold{'s' if n_folds > 1 else ''}; lower is better)", fontsize=10
     )
     ax.grid(axis="x", alpha=0.3, lw=0.5)
     ax.spines[["top", "right"]].set_visible(False)
     ax.legend(loc="lower right", fontsize=8, frameon=False)
-    return finish(fig, show=show, return_fig=return_fig)
+    return finish(fig, ax, show=show, save=save, return_fig=return_fig, name="model_selection")
 
 
 def _label(row, hyper_cols: list[str]) -> str:
