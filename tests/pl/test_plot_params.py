@@ -54,8 +54,8 @@ def _marked(adata) -> tuple[int, np.ndarray]:
     return cell, xy[cell]
 
 
-def _where(ax: Axes) -> np.ndarray:
-    """Where the cell with the highest colour value lands, in axes fractions (0, 0 = bottom-left)."""
+def _where(ax: Axes) -> tuple[np.ndarray, np.ndarray]:
+    """The cell with the highest colour value: where it lands in axes fractions (0, 0 = bottom-left), its data xy."""
     ax.figure.canvas.draw()
     best, xy = -np.inf, None
     for coll in ax.collections:
@@ -66,7 +66,7 @@ def _where(ax: Axes) -> np.ndarray:
         if values[k] > best:
             best, xy = float(values[k]), np.asarray(coll.get_offsets())[k]
     assert xy is not None
-    return ax.transAxes.inverted().transform(ax.transData.transform(xy))
+    return ax.transAxes.inverted().transform(ax.transData.transform(xy)), xy
 
 
 @pytest.fixture
@@ -81,13 +81,15 @@ def marked(small):
 
 def test_factors_orientation_matches_squidpy(marked):
     sq = pytest.importorskip("squidpy")
-    adata, xy = marked
+    adata, marked_xy = marked
     _, (ax_sfact, ax_sq, ax_up) = plt.subplots(1, 3, figsize=(12, 4))
     sfact.pl.factors(adata, factors=["factor_0"], vmax=None, ax=ax_sfact, show=False)
     fa = sfact.get.factors_adata(adata)
     sq.pl.spatial_scatter(fa, color="factor_0", shape=None, ax=ax_sq)
     sfact.pl.factors(adata, factors=["factor_0"], vmax=None, ax=ax_up, invert_y=False, show=False)
-    ours, theirs, up = _where(ax_sfact), _where(ax_sq), _where(ax_up)
+    (ours, xy1), (theirs, xy2), (up, xy3) = _where(ax_sfact), _where(ax_sq), _where(ax_up)
+    for xy in (xy1, xy2, xy3):  # the marked cell is the one found in every plot
+        np.testing.assert_allclose(xy, marked_xy)
     # the marked cell (smallest x and y) lands top-left in both: same picture as squidpy
     assert ours[0] < 0.2 and ours[1] > 0.8
     assert theirs[0] < 0.2 and theirs[1] > 0.8
@@ -191,7 +193,7 @@ def test_vcenter_two_slopes(small):
     norm = _panels(fig)[0].collections[0].norm
     assert isinstance(norm, TwoSlopeNorm)
     assert norm.vcenter == pytest.approx(np.median(values))
-    with pytest.raises(ValueError, match="`vcenter`.*between"):
+    with pytest.raises(ValueError, match=r"`vcenter`.*between"):
         sfact.pl.factors(small, factors=[0], vcenter=1e9, return_fig=True)
 
 
@@ -302,5 +304,5 @@ def test_library_id_selects_samples(sectioned):
 
 
 def test_library_id_without_samples_raises(small):
-    with pytest.raises(ValueError, match="`library_id` selects samples.*leave `library_id=None`"):
+    with pytest.raises(ValueError, match=r"`library_id` selects samples.*leave `library_id=None`"):
         sfact.pl.factors(small, library_id="s0", return_fig=True)
