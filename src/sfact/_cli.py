@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import get_args
 
+from ._version import __version__
 from .pipeline._jobs import STAGES
 from .pipeline._runner import Executor
 
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"sfact {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for stage, help_ in _PIPELINE_HELP.items():
         s = sub.add_parser(stage, help=help_, description=f"{help_}.")
@@ -263,22 +265,28 @@ def _pipeline(args: argparse.Namespace) -> int:
         live=False if args.plain else None,
     )
     summaries = write_summaries(plan, results, command=args.command_line)
-    return _report(results, summaries, time.perf_counter() - t0)
+    return _report(results, summaries, time.perf_counter() - t0, ran=bool(plan.jobs))
 
 
-def _report(results, summaries, elapsed: float) -> int:
-    counts: dict[str, int] = {}
-    for r in results:
-        counts[r.status] = counts.get(r.status, 0) + 1
-    parts = [f"{counts[s]} {s}" for s in ("done", "skipped", "failed", "cancelled") if counts.get(s)]
-    print(f"Finished in {elapsed:.1f} s: {', '.join(parts) or 'no jobs'}.")
+def _report(results, summaries, elapsed: float, *, ran: bool) -> int:
+    """The end of a run: the errors in full, the summary files; the exit status.
+
+    When jobs ran, the runner's display has printed the final table, the one summary line
+    (``N jobs in ...: ...``) and the logs of failed jobs; when none ran (every output exists),
+    the summary line is printed here.
+    """
+    if not ran:
+        counts: dict[str, int] = {}
+        for r in results:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        parts = [f"{counts[s]} {s}" for s in ("done", "skipped", "failed", "cancelled") if counts.get(s)]
+        print(f"Finished in {elapsed:.1f} s: {', '.join(parts) or 'no jobs'}.")
     failed = [r for r in results if r.status == "failed"]
     cancelled = [r for r in results if r.status == "cancelled"]
     if failed:
         print("Failed:")
         for r in failed:
             print(f"  {r.name}: {r.error}")
-            print(f"    log: {r.log_path}")
     if cancelled:
         print("Cancelled (a job they depend on did not finish): " + ", ".join(r.name for r in cancelled))
     for s in summaries:

@@ -10,6 +10,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ._eta import Remaining, add_point, criterion, estimate_remaining
 from ._jobs import STAGES, Job, JobResult
 
 #: the statuses a job ends with
@@ -33,6 +34,10 @@ class Row:
     message: str | None = None
     rate_ref: tuple[float, int] | None = None  # (worker time, epoch) of the first progress
     rate_last: tuple[float, int] | None = None
+    trace: list[tuple[float, int, float]] = field(default_factory=list)
+    """``(worker time, epoch, ELBO)`` of the training progress events, for :meth:`remaining_estimate`."""
+    epochs_over: bool = False
+    """A step after the epochs was reported (a message once epochs ran): no time estimate."""
     elapsed_s: float | None = None
     error: str | None = None
     output: dict = field(default_factory=dict)
@@ -57,18 +62,40 @@ class Row:
             return now - self.started_at
         return None
 
-    def remaining(self) -> float | None:
-        """Estimated seconds left of a running job, from its epochs per second."""
-        if self.status != "running" or self.epoch is None:
-            return None
-        max_epoch = self.max_epoch or self.job.max_epoch
-        if not max_epoch or self.rate_last is None:
+    def seconds_per_epoch(self) -> float | None:
+        """The current speed, from the epochs reported (``None`` before two points)."""
+        if self.rate_last is None:
             return None
         t1, e1 = self.rate_last
         t0, e0 = self.rate_ref if self.rate_ref and self.rate_ref[1] < e1 else (self.worker_t0, 0)
         if t0 is None or e1 <= e0:
             return None
-        return max(0.0, (max_epoch - self.epoch) * (t1 - t0) / (e1 - e0))
+        return (t1 - t0) / (e1 - e0)
+
+    def remaining_estimate(self) -> Remaining | None:
+        """Estimated seconds left of a running job's epochs (:func:`._eta.estimate_remaining`).
+
+        Predicted from the job's convergence criterion (``training.tol`` of a pipeline train
+        job) and the ELBO reported; otherwise, or while unpredictable, the time to
+        ``max_epoch`` as an upper bound. ``None`` once a step after the epochs has begun.
+        """
+        if self.status != "running" or self.epoch is None or self.epochs_over:
+            return None
+        crit = criterion(self.job)
+        tol, min_iter = crit if crit is not None else (None, 0)
+        return estimate_remaining(
+            self.trace,
+            epoch=self.epoch,
+            max_epoch=self.max_epoch or self.job.max_epoch,
+            seconds_per_epoch=self.seconds_per_epoch(),
+            tol=tol,
+            min_iter=min_iter,
+        )
+
+    def remaining(self) -> float | None:
+        """Estimated seconds left of a running job (see :meth:`remaining_estimate`)."""
+        estimate = self.remaining_estimate()
+        return None if estimate is None else estimate.seconds
 
 
 class Tracker:
@@ -114,12 +141,16 @@ class Tracker:
             row.elbo = event["elbo"]
         if event.get("message") is not None:
             row.message = event["message"]
+            if row.epoch:  # a new step once epochs ran (e.g. saving the model)
+                row.epochs_over = True
         if event.get("epoch") is not None:
             row.epoch = event["epoch"]
             point = (event.get("time", time.time()), row.epoch)
             if row.rate_ref is None:
                 row.rate_ref = point
             row.rate_last = point
+            if event.get("elbo") is not None and event.get("message") is None:
+                add_point(row.trace, (point[0], row.epoch, float(event["elbo"])))
 
     # scheduling
     def submitted(self, row: Row, device: str | None) -> None:
