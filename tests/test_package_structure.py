@@ -179,3 +179,84 @@ def test_no_import_cycles():
     assert not cycles, "import cycles among sfact modules (lazy imports included): " + "; ".join(
         " <-> ".join(c) for c in cycles
     )
+
+
+# ---------------------------------------------------------------------------- keyword convention
+# As in scanpy: functions that write into `adata` name the slots with `key_added`; functions that
+# only read a fit name it with `key`. The lists are explicit, so a new public function must be
+# classified here; `test_every_tl_and_pl_function_is_classified` fails until it is.
+_WRITERS = {
+    "sfact.tl.fit",
+    "sfact.tl.analyze",
+    "sfact.tl.group_loadings",
+    "sfact.tl.gene_enrichment",
+    "sfact.tl.groupwise_factors",
+    "sfact.tl.select_model",
+}
+_READERS_PREFIXES = ("sfact.pl.", "sfact.get.")  # every plot and getter reads a fit
+_READERS = {"sfact.tl.morans_i"}
+# neither: take arrays or models and return values, never reading or writing a fit by key
+_NEITHER = {
+    "sfact.tl.baseline_deviance",
+    "sfact.tl.heldout_deviance",
+    "sfact.tl.heldout_split",
+    "sfact.tl.knn_deviance",
+}
+
+
+def _keyword_functions():
+    return [(n, f) for n, f in _public_functions() if n.startswith(("sfact.tl.", "sfact.pl.", "sfact.get."))]
+
+
+def _role(name: str) -> str | None:
+    if name in _WRITERS:
+        return "writer"
+    if name in _READERS or name.startswith(_READERS_PREFIXES):
+        return "reader"
+    if name in _NEITHER:
+        return "neither"
+    return None
+
+
+def test_every_tl_and_pl_function_is_classified():
+    names = {n for n, _ in _keyword_functions()}
+    unclassified = sorted(n for n in names if _role(n) is None)
+    assert not unclassified, f"classify {unclassified} in _WRITERS, _READERS or _NEITHER"
+    stale = sorted((_WRITERS | _READERS | _NEITHER) - names)
+    assert not stale, f"{stale} are no public functions any more: remove them from the lists"
+
+
+@pytest.mark.parametrize(
+    ("name", "func"), _keyword_functions(), ids=lambda x: x if isinstance(x, str) else ""
+)
+def test_writers_take_key_added_and_readers_key(name, func):
+    params = inspect.signature(func).parameters  # follows __wrapped__: deprecated names hidden
+    role = _role(name)
+    if role == "writer":
+        assert "key_added" in params, f"{name} writes into adata: it must take `key_added`"
+        assert "key" not in params, f"{name} writes into adata: `key` is for readers, use `key_added`"
+        assert params["key_added"].kind is inspect.Parameter.KEYWORD_ONLY
+    elif role == "reader":
+        assert "key" in params, f"{name} reads a fit: it must take `key`"
+        assert "key_added" not in params, f"{name} only reads: `key_added` is for writers, use `key`"
+        assert params["key"].kind is inspect.Parameter.KEYWORD_ONLY
+    else:
+        assert "key" not in params and "key_added" not in params, f"{name}: classify it as writer or reader"
+
+
+def test_the_convention_check_sees_a_violation():
+    def writes(adata, *, key="sfact"):  # a writer with the reader's keyword
+        return None
+
+    params = inspect.signature(writes).parameters
+    assert "key" in params and "key_added" not in params  # what the test above refuses for writers
+
+    from sfact.tl._compat import renamed_kwarg
+
+    @renamed_kwarg("key", "key_added")
+    def renamed(adata, *, key_added="sfact"):
+        return key_added
+
+    assert list(inspect.signature(renamed).parameters) == ["adata", "key_added"]  # the old name is hidden
+    with pytest.warns(FutureWarning, match="`key=` .* is renamed `key_added=`"):
+        assert renamed(None, key="mine") == "mine"

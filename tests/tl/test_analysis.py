@@ -295,7 +295,7 @@ def test_post_hoc_groups_for_a_fit_without_groups(osmfish_fit):
     assert set(done) <= set(regions) and len(done) >= 2
     assert adata.uns["ph"]["enrichment"]["group_key"] == "Region"
     # analysing again without groups removes the stale per-group slots
-    sfact.tl.analyze(adata, model, key_added="ph")
+    sfact.tl.analyze(adata, model, key_added="ph", group_key=False)
     assert not any(k.startswith("ph_loadings_") for k in adata.varm)
     assert "enrichment" not in adata.uns["ph"]
 

@@ -232,7 +232,7 @@ class FitView:
         if slot not in self.adata.varm or (recorded and str(group) not in self.groups_with_loadings):
             raise KeyError(
                 f"No loadings of group {str(group)!r} (`adata.varm[{slot!r}]`): run "
-                f"`sfact.tl.group_loadings(adata, group_key=..., key={self.key!r})` "
+                f"`sfact.tl.group_loadings(adata, group_key=..., key_added={self.key!r})` "
                 f"first (groups with loadings: {self.groups_with_loadings})."
             )
         return self.adata.varm[slot]
@@ -248,7 +248,7 @@ class FitView:
         if info is None:
             raise KeyError(
                 f"`adata.uns[{self.keys.uns!r}][{self.keys.group_loadings_info!r}]` not found: run "
-                f"`sfact.tl.group_loadings(adata, group_key=..., key={self.key!r})` "
+                f"`sfact.tl.group_loadings(adata, group_key=..., key_added={self.key!r})` "
                 "(or `sfact.tl.gene_enrichment`) first."
             )
         groups = [str(g) for g in np.atleast_1d(info["groups"])]
@@ -267,9 +267,31 @@ class FitView:
         if enr is None:
             raise KeyError(
                 f"`adata.uns[{self.key!r}]['enrichment']` not found: run "
-                f"`sfact.tl.gene_enrichment(adata, group_key=..., key={self.key!r})` first."
+                f"`sfact.tl.gene_enrichment(adata, group_key=..., key_added={self.key!r})` first."
             )
         return enr
+
+    # ------------------------------------------------------------------ inducing points
+    @property
+    def inducing_points(self) -> dict[str, Any]:
+        """``uns[key]['inducing_points']``: the SVGP priors' inducing points, stored by :func:`sfact.tl.fit`.
+
+        ``coords`` (M, p) in the data's units; with groups ``group_codes``, ``group_names`` and
+        ``group_key``; with samples ``samples``. :class:`KeyError` naming the fix when missing.
+        """
+        rec = self.uns.get("inducing_points")
+        if rec is not None:
+            return rec
+        prior = self.params.get("prior")
+        if prior is not None and str(prior).removeprefix("mggp_") != "svgp":
+            raise KeyError(
+                f"The fit under key {self.key!r} has no inducing points: its prior {str(prior)!r} has none "
+                "(only 'svgp' and 'mggp_svgp' do)."
+            )
+        raise KeyError(
+            f"`adata.uns[{self.key!r}]['inducing_points']` not found (a fit written by an older sfact): "
+            f"pass the trained model, or store them with `sfact.tl.analyze(adata, model, key_added={self.key!r})`."
+        )
 
     # ------------------------------------------------------------------ group-wise factors
     @property

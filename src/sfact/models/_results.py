@@ -33,9 +33,13 @@ class ResultsMixin:
     def inducing_points(self) -> tuple[np.ndarray, np.ndarray | None]:
         """Inducing points in the data's coordinate units, and their group codes (multi-group priors).
 
+        With several samples each point is unscaled with its own sample's offset (see
+        :meth:`inducing_point_samples`).
+
         Returns
         -------
-        ``(coords, groups)``: an (M, 2) array and an (M,) array of group codes or ``None``.
+        ``(coords, groups)``: an (M, 2) array and an (M,) array of group codes (indices into
+        ``setup.group_categories``) or ``None``.
 
         Examples
         --------
@@ -43,6 +47,29 @@ class ResultsMixin:
         """
         from .._scaling import unscale
 
+        Z, codes, samples = self._inducing()
+        names = None if samples is None else np.asarray(self.setup.sample_categories, dtype=object)[samples]
+        coords = unscale(Z, self.setup.scaling, names)
+        return coords, (codes if self.setup.multigroup else None)
+
+    def inducing_point_samples(self) -> np.ndarray | None:
+        """The sample of each inducing point (several samples), or ``None`` with one sample.
+
+        Returns
+        -------
+        An (M,) array of sample names (``setup.sample_categories``), in the order of
+        :meth:`inducing_points`.
+
+        Examples
+        --------
+        >>> model.inducing_point_samples()[:3]  # doctest: +SKIP
+        array(['A', 'A', 'A'], dtype=object)
+        """
+        _, _, samples = self._inducing()
+        return None if samples is None else np.asarray(self.setup.sample_categories, dtype=object)[samples]
+
+    def _inducing(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Scaled inducing points, their group codes and their sample codes (kernel codes split)."""
         if self.module is None:
             raise RuntimeError(
                 "The model is not trained yet: call `model.train()` (or fit with "
@@ -52,11 +79,14 @@ class ResultsMixin:
         Z = getattr(prior, "Z", None)
         if Z is None:
             raise ValueError(f"The {self.prior!r} prior has no inducing points; only the SVGP priors do.")
-        coords = unscale(Z.detach().cpu().double().numpy(), self.setup.scaling)
-        groups = None
+        codes = None
         if getattr(prior, "multigroup", False) and getattr(prior, "Z_groups", None) is not None:
-            groups = prior.Z_groups.detach().cpu().numpy().astype(np.int64)
-        return coords, groups
+            codes = prior.Z_groups.detach().cpu().numpy().astype(np.int64)
+        samples = None
+        if codes is not None and self.setup.n_sample > 1:  # the kernel's groups are sample x G + group
+            G = self.setup.n_groups or 1
+            samples, codes = codes // G, codes % G
+        return Z.detach().cpu().double().numpy(), codes, samples
 
     def _marginals(self, adata: AnnData | None, batch_size: int = 10000):
         return _inference.marginals(self, adata, batch_size)

@@ -13,13 +13,26 @@ if TYPE_CHECKING:
 
 
 def morans_i(
-    values: np.ndarray,
-    coords: np.ndarray,
+    data: AnnData | np.ndarray,
+    coords: np.ndarray | None = None,
     *,
+    key: str = "sfact",
+    obsm_key: str | None = None,
+    spatial_key: str | None = None,
+    sample_key: str | None = None,
+    connectivity_key: str | None = None,
     names: list[str] | None = None,
     n_neighs: int = 6,
 ) -> pd.DataFrame:
-    """Moran's I of each column of ``values`` on a k-nearest-neighbour graph of ``coords``.
+    """Moran's I of each factor (or column) on a spatial neighbour graph; reads, never writes.
+
+    Called with an AnnData, as :func:`squidpy.gr.spatial_autocorr` is: ``morans_i(adata)`` scores
+    the factors of the fit stored under ``key`` on a k-nearest-neighbour graph of its
+    coordinates (within each sample when the fit has several), reproducing
+    ``adata.uns[key]['moranI']``; ``obsm_key=`` scores the columns of any ``adata.obsm`` entry;
+    ``connectivity_key=`` uses a graph already in ``adata.obsp`` (e.g. from
+    :func:`squidpy.gr.spatial_neighbors`). Called with arrays, ``morans_i(values, coords)`` scores
+    the columns of ``values`` on a k-nearest-neighbour graph of ``coords``.
 
     Uses squidpy's k-nearest-neighbour graph (``squidpy.gr.spatial_neighbors_knn``;
     ``spatial_neighbors`` on squidpy < 1.7) and :func:`squidpy.gr.spatial_autocorr` (analytic
@@ -27,19 +40,36 @@ def morans_i(
 
     Parameters
     ----------
-    values
-        (N, L) array, one column per factor.
+    data
+        An AnnData, or an (N, L) array with one column per factor.
     coords
-        (N, p) coordinates.
+        (N, p) coordinates, with an array ``data`` only.
+    key
+        With an AnnData: the fit's ``key_added`` whose factors (``obsm['X_{key}']``) are scored
+        (unless ``obsm_key`` is given).
+    obsm_key
+        With an AnnData: score the columns of ``adata.obsm[obsm_key]`` instead (an array, or a
+        DataFrame whose columns name the results).
+    spatial_key
+        With an AnnData: key of the coordinates in ``adata.obsm``; the fit's (``'spatial'``
+        without a fit) when ``None``.
+    sample_key
+        With an AnnData: column of ``adata.obs`` with the samples (tissue sections); the graph
+        then joins cells of the same sample only. The fit's ``sample_key`` when ``None`` and
+        reading a fit.
+    connectivity_key
+        With an AnnData: key of a cells x cells graph in ``adata.obsp`` to use instead of the
+        k-nearest-neighbour graph (``n_neighs`` and ``sample_key`` are then not used).
     names
-        Column names; ``factor_0``, ... when ``None``.
+        Names of the columns; the fit's factor names, a DataFrame's columns, or ``factor_0``, ...
+        when ``None``.
     n_neighs
         Neighbours per cell in the spatial graph.
 
     Returns
     -------
     DataFrame indexed by name, with squidpy's columns ``I``, ``pval_norm``, ``var_norm``,
-    ``pval_norm_fdr_bh``, in the order of ``values``' columns.
+    ``pval_norm_fdr_bh``, in the order of the columns.
 
     Examples
     --------
@@ -50,26 +80,127 @@ def morans_i(
     >>> values = np.c_[coords[:, 0], rng.normal(size=500)]  # a gradient and noise
     >>> sfact.tl.morans_i(values, coords, names=["gradient", "noise"])["I"].round(2).tolist()
     [0.99, -0.01]
+    >>> sfact.tl.morans_i(adata)  # the factors of the fit under 'sfact'  # doctest: +SKIP
+    >>> sfact.tl.morans_i(adata, obsm_key="X_pca", connectivity_key="spatial_connectivities")  # doctest: +SKIP
     """
+    from anndata import AnnData
+
+    from .._utils import check_int
+
+    check_int(n_neighs, "n_neighs", minimum=1)
+    if not isinstance(data, AnnData):
+        if coords is None:
+            raise TypeError(
+                "`sfact.tl.morans_i(values, coords)` needs the coordinates with an array: pass `coords=`, "
+                "or pass an AnnData (`sfact.tl.morans_i(adata)`)."
+            )
+        given = {
+            "obsm_key": obsm_key,
+            "spatial_key": spatial_key,
+            "sample_key": sample_key,
+            "connectivity_key": connectivity_key,
+        }
+        extra = [k for k, v in given.items() if v is not None]
+        if extra:
+            raise TypeError(
+                f"`{'`, `'.join(extra)}` read an AnnData: pass `sfact.tl.morans_i(adata, ...)`, or leave "
+                "them out with arrays."
+            )
+        values = np.asarray(data, dtype=np.float64)
+        if values.ndim != 2:
+            raise ValueError(f"`values` must be (n_obs, n_columns), received shape {values.shape}.")
+        names = [f"factor_{i}" for i in range(values.shape[1])] if names is None else list(names)
+        return _morans_i(values, np.asarray(coords, dtype=np.float64), names, n_neighs=n_neighs)
+    if coords is not None:
+        raise TypeError(
+            "`coords` goes with an array of values; with an AnnData the coordinates are "
+            "`adata.obsm[spatial_key]`: pass `spatial_key=` instead."
+        )
+    values, default_names, fit_params = _anndata_values(data, key=key, obsm_key=obsm_key)
+    names = default_names if names is None else [str(n) for n in names]
+    if len(names) != values.shape[1]:
+        raise ValueError(f"`names` has {len(names)} names for {values.shape[1]} columns.")
+    if connectivity_key is not None:
+        if connectivity_key not in data.obsp:
+            raise KeyError(
+                f"`adata.obsp[{connectivity_key!r}]` not found: run `squidpy.gr.spatial_neighbors(adata)` "
+                f"first, or leave out `connectivity_key` for a {n_neighs}-nearest-neighbour graph "
+                f"(available: {list(data.obsp.keys())})."
+            )
+        return _morans_i(values, None, names, n_neighs=n_neighs, graph=data.obsp[connectivity_key])
+    from .._utils import get_coordinates
+
+    spatial_key = fit_params.get("spatial_key", "spatial") if spatial_key is None else spatial_key
+    xy = get_coordinates(data, str(spatial_key))
+    sample_key = fit_params.get("sample_key") if sample_key is None else sample_key
+    if sample_key is not None:
+        if sample_key not in data.obs.columns:
+            raise KeyError(
+                f"`adata.obs[{sample_key!r}]` (the samples) not found: pass `sample_key=` naming an existing "
+                f"column (columns: {list(data.obs.columns)})."
+            )
+        xy = _apart(xy, data.obs[sample_key].astype(str).to_numpy())
+    return _morans_i(values, xy, names, n_neighs=n_neighs)
+
+
+def _anndata_values(adata: AnnData, *, key: str, obsm_key: str | None) -> tuple[np.ndarray, list[str], dict]:
+    """The columns :func:`morans_i` scores in ``adata``, their names, and the fit's params (or ``{}``)."""
+    from ..get._view import FitView
+
+    if obsm_key is None:
+        fit = FitView.from_adata(adata, key, what="`sfact.tl.morans_i(adata)` (or pass `obsm_key=`)")
+        return np.asarray(fit.factors, dtype=np.float64), fit.factor_names, dict(fit.params)
+    if obsm_key not in adata.obsm:
+        raise KeyError(
+            f"`adata.obsm[{obsm_key!r}]` not found: pass `obsm_key=` naming an existing entry "
+            f"(available: {list(adata.obsm.keys())})."
+        )
+    raw = adata.obsm[obsm_key]
+    if isinstance(raw, pd.DataFrame):
+        return raw.to_numpy(dtype=np.float64), [str(c) for c in raw.columns], {}
+    values = np.asarray(raw.toarray() if sp.issparse(raw) else raw, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(
+            f"`adata.obsm[{obsm_key!r}]` must be (n_obs, n_columns), received shape {values.shape}."
+        )
+    return values, [f"{obsm_key}_{i}" for i in range(values.shape[1])], {}
+
+
+def _apart(xy: np.ndarray, samples: np.ndarray) -> np.ndarray:
+    """Coordinates whose nearest-neighbour graph stays within each sample: samples moved far apart.
+
+    Each sample from its own corner, moved along the first axis by ten times the largest extent
+    (as the fit's Moran's I does): the graph's neighbours are the same as within each sample.
+    """
+    out = xy.copy()
+    shift = 10.0 * max(float(np.ptp(xy, axis=0).max()) if len(xy) else 1.0, 1.0)
+    for k, s in enumerate(dict.fromkeys(samples)):
+        cells = samples == s
+        out[cells] -= xy[cells].min(axis=0)
+        out[cells, 0] += k * shift
+    return out
+
+
+def _morans_i(
+    values: np.ndarray, coords: np.ndarray | None, names: list[str], *, n_neighs: int, graph=None
+) -> pd.DataFrame:
+    """Moran's I of the columns of ``values`` on a ``n_neighs``-NN graph of ``coords``, or on ``graph``."""
     import logging
     import warnings
 
     import anndata as ad
 
-    from .._utils import check_int, warn
-
-    check_int(n_neighs, "n_neighs", minimum=1)
+    from .._utils import warn
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # squidpy's dependencies warn at import time
         import squidpy as sq
 
-    values = np.asarray(values, dtype=np.float64)
-    names = [f"factor_{i}" for i in range(values.shape[1])] if names is None else list(names)
-    tmp = ad.AnnData(
-        X=values, obsm={"spatial": np.asarray(coords, dtype=np.float64)}, var=pd.DataFrame(index=names)
-    )
+    obsm = {} if coords is None else {"spatial": np.asarray(coords, dtype=np.float64)}
+    tmp = ad.AnnData(X=values, obsm=obsm, var=pd.DataFrame(index=names))
     tmp.obs_names = [str(i) for i in range(tmp.n_obs)]
+    if graph is not None:
+        tmp.obsp["spatial_connectivities"] = sp.csr_matrix(graph)
     n_neighs = int(min(n_neighs, max(tmp.n_obs - 1, 1)))
     quiet = [logging.getLogger(name) for name in ("squidpy", "spatialdata", "spatialdata._logging")]
     levels = [lg.level for lg in quiet]
@@ -79,9 +210,9 @@ def morans_i(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             knn = getattr(sq.gr, "spatial_neighbors_knn", None)  # squidpy >= 1.7
-            if knn is not None:
+            if graph is None and knn is not None:
                 knn(tmp, n_neighs=n_neighs)
-            else:  # older squidpy; deprecated in 1.7, removed in 1.9
+            elif graph is None:  # older squidpy; deprecated in 1.7, removed in 1.9
                 sq.gr.spatial_neighbors(tmp, coord_type="generic", n_neighs=n_neighs)
             df = sq.gr.spatial_autocorr(
                 tmp, mode="moran", genes=names, n_perms=None, copy=True, show_progress_bar=False

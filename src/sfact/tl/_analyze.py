@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -11,6 +11,9 @@ from .. import _logging as logg
 from .._keys import Keys, check_key_added
 from .._transaction import fit_transaction
 from .._utils import view_to_actual
+
+INDUCING_POINTS = "inducing_points"
+"""Entry of ``adata.uns[key]`` with the inducing points (:func:`inducing_point_record`)."""
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -182,6 +185,8 @@ class Analysis:
     """Kernel hyperparameters (:meth:`~sfact.models.SpatialFactorization.gp_info`)."""
     samples: pd.DataFrame | None = None
     """With several samples: one row per sample (cells, deviance per entry, Moran's I per factor)."""
+    inducing: dict[str, Any] | None = None
+    """The SVGP priors' inducing points (:func:`inducing_point_record`); ``None`` for the other priors."""
 
     def uns(self, keys: Keys) -> dict[str, Any]:
         """The entry of ``adata.uns[key]`` (plain values; ``moranI`` a copy)."""
@@ -196,6 +201,10 @@ class Analysis:
         }
         if self.samples is not None:
             out["samples"] = self.samples.copy()
+        if self.inducing is not None:
+            out[INDUCING_POINTS] = {
+                k: v.copy() if isinstance(v, np.ndarray) else v for k, v in self.inducing.items()
+            }
         return _plain(out)
 
 
@@ -298,7 +307,44 @@ def compute_analysis(
         samples=_sample_table(adata, model, np.exp(mu), dev_cell, n_neighs=n_neighs, names=list(moran.index))
         if setup.n_sample > 1
         else None,
+        inducing=inducing_point_record(model),
     )
+
+
+def inducing_point_record(model: SpatialFactorization) -> dict[str, Any] | None:
+    """The inducing points of an SVGP prior as ``adata.uns[key]['inducing_points']`` stores them.
+
+    Everything :func:`sfact.pl.inducing_points` needs without the model, in types an ``.h5ad``
+    file stores as they are (no ``None``, no object arrays).
+
+    Parameters
+    ----------
+    model
+        A trained model.
+
+    Returns
+    -------
+    ``None`` for priors without inducing points (``pnmf``, the LCGP priors); else a dict with
+    ``coords`` (M, p) float32 in the data's coordinate units (:meth:`~sfact.models.SpatialFactorization.inducing_points`),
+    and, for multi-group priors with groups, ``group_codes`` (M,) int64 (indices into
+    ``group_names``), ``group_names`` (G,) str and ``group_key`` (str); with several
+    samples ``samples`` (M,) str, each point's sample.
+    """
+    from .._constants import prior_family
+
+    if prior_family(model.prior) != "svgp":
+        return None
+    coords, codes = model.inducing_points()
+    out: dict[str, Any] = {"coords": np.asarray(coords, dtype=np.float32)}
+    setup = model.setup
+    if codes is not None and setup.group_categories is not None and setup.group_key is not None:
+        out["group_codes"] = np.asarray(codes, dtype=np.int64)
+        out["group_names"] = np.asarray([str(g) for g in setup.group_categories], dtype=str)
+        out["group_key"] = str(setup.group_key)
+    samples = model.inducing_point_samples()
+    if samples is not None:
+        out["samples"] = np.asarray([str(v) for v in samples], dtype=str)
+    return out
 
 
 def _sample_table(
@@ -368,7 +414,7 @@ def analyze(
     *,
     key_added: str = "sfact",
     analyze_batch_size: int = 10000,
-    group_key: str | None = None,
+    group_key: str | Literal[False] | None = None,
     n_neighs: int = 6,
     n_top: int = 10,
     progress_bar: bool | None = None,
@@ -381,8 +427,10 @@ def analyze(
     not changed. Models from :func:`sfact.tl.fit` and from the pipeline are already ordered by
     descending Moran's I (the order is set once, right after training). Deviance and
     reconstruction error touch only the non-zeros of the counts: no cells x genes matrix is
-    formed. With a ``group_key``, per-group loadings and gene enrichment follow
-    (:func:`sfact.tl.group_loadings`, :func:`sfact.tl.gene_enrichment`).
+    formed. With groups (the model's ``group_key``, or ``group_key=``), per-group loadings and
+    gene enrichment follow (:func:`sfact.tl.group_loadings`, :func:`sfact.tl.gene_enrichment`),
+    as in :func:`sfact.tl.fit`. The inducing points of the SVGP priors are stored too, so
+    :func:`sfact.pl.inducing_points` works without the model (also after ``write_h5ad``).
 
     Everything is computed before anything is written, and the writing (with the per-group
     steps) is one transaction: on any failure or Ctrl-C, ``adata`` is put back as it was.
@@ -399,7 +447,11 @@ def analyze(
     analyze_batch_size
         Cells per batch.
     group_key
-        Column of ``adata.obs`` for per-group loadings and gene enrichment; none when ``None``.
+        Column of ``adata.obs`` for per-group loadings and gene enrichment; when ``None`` the
+        model's (the ``group_key`` it was fitted with, e.g. recorded by :func:`sfact.pp.prepare`),
+        as :func:`sfact.tl.fit` does; ``False`` leaves the group steps out. They are left out too
+        when the model has no groups, or ``adata`` (new cells of a single-group prior) lacks the
+        model's column.
     n_neighs
         Neighbours per cell of the spatial graph used for Moran's I.
     n_top
@@ -421,20 +473,34 @@ def analyze(
         Poisson deviance per cell and per gene.
     ``adata.uns['{key}']``
         ``params``, ``history``, ``moranI``, ``metrics``, ``factor_names``, ``keys``, ``gp``;
-        with ``group_key`` also ``group_loadings`` and ``enrichment``.
+        for the SVGP priors ``inducing_points`` (``coords`` in the data's units, float32; with
+        groups ``group_codes``, ``group_names``, ``group_key``; with samples ``samples``); with
+        groups also ``group_loadings`` and ``enrichment``.
     ``adata.varm['{key}_loadings_{group}']``
-        With ``group_key``: per-group loadings (group names escaped: ``/`` is written ``%2F``;
+        With groups: per-group loadings (group names escaped: ``/`` is written ``%2F``;
         the keys are recorded in ``uns['{key}']['group_loadings']['varm_keys']``).
 
     Examples
     --------
     >>> model = sfact.models.SpatialFactorization.load("model_dir", adata)  # doctest: +SKIP
-    >>> sfact.tl.analyze(adata, model, group_key="ClusterName")  # doctest: +SKIP
+    >>> sfact.tl.analyze(adata, model)  # the model's group_key: enrichment too  # doctest: +SKIP
     """
     check_key_added(key_added)
     from ..models._newcells import check_new_cells
 
     check_new_cells(model, adata, purpose="analyze", reorder=False)  # genes, counts, coordinates, ...
+    if group_key is False:
+        group_key = None
+    elif group_key is None:
+        group_key = model.setup.group_key
+        if group_key is not None and group_key not in adata.obs.columns:
+            logg.info(f"    no `adata.obs[{group_key!r}]` (the model's groups): group loadings left out")
+            group_key = None
+    elif not isinstance(group_key, str):
+        raise TypeError(
+            f"`group_key` must be a column of `adata.obs`, None (the model's) or False (no groups), "
+            f"received {group_key!r}."
+        )
     if copy:
         adata = adata.copy()
     else:
@@ -510,12 +576,12 @@ def _analyze(
                 group_loadings(
                     adata,
                     group_key=group_key,
-                    key=key_added,
+                    key_added=key_added,
                     batch_size=analyze_batch_size,
                     progress_bar=show,
                 )
                 step("gene enrichment")
-                gene_enrichment(adata, key=key_added, n_top=n_top)
+                gene_enrichment(adata, key_added=key_added, n_top=n_top)
                 deep += f"\n    '{keys.group_loadings_prefix}*' (adata.varm)"
         bar.update()
     finally:

@@ -45,8 +45,9 @@ def fit(
     device: str | None = None,
     random_state: int | np.random.Generator | None = 0,
     progress_bar: bool | None = None,
+    return_model: bool = False,
     copy: bool = False,
-) -> AnnData | None:
+) -> AnnData | SpatialFactorization | tuple[AnnData, SpatialFactorization] | None:
     """Fit a spatial factorization and write factors, loadings and diagnostics to ``adata``.
 
     A thin wrapper: builds :class:`sfact.models.SpatialFactorization`, trains it, computes the
@@ -133,12 +134,20 @@ def fit(
         Seed or :class:`numpy.random.Generator`.
     progress_bar
         Show training and analysis progress; defaults to :attr:`sfact.settings.progress_bar`.
+    return_model
+        Also return the trained :class:`~sfact.models.SpatialFactorization` (factors in the
+        written order), to continue training (``model.train(...)``), predict new cells, save it,
+        or pass it to :func:`sfact.tl.groupwise_factors`. Without it the model is not kept
+        (everything :mod:`sfact.pl` and :mod:`sfact.get` need is in ``adata``, the inducing points
+        included).
     copy
         Return a modified copy instead of writing to ``adata``.
 
     Returns
     -------
-    ``None``, or a copy when ``copy=True``. Sets (with ``key = key_added``):
+    ``None``; the copy with ``copy=True``; the model with ``return_model=True``; the tuple
+    ``(copy, model)`` with both (the model's training data is then the copy, or its training
+    cells when validation cells were held out). Sets (with ``key = key_added``):
 
     ``adata.obsm['X_{key}']``
         Factors ``exp(μ)`` (n_obs, n_factors), ordered by descending Moran's I.
@@ -156,7 +165,9 @@ def fit(
         ``n_validation``, ``validation_deviance``, ``validation_baseline_deviance``,
         ``validation_knn_deviance``, ``validation_beats_baseline``), ``factor_names``, ``keys``,
         and for the GP priors ``gp``
-        (kernel, lengthscale, sigma, group_diff_param, num_inducing). When the fit has groups
+        (kernel, lengthscale, sigma, group_diff_param, num_inducing); for the SVGP priors
+        ``inducing_points`` (``coords`` in the data's units; with groups ``group_codes``,
+        ``group_names``, ``group_key``; with samples ``samples``). When the fit has groups
         (``group_key``, or the one recorded by :func:`sfact.pp.prepare`), also
         ``group_loadings`` and ``enrichment`` (see :func:`sfact.tl.gene_enrichment`).
     ``adata.varm['{key}_loadings_{group}']``
@@ -177,6 +188,12 @@ def fit(
     >>> m = adata.uns["sfact"]["metrics"]  # doctest: +SKIP
     >>> m["validation_deviance"] < m["validation_baseline_deviance"]  # doctest: +SKIP
     True
+
+    Keep the model to train on where the fit stopped, or for the model-level tools:
+
+    >>> model = sfact.tl.fit(adata, max_iter=100, return_model=True)  # doctest: +SKIP
+    >>> model.train(max_iter=200)  # continues; then write the results again  # doctest: +SKIP
+    >>> sfact.tl.analyze(adata, model)  # doctest: +SKIP
     """
     from .._utils import check_in_memory, check_int
     from ..models import ModelSetup, SpatialFactorization
@@ -267,6 +284,8 @@ def fit(
             + ("" if mask is None else f"\n    '{keys.obs_validation()}' (adata.obs)")
         ),
     )
+    if return_model:
+        return (adata, model) if copy else model
     return adata if copy else None
 
 

@@ -12,6 +12,7 @@ from .. import _logging as logg
 from .._keys import Keys
 from .._utils import group_codes, view_to_actual
 from ..get._view import FitView
+from ._compat import KEY_ADDED_WHY, renamed_kwarg
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -185,11 +186,12 @@ def _group_codes(
     return codes, sel.tolist(), names_sel
 
 
+@renamed_kwarg("key", "key_added", why=KEY_ADDED_WHY)
 def group_loadings(
     adata: AnnData,
     *,
     group_key: str | None = None,
-    key: str = "sfact",
+    key_added: str = "sfact",
     groups: list[str] | None = None,
     max_iter: int = 100,
     tol: float = 1e-5,
@@ -213,8 +215,9 @@ def group_loadings(
         AnnData after :func:`sfact.tl.fit` (or :func:`sfact.tl.analyze`).
     group_key
         Column of ``adata.obs`` with the groups; the fit's ``group_key`` when ``None``.
-    key
-        The fit's ``key_added``.
+    key_added
+        The fit's ``key_added``: the loadings are read from and written under it. (Called
+        ``key`` before; ``key=`` still works in this release, with a :class:`FutureWarning`.)
     groups
         Groups to refit; all groups when ``None``.
     max_iter
@@ -239,8 +242,8 @@ def group_loadings(
 
     Returns
     -------
-    ``None``, or a copy when ``copy=True``. Sets (``key = key``; per-group slots written earlier
-    under the key are replaced):
+    ``None``, or a copy when ``copy=True``. Sets (``key = key_added``; per-group slots written
+    earlier under the key are replaced):
 
     ``adata.varm['{key}_loadings_{group}']``
         (n_vars, n_factors) loadings of each group (``%``, ``/``, NUL in a group name are written
@@ -258,7 +261,7 @@ def group_loadings(
     """
     from ._analysis import _adata_counts
 
-    fit = FitView.from_adata(adata, key, what="`sfact.tl.group_loadings`")
+    fit = FitView.from_adata(adata, key_added, what="`sfact.tl.group_loadings`")
     W = np.asarray(fit.loadings, dtype=np.float64)  # the global loadings (raises when missing)
     if group_key is None:
         group_key = fit.group_key
@@ -334,11 +337,12 @@ def group_loadings(
     return adata if copy else None
 
 
+@renamed_kwarg("key", "key_added", why=KEY_ADDED_WHY)
 def gene_enrichment(
     adata: AnnData,
     *,
     group_key: str | None = None,
-    key: str = "sfact",
+    key_added: str = "sfact",
     n_top: int = 10,
     pseudocount: float = 0.05,
     min_counts: int = 10,
@@ -359,8 +363,9 @@ def gene_enrichment(
     group_key
         Column of ``adata.obs`` with the groups; that of existing group loadings, else the fit's,
         when ``None``.
-    key
-        The fit's ``key_added``.
+    key_added
+        The fit's ``key_added``: the loadings are read from and the enrichment written under it.
+        (Called ``key`` before; ``key=`` still works in this release, with a :class:`FutureWarning`.)
     n_top
         Top enriched genes kept per factor and group in the ``top_genes`` table.
     pseudocount
@@ -374,7 +379,8 @@ def gene_enrichment(
 
     Returns
     -------
-    ``None``, or a copy when ``copy=True``. Sets ``adata.uns['{key}']['enrichment']`` with
+    ``None``, or a copy when ``copy=True``. Sets (``key = key_added``)
+    ``adata.uns['{key}']['enrichment']`` with
 
     ``log2fc``
         (n_groups, n_vars, n_factors) float array.
@@ -386,7 +392,7 @@ def gene_enrichment(
     ``group_key``, ``pseudocount``, ``min_counts``
         The settings used.
 
-    When :func:`group_loadings` is run first (no per-group loadings under ``key``, or ones for
+    When :func:`group_loadings` is run first (no per-group loadings under the key, or ones for
     another ``group_key``), also what it sets:
 
     ``adata.varm['{key}_loadings_{group}']``
@@ -401,13 +407,13 @@ def gene_enrichment(
     """
     from ._analysis import _adata_counts
 
-    fit = FitView.from_adata(adata, key, what="`sfact.tl.gene_enrichment`")
+    fit = FitView.from_adata(adata, key_added, what="`sfact.tl.gene_enrichment`")
     W = np.asarray(fit.loadings, dtype=np.float64)  # the global loadings (raises when missing)
     info = fit.group_loadings_info
     fit = _writable(fit, copy)
     adata, keys = fit.adata, fit.keys
     if info is None or (group_key is not None and str(info["group_key"]) != str(group_key)):
-        group_loadings(adata, group_key=group_key, key=key)
+        group_loadings(adata, group_key=group_key, key_added=key_added)
         info = fit.group_loadings_info
     group_key = str(info["group_key"])
     Wg, groups = fit.stacked_group_loadings()
