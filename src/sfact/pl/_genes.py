@@ -367,11 +367,18 @@ def gene_enrichment(
     label_w = max([len(all_groups[k]) for k in gsel] + [1])
     width = 1.3 + 0.2 * len(gsel)
     height = 0.6 + 0.2 * n_rows
-    label_h = 0.065 * min(label_w, 34)  # room for the rotated group names (bottom row only)
+    label_h = 0.06 * label_w + 0.1  # room for the rotated group names (under the bottom panels)
     panel_size = None
     if ax is None:  # (only a grid has rows)
-        n_grid_rows = -(-len(sel) // max(1, min(ncols, len(sel))))
-        panel_size = (width + (0 if shared_scale else 0.7), height + label_h / n_grid_rows)
+        n_cols_grid = max(1, min(ncols, len(sel)))
+        n_grid_rows = -(-len(sel) // n_cols_grid)
+        # rows holding the bottom panel of a column carry the group names (the last row, and the
+        # row above it when the last one is not full)
+        n_label_rows = 1 + int(len(sel) % n_cols_grid != 0 and n_grid_rows > 1)
+        panel_size = (
+            width + (0 if shared_scale else 0.7),
+            height + label_h * n_label_rows / n_grid_rows,
+        )
     fig, axes = panel_axes(ax, len(sel), ncols, panel_size=panel_size, figsize=figsize)
     if ax is None and shared_scale and figsize is None:  # room for the one colour bar beside the grid
         w, h = fig.get_size_inches()

@@ -438,20 +438,6 @@ def spatial_panel_size(
     return (w + (0.75 if colorbar else 0.1), h)
 
 
-def robust_limits(values: np.ndarray, *, upper: float = 99.5) -> tuple[float, float]:
-    """Colour limits from the minimum to the ``upper`` percentile, ignoring NaN."""
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return 0.0, 1.0
-    lo, hi = float(v.min()), float(np.percentile(v, upper))
-    if hi <= lo:
-        hi = lo + 1e-12 if hi == lo and lo == 0 else max(hi, float(v.max()))
-        if hi <= lo:
-            hi = lo + abs(lo) * 1e-6 + 1e-12
-    return lo, hi
-
-
 def group_colors(adata: AnnData, group_key: str, categories: list[str]) -> dict[str, Any]:
     """Colour of each group: ``adata.uns['{group_key}_colors']`` when it fits, else scanpy's palettes."""
     from scanpy.plotting import palettes
