@@ -37,7 +37,7 @@ def warn(message: str, category: type[Warning] = SfactWarning) -> None:
     while frame is not None and frame.f_code.co_filename.startswith(_PKG_DIR):
         frame = frame.f_back
         level += 1
-    warnings.warn(message, category, stacklevel=level - 1)
+    warnings.warn(message, category, stacklevel=level)
 
 
 def view_to_actual(adata: AnnData) -> None:

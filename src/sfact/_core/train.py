@@ -102,6 +102,103 @@ def relative_change(values: list[float], window: int) -> float:
     return abs(new - old) / max(abs(old), 1e-300) / window
 
 
+#: relative changes over which :func:`estimate_iterations_left` fits the trend
+TREND_SPAN = 10
+
+
+def estimate_iterations_left(changes: list[float], tol: float, *, at_least: int = 0) -> float | None:
+    """Iterations until the relative ELBO change falls below ``tol``, from its recent trend.
+
+    The relative change (:func:`relative_change`, one value per iteration) shrinks roughly
+    geometrically as a fit converges: a straight line fitted to its logarithm over the last
+    ``TREND_SPAN`` iterations is extended down to ``log(tol)``. ``None`` when there is no trend to
+    extend: too few values yet, a change that is not shrinking (a plateau) or whose shrinking is lost
+    in its scatter (noise from mini-batches), or ``tol`` 0. At least ``at_least`` (iterations before convergence may be declared).
+
+    Examples
+    --------
+    >>> changes = [1e-2 * 0.5**i for i in range(12)]  # halves every iteration
+    >>> round(estimate_iterations_left(changes, tol=changes[-1] / 8))
+    3
+    """
+    recent = np.asarray(changes[-TREND_SPAN:], dtype=np.float64)
+    if tol <= 0 or recent.size < TREND_SPAN or not np.all(np.isfinite(recent)):
+        return None
+    if recent[-1] < tol:
+        return float(max(at_least, 0))
+    y = np.log(np.maximum(recent, 1e-300))
+    x = np.arange(recent.size, dtype=np.float64)
+    slope, intercept = np.polyfit(x, y, 1)
+    noise = float(np.std(y - (intercept + slope * x)))
+    # a trend: shrinking by 0.01 % per iteration at least, and by more than the scatter around it
+    if not (slope < -1e-4 and -slope * (recent.size - 1) > 2 * noise):
+        return None
+    now = min(float(intercept + slope * x[-1]), float(y[-1]))  # the trend's value now, or the last one
+    return float(max(at_least, (now - math.log(tol)) / -slope, 1.0))
+
+
+def seconds_per_iteration(times: list[float], span: int = TREND_SPAN) -> float | None:
+    """Mean seconds per iteration over the last ``span`` iterations (cumulative ``times``)."""
+    if len(times) < 2:
+        return times[0] if times else None
+    recent = times[-(span + 1) :]
+    return (recent[-1] - recent[0]) / (len(recent) - 1)
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def progress_text(
+    elbo: float,
+    change: float,
+    tol: float,
+    left: float | None,
+    max_left: int,
+    per_iteration: float | None,
+) -> str:
+    """The training bar's postfix: ELBO, relative change against ``tol``, time left (or ``?``).
+
+    The time left is the iterations left to convergence (:func:`estimate_iterations_left`) at the
+    recent pace; when that goes past ``max_iter``, the time to ``max_iter``, marked as such; ``?``
+    while there is no trend to go by (the bar never counts down to ``max_iter`` as if it were the
+    end).
+
+    Examples
+    --------
+    >>> progress_text(-1.23456, 3.2e-4, 1e-4, 12.0, 900, 0.5)
+    'elbo=-1.2346, change=3.2e-04 (tol 1e-04), ~6s left'
+    >>> progress_text(-1.23456, 3.2e-4, 1e-4, None, 900, 0.5)
+    'elbo=-1.2346, change=3.2e-04 (tol 1e-04), time left ?'
+    """
+    tol_text = f"{tol:.0e}" if tol > 0 else "0"
+    text = f"elbo={elbo:.5g}, "
+    text += (
+        f"change={change:.1e} (tol {tol_text})" if math.isfinite(change) else "change=? (too few iterations)"
+    )
+    if left is None or per_iteration is None:
+        return text + ", time left ?"
+    if left > max_left:
+        return text + f", ~{_duration(max_left * per_iteration)} to max_iter"
+    return text + f", ~{_duration(left * per_iteration)} left"
+
+
+def _closing(bar, n: int):
+    """``range(n)`` that closes ``bar`` when the loop over it ends, also by an exception or Ctrl-C.
+
+    (An open sfact bar would make the next bars nest in it: see :func:`sfact._logging.progress_bar`.)
+    """
+    try:
+        yield from range(n)
+    finally:
+        bar.close()
+
+
 def make_optimizer(module: FactorModule, learning_rate: float) -> torch.optim.Optimizer:
     """Adam over every trainable parameter (the loadings too in ``projected`` mode).
 
@@ -153,14 +250,20 @@ def train_loop(
     t_offset = history.time[-1] if history.time else 0.0
     first_iter = len(history)
     converged = False
+    from .._logging import log_thread_setup
     from .._logging import progress_bar as make_bar
 
-    # in a log (not a terminal or notebook) the bar writes a few lines, not one per redraw
-    bar = make_bar(range(cfg.max_iter), desc=f"training {module.prior.name}", disable=not progress_bar)
+    log_thread_setup()
+
+    # no total: the fit ends at convergence, usually long before max_iter; the bar's postfix shows
+    # the ELBO, its relative change against tol and the time left estimated from that change. In a
+    # log (not a terminal or notebook) the bar writes a few lines, not one per redraw
+    bar = make_bar(desc=f"training {module.prior.name}", disable=not progress_bar, total=None, unit="it")
+    changes: list[float] = []  # the relative change after each iteration of this call
     it = -1
     # fixed random blocks of cells with precomputed CSR structures (all genes per step)
     blocks = data.counts.blocks(B, generator) if By >= D else None
-    for it in bar:
+    for it in _closing(bar, cfg.max_iter):
         if module.prior.hyper_phase_over(len(history)):
             # end of the hyperparameters' learning phase: freeze them, cache what derives from them
             module.prior.freeze_hyperparameters()
@@ -227,16 +330,32 @@ def train_loop(
         history.loglik.append(float(vals[1]))
         history.kl.append(float(vals[2]))
         history.time.append(t_offset + time.perf_counter() - t_start)
-        if progress_bar:
-            bar.set_postfix(elbo=f"{vals[0]:.5g}", refresh=False)
-        if callback is not None:
-            callback(first_iter + it + 1, float(vals[0]))
+        change = relative_change(history.elbo, cfg.window)
+        changes.append(change)
         # not converged while hyperparameters are still in their learning phase, nor in the
         # iterations right after it (the ELBO moves when they freeze)
         hyper_end = module.prior.hyper_phase_end()
         settled = hyper_end is None or len(history) >= hyper_end + 2 * cfg.window
-        if it + 1 >= cfg.min_iter and settled and relative_change(history.elbo, cfg.window) < cfg.tol:
-            converged = True
+        converged = it + 1 >= cfg.min_iter and settled and change < cfg.tol
+        if progress_bar:
+            # convergence is not checked before min_iter, nor before the hyperparameters settle
+            wait = 0 if hyper_end is None else hyper_end + 2 * cfg.window - len(history)
+            left = estimate_iterations_left(changes, cfg.tol, at_least=max(cfg.min_iter - it - 1, wait))
+            text = progress_text(
+                float(vals[0]),
+                change,
+                cfg.tol,
+                left,
+                cfg.max_iter - it - 1,
+                seconds_per_iteration(history.time),
+            )
+            bar.set_postfix_str(text, refresh=False)
+            bar.update()
+        if callback is not None:
+            callback(first_iter + it + 1, float(vals[0]))
+        if converged:
             break
     bar.close()
-    return {"converged": converged, "n_iter": it + 1}
+    last = changes[-1] if changes else math.inf
+    left = None if converged else estimate_iterations_left(changes, cfg.tol)
+    return {"converged": converged, "n_iter": it + 1, "change": last, "iterations_left": left}

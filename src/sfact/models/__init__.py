@@ -1,9 +1,10 @@
-"""Model objects: :class:`SpatialFactorization`, its :class:`ModelSetup`, :class:`TrainingError`, :class:`ModelFileError`."""
+"""Model objects: :class:`SpatialFactorization`, its :class:`ModelSetup`, :class:`TrainingError`, :class:`ModelFileError`, :class:`ConvergenceWarning`."""
 
 from __future__ import annotations
 
 from .._exceptions import ModelFileError, TrainingError
+from ._convergence import ConvergenceWarning
 from ._model import SpatialFactorization
 from ._setup import ModelSetup
 
-__all__ = ["ModelFileError", "ModelSetup", "SpatialFactorization", "TrainingError"]
+__all__ = ["ConvergenceWarning", "ModelFileError", "ModelSetup", "SpatialFactorization", "TrainingError"]

@@ -384,13 +384,23 @@ class TrainingMixin:
         device
             Move the model to this device first (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``).
         progress_bar
-            Show a progress bar with the ELBO; defaults to :attr:`sfact.settings.progress_bar`.
+            Show a progress bar with the ELBO, its relative change against ``tol`` and the time
+            left estimated from that change (``?`` while there is no trend to go by; the bar has
+            no total, as training ends at convergence rather than at ``max_iter``), then a
+            one-line summary (iterations, converged or not, time, ELBO; an info message at
+            verbosity 2 or more); defaults to :attr:`sfact.settings.progress_bar`.
         callback
             Called as ``callback(iteration, elbo_per_entry)`` after every iteration.
 
         Returns
         -------
         The model itself, trained.
+
+        Warns
+        -----
+        sfact.models.ConvergenceWarning
+            When training stops at ``max_iter`` before converging, with advice (a larger
+            ``max_iter``, or calling ``train`` again to continue).
 
         Raises
         ------
@@ -476,6 +486,7 @@ class TrainingMixin:
         )
         self.module.train()
         show = settings.progress_bar if progress_bar is None else progress_bar
+        t_before = float(self.history_.time[-1]) if self.history_.time else 0.0
         result = train_loop(
             self.module,
             self._data,
@@ -506,9 +517,35 @@ class TrainingMixin:
         }
         if search is not None:
             self.train_info["lengthscale_search"] = search
-        if not self.converged and max_iter > 0:
-            logg.info(
-                f"    not converged after {result['n_iter']} iterations (tol={tol}); call `train` again to continue."
-            )
+        self._end_of_training(result, cfg, shown=show, seconds=self.train_info["train_time_s"] - t_before)
         logg.info("    finished", time=start)
         return self
+
+    def _end_of_training(self, result: dict, cfg, *, shown: bool, seconds: float) -> None:
+        """The summary line of every fit, and a warning with advice when it stopped unconverged."""
+        from .._logging import summary
+        from ._convergence import fit_summary, warn_not_converged
+
+        if cfg.max_iter == 0:
+            return
+        n_iter, n_total = int(result["n_iter"]), len(self.history_)
+        elbo = float(self.history_.elbo[-1]) if n_total else None
+        line = fit_summary(
+            self.prior,
+            n_iter=n_iter,
+            n_total=n_total,
+            converged=self.converged,
+            seconds=seconds,
+            elbo=elbo,
+            max_iter=cfg.max_iter,
+        )
+        summary(line, shown=shown)
+        if not self.converged:
+            warn_not_converged(
+                n_iter=n_iter,
+                n_total=n_total,
+                max_iter=cfg.max_iter,
+                tol=cfg.tol,
+                change=float(result.get("change", float("inf"))),
+                left=result.get("iterations_left"),
+            )

@@ -230,13 +230,23 @@ def train(
                 _say(f"iteration {iteration}: ELBO per entry {elbo:.6g}")
 
         report(epoch=0, max_epoch=tr.max_iter, message="training")
-        model.train(**tr.train_kwargs(), progress_bar=False, callback=callback)
+        import warnings
+
+        from sfact.models import ConvergenceWarning
+
+        with warnings.catch_warnings():
+            # the model's advice (call `model.train` again) is not the CLI's: this stage logs its own
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model.train(**tr.train_kwargs(), progress_bar=False, callback=callback)
         n_run = len(model.history_) - n0
         elbo = float(model.history_.elbo[-1]) if len(model.history_) else None
+        seconds = float(model.train_info.get("train_time_s", 0.0))
         _say(
-            f"trained {n_run} iterations ({len(model.history_)} in all), "
+            f"trained {n_run} iterations ({len(model.history_)} in all) in {seconds:.1f} s, "
             f"{'converged' if model.converged else 'not converged'}, ELBO per entry {elbo}"
         )
+        if not model.converged and n_run > 0:
+            _log_not_converged(model, tr, prior, config_file)
         # the factor order is set once, here, before the model is saved: by descending Moran's I
         report(epoch=n_run, max_epoch=tr.max_iter, elbo=elbo, message="ordering the factors by Moran's I")
         import numpy as np
@@ -298,6 +308,24 @@ def train(
             "device": str(model.device),
             **(checks or {}),
         }
+
+
+def _log_not_converged(model: Any, tr: Any, prior: str, config_file: str | None) -> None:
+    """A warning in the job's log when training stopped at ``training.max_iter`` unconverged, with the CLI's advice."""
+    from sfact import _logging as logg
+    from sfact._core.train import TrainConfig, relative_change
+
+    change = relative_change(model.history_.elbo, TrainConfig().window)
+    finite = change < float("inf")
+    how = (
+        f"the ELBO still changes by {change:.1e} per iteration (relative)" if finite else "too few iterations"
+    )
+    cfg_file = config_file or "<config>"
+    logg.warning(
+        f"training {prior} stopped at `training.max_iter: {tr.max_iter}` before converging ({how}, "
+        f"`training.tol: {tr.tol:g}`): raise `training.max_iter` in the config and train again with "
+        f"--force, or continue from the saved model with `sfact train -c {cfg_file} --prior {prior} --resume`."
+    )
 
 
 def analyze(

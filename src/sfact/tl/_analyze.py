@@ -537,6 +537,7 @@ def _analyze(
 ) -> None:
     """Compute, then write, per-group loadings and enrichment (with ``group_key``) in one transaction."""
     from .._logging import progress_bar as progress_bar_
+    from .._logging import set_status
     from .._settings import settings
     from ._groups import gene_enrichment, group_loadings
 
@@ -557,7 +558,7 @@ def _analyze(
         if steps:
             bar.update()
         steps.append(name)
-        bar.set_postfix_str(name)
+        set_status(bar, name)
 
     deep = (
         f"added\n    '{keys.factors}', '{keys.scales}' (adata.obsm)\n    '{keys.loadings}' (adata.varm)\n"
