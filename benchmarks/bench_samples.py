@@ -54,6 +54,8 @@ FITS = {
     "svgp per section (own loadings)": ("svgp", {}, "separate"),
     "svgp, sample_key (default: sections' correlation chosen)": ("svgp", {}, "sample_key"),
     "lcgp, sample_key (default: sections' correlation chosen)": ("lcgp", {}, "sample_key"),
+    "svgp, sample_key, gene offsets": ("svgp", {"_gene_offsets": True}, "sample_key"),
+    "lcgp, sample_key, gene offsets": ("lcgp", {"_gene_offsets": True}, "sample_key"),
     "svgp, sample_key, independent sections": ("svgp", {"sample_distance": None}, "sample_key"),
     "lcgp, sample_key, independent sections": ("lcgp", {"sample_distance": None}, "sample_key"),
     "svgp, sample_key, sample_distance=0.2": ("svgp", {"sample_distance": 0.2}, "sample_key"),
@@ -137,6 +139,8 @@ def one_fit(job: tuple) -> dict:
 
     sfact.settings.progress_bar = False
     prior, kwargs, mode = FITS[label]
+    kwargs = dict(kwargs)
+    model_kw = {"gene_offsets": kwargs.pop("_gene_offsets")} if "_gene_offsets" in kwargs else {}
     adata, L = load(dataset, sample_key=mode == "sample_key")
     train, test = sfact.tl.heldout_split(adata, fraction=0.05, random_state=SEED)
     t0 = time.perf_counter()
@@ -156,6 +160,7 @@ def one_fit(job: tuple) -> dict:
             n_factors=L,
             group_key=mode if mode == "sample" else None,
             prior_kwargs=kwargs or None,
+            **model_kw,
             random_state=SEED,
             device="cpu",
         ).train(max_iter=max_iter)
@@ -206,7 +211,12 @@ def format_table(records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--datasets", nargs="+", default=["sim4", "prostate", "serial"], choices=["sim4", "prostate", "serial"])
+    p.add_argument(
+        "--datasets",
+        nargs="+",
+        default=["sim4", "prostate", "serial"],
+        choices=["sim4", "prostate", "serial"],
+    )
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--max-iter", type=int, default=1000)
     p.add_argument("--quick", action="store_true")

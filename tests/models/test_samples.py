@@ -196,7 +196,7 @@ def test_a_new_sample_is_fitted_to_its_counts_and_smoothed_over_its_coordinates(
         model.fit_new_sample(train[:20])
     mu, var = model.fit_new_sample(new)
     assert mu.shape == var.shape == (new.n_obs, 3) and (var > 0).all()
-    raw, _ = count_marginals(model, new)
+    raw, _ = count_marginals(model, new, known_samples=False)
     truth = new.obsm["log_factors_true"]
 
     def recovery(est):

@@ -26,7 +26,10 @@ from .priors import Prior, PriorInput
 ModuleLoadingsMode = Literal["multiplicative", "projected", "fixed"]
 MODULE_LOADINGS_MODES = (*LOADINGS_MODES, "fixed")
 
-__all__ = ["ELBO_MODES", "ElboTerms", "FactorModule", "sparse_log_rate"]
+__all__ = ["ELBO_MODES", "GENE_OFFSET_PSEUDOCOUNT", "ElboTerms", "FactorModule", "sparse_log_rate"]
+
+#: ``a`` of the gene offsets' Gamma(a + 1, a) prior (pseudo-counts towards an offset of 1)
+GENE_OFFSET_PSEUDOCOUNT = 10.0
 
 
 @dataclass
@@ -159,6 +162,95 @@ class FactorModule(nn.Module):
         """Clamp ``W`` in place to its floor (after an Adam step in ``projected`` mode)."""
         self.W.clamp_(min=self.w_floor)
 
+    @property
+    def has_gene_offsets(self) -> bool:
+        """Whether the rates carry a per-sample gene offset ``g_{s(n),d}`` (:meth:`enable_gene_offsets`)."""
+        return hasattr(self, "gene_offset")
+
+    def enable_gene_offsets(
+        self, sample_totals: Tensor, sample_weights: Tensor, pseudocount: float = GENE_OFFSET_PSEUDOCOUNT
+    ) -> None:
+        """Give the rates a per-sample gene offset: ``λ_nd = s_n g_{s(n),d} Σ_l W_dl e^{F_nl}``.
+
+        ``g`` (S x D) starts at 1 and is updated in closed form after the loadings
+        (:meth:`update_gene_offsets`): ``g_sd = (Y_sd + a) / (Σ_{n in s} E[λ_nd]/g_sd + a)``, the
+        maximizer of the expected log-likelihood times a Gamma(a + 1, a) prior with mode 1
+        (``a`` the ``pseudocount``: genes with few counts in a sample stay near 1); then every
+        gene's offsets are divided by their geometric mean over samples (weights
+        ``sample_weights``), which goes into ``W`` — the rates are unchanged and ``W`` stays the
+        loadings of an average sample.
+
+        Parameters
+        ----------
+        sample_totals
+            ``Y_sd``: the counts of every gene summed over each sample's training cells (S x D).
+        sample_weights
+            Weight of each sample in the normalization (S,), e.g. its share of the cells.
+        pseudocount
+            ``a``.
+        """
+        S, D = sample_totals.shape
+        L = self.n_factors
+        ref = self.W
+        self.register_buffer("gene_offset", torch.ones(S, D, dtype=ref.dtype, device=ref.device))
+        self.register_buffer("offset_totals", sample_totals.to(device=ref.device, dtype=ref.dtype))
+        w = sample_weights.to(device=ref.device, dtype=ref.dtype)
+        self.register_buffer("offset_weights", w / w.sum())
+        self.register_buffer("mm_den_sample", torch.zeros(S, L, dtype=ref.dtype, device=ref.device))
+        self.register_buffer(
+            "offset_pseudocount", torch.tensor(float(pseudocount), dtype=ref.dtype, device=ref.device)
+        )
+
+    def _offset_loadings(self, W: Tensor, genes: Tensor | None) -> Tensor:
+        """``Σ_d g_sd W_dl`` (S x L) over all genes or the batch's ``genes``."""
+        if genes is None:
+            return self.gene_offset @ W
+        return self.gene_offset[:, genes] @ W[genes]
+
+    def _sample_stats(self, mu: Tensor, var: Tensor, s: Tensor, sample: Tensor) -> Tensor:
+        """``Σ_{n in s} s_n e^{μ_nl+σ²_nl/2}`` of the batch, per sample (S x L)."""
+        E = s[:, None] * torch.exp(mu + 0.5 * var)
+        return torch.zeros_like(self.mm_den_sample).index_add_(0, sample, E)
+
+    @torch.no_grad()
+    def update_gene_offsets(
+        self,
+        mu: Tensor | None = None,
+        var: Tensor | None = None,
+        s: Tensor | None = None,
+        sample: Tensor | None = None,
+        *,
+        rho: float = 1.0,
+        scale: float = 1.0,
+        genes: Tensor | None = None,
+    ) -> None:
+        """Closed-form update of the gene offsets with ``q`` and ``W`` fixed (see :meth:`enable_gene_offsets`).
+
+        With a batch (``mu``, ``var``, ``s``, ``sample``) its per-sample statistics first enter
+        the running average (``rho``, ``scale`` as in :meth:`multiplicative_update`); without,
+        the running statistics of the last loadings update are used. ``genes``: update only
+        these (gene-subsampled steps).
+        """
+        if mu is not None:
+            self._accumulate_sample_stats(self._sample_stats(mu, var, s, sample) * scale, rho)
+            self.mm_initialized.fill_(True)
+        W = self.loadings()
+        rows = slice(None) if genes is None else genes
+        a = self.offset_pseudocount
+        lam = (self.mm_den_sample @ W[rows].T).clamp_min(0.0)  # (S, D_b): Σ_{n in s} E[λ_nd] / g_sd
+        g = (self.offset_totals[:, rows] + a) / (lam + a)
+        c = torch.exp((self.offset_weights[:, None] * torch.log(g)).sum(0))  # geometric mean per gene
+        if not (torch.isfinite(g).all() and torch.isfinite(c).all()):
+            raise FloatingPointError("non-finite gene offsets")
+        self.gene_offset[:, rows] = g / c
+        self.set_loadings(W[rows] * c[:, None], rows)
+
+    def _accumulate_sample_stats(self, A: Tensor, rho: float) -> None:
+        if rho >= 1.0 or not bool(self.mm_initialized):
+            self.mm_den_sample.copy_(A)
+        else:
+            self.mm_den_sample.mul_(1 - rho).add_(rho * A)
+
     def param_groups(self) -> list[tuple[float, list[nn.Parameter]]]:
         """Trainable parameters by learning-rate multiplier, ascending; module order within a group.
 
@@ -182,13 +274,23 @@ class FactorModule(nn.Module):
         n_samples: int = 1,
         generator: torch.Generator | None = None,
         gene_scale: float = 1.0,
+        sample: Tensor | None = None,
     ) -> Tensor:
         """``Σ_{n in batch} E_q[log p(y_n | F_n)]`` (genes subsampled and rescaled by ``gene_scale``).
 
         Includes the ``-log y!`` constant so values are comparable to a true log-likelihood.
+        ``sample``: the sample code of every cell of the batch (with gene offsets).
         """
         return self._expected_loglik(
-            mu, var, s, batch, mode=mode, n_samples=n_samples, generator=generator, gene_scale=gene_scale
+            mu,
+            var,
+            s,
+            batch,
+            mode=mode,
+            n_samples=n_samples,
+            generator=generator,
+            gene_scale=gene_scale,
+            sample=sample,
         )[0]
 
     def _expected_loglik(
@@ -202,15 +304,26 @@ class FactorModule(nn.Module):
         n_samples: int,
         generator: torch.Generator | None,
         gene_scale: float,
+        sample: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """:meth:`expected_loglik` and ``Σ_n y_nd φ_ndl`` (``lower-bound`` mode, else ``None``)."""
         W = self.loadings()
         r, c, y = batch.rows, batch.cols, batch.values
-        Wsum = W.sum(0) if batch.genes is None else W[batch.genes].sum(0)
+        offsets = self.has_gene_offsets
+        if offsets and sample is None:
+            raise ValueError("A model with gene offsets needs the sample of every cell.")
+        if offsets:
+            # Σ_d g_{s(n),d} W_dl per cell, and the offsets' share of log λ at the non-zeros
+            Wsum_cell = self._offset_loadings(W, batch.genes)[sample]  # (B, L)
+            t_off = (y * torch.log(self.gene_offset[sample[r], c])).sum()
+        else:
+            Wsum = W.sum(0) if batch.genes is None else W[batch.genes].sum(0)
+            t_off = 0.0
         num = None
         if mode == "lower-bound":
             t1, num = sparse_log_rate(mu, W, batch)  # num: Σ_n y_nd φ_ndl, reused by the W update
-            t2 = ((s[:, None] * torch.exp(mu + 0.5 * var)).sum(0) * Wsum).sum()
+            E = s[:, None] * torch.exp(mu + 0.5 * var)
+            t2 = (E * Wsum_cell).sum() if offsets else (E.sum(0) * Wsum).sum()
         elif mode in ("expanded", "simple"):
             gen_device = mu.device if generator is None else generator.device
             eps = torch.randn(
@@ -219,17 +332,19 @@ class FactorModule(nn.Module):
             F = mu + torch.sqrt(var) * eps  # (E, B, L)
             logW = torch.log(W)
             t1 = (y * torch.logsumexp(F[:, r] + logW[c], dim=-1)).sum(-1).mean(0)
-            if mode == "simple":
-                t2 = ((s[:, None] * torch.exp(F)).sum(1).mean(0) * Wsum).sum()
-            else:
-                t2 = ((s[:, None] * torch.exp(mu + 0.5 * var)).sum(0) * Wsum).sum()
+            E = (
+                (s[:, None] * torch.exp(F)).mean(0)
+                if mode == "simple"
+                else s[:, None] * torch.exp(mu + 0.5 * var)
+            )
+            t2 = (E * Wsum_cell).sum() if offsets else (E.sum(0) * Wsum).sum()
         else:
             raise ValueError(f"`elbo_mode` must be one of {ELBO_MODES}, received {mode!r}.")
         if batch.row_totals is not None and batch.genes is None:
             t0 = (batch.row_totals * torch.log(s)).sum() - batch.lgamma_sum
         else:
             t0 = (y * torch.log(s[r])).sum() - torch.lgamma(y + 1).sum()
-        return (t1 + t0 - t2) * gene_scale, num
+        return (t1 + t_off + t0 - t2) * gene_scale, num
 
     def elbo(
         self,
@@ -242,11 +357,23 @@ class FactorModule(nn.Module):
         generator: torch.Generator | None = None,
         gene_scale: float = 1.0,
         kl_weight: float = 1.0,
+        sample: Tensor | None = None,
     ) -> ElboTerms:
-        """Unbiased mini-batch estimate of the full-data ELBO (see :class:`ElboTerms`)."""
+        """Unbiased mini-batch estimate of the full-data ELBO (see :class:`ElboTerms`).
+
+        ``sample``: the sample code of every cell of the batch (models with gene offsets).
+        """
         mu, var = self.prior.marginals(inp)
         ll, num = self._expected_loglik(
-            mu, var, s, batch, mode=mode, n_samples=n_samples, generator=generator, gene_scale=gene_scale
+            mu,
+            var,
+            s,
+            batch,
+            mode=mode,
+            n_samples=n_samples,
+            generator=generator,
+            gene_scale=gene_scale,
+            sample=sample,
         )
         ll = ll * (inp.n_total / inp.idx.numel())
         kl = self.prior.kl(inp)
@@ -263,6 +390,7 @@ class FactorModule(nn.Module):
         rho: float = 1.0,
         scale: float = 1.0,
         numerator: Tensor | None = None,
+        sample: Tensor | None = None,
     ) -> None:
         """KL-NMF majorize-minimize step of ``W`` with ``q`` fixed.
 
@@ -271,7 +399,10 @@ class FactorModule(nn.Module):
         the Jensen surrogate, so with ``rho=1`` the lower bound never decreases. With ``rho<1``
         the statistics are running averages over mini-batches (stochastic MM); ``scale`` (N/B)
         puts each batch's statistics on the full-data scale. ``numerator``: ``Σ_n y_nd φ_ndl``
-        if already at hand (:attr:`ElboTerms.mm_numerator`), else computed here.
+        if already at hand (:attr:`ElboTerms.mm_numerator`), else computed here. With gene offsets
+        (``sample``: the batch's sample codes) the denominator is
+        ``Σ_s g_sd Σ_{n in s} s_n e^{μ_nl+σ²_nl/2}`` and the offsets are updated right after
+        (:meth:`update_gene_offsets`).
         """
         W = self.loadings()
         r, c, y = batch.rows, batch.cols, batch.values
@@ -285,6 +416,11 @@ class FactorModule(nn.Module):
             rows = batch.genes
         else:
             rows = slice(None)
+        offsets = self.has_gene_offsets
+        if offsets:
+            if sample is None:
+                raise ValueError("A model with gene offsets needs the sample of every cell.")
+            self._accumulate_sample_stats(self._sample_stats(mu, var, s, sample) * scale, rho)
         if rho >= 1.0 or not bool(self.mm_initialized):
             self.mm_num[rows] = num[rows]
             self.mm_den.copy_(den)
@@ -292,10 +428,16 @@ class FactorModule(nn.Module):
         else:
             self.mm_num[rows] = (1 - rho) * self.mm_num[rows] + rho * num[rows]
             self.mm_den.mul_(1 - rho).add_(rho * den)
-        W_new = self.mm_num[rows] / self.mm_den.clamp_min(1e-30)
+        if offsets:
+            den_dl = self.gene_offset[:, rows].T @ self.mm_den_sample  # (D_b, L)
+            W_new = self.mm_num[rows] / den_dl.clamp_min(1e-30)
+        else:
+            W_new = self.mm_num[rows] / self.mm_den.clamp_min(1e-30)
         if not torch.isfinite(W_new).all():
             raise FloatingPointError("non-finite loadings in the multiplicative update")
         self.set_loadings(W_new, rows)
+        if offsets:
+            self.update_gene_offsets(genes=batch.genes)
 
     @torch.no_grad()
     def reorder(self, perm: Tensor) -> None:
@@ -304,3 +446,5 @@ class FactorModule(nn.Module):
         self.W.copy_(self.W[:, perm])
         self.mm_num.copy_(self.mm_num[:, perm])
         self.mm_den.copy_(self.mm_den[perm])
+        if self.has_gene_offsets:
+            self.mm_den_sample.copy_(self.mm_den_sample[:, perm])

@@ -32,6 +32,7 @@ class TrainData:
     s: Tensor  # (N,) size factors
     X: Tensor | None = None  # (N, p) scaled coordinates
     groups: Tensor | None = None  # (N,) group codes
+    sample: Tensor | None = None  # (N,) sample codes (models with gene offsets)
 
     @property
     def n_obs(self) -> int:
@@ -284,6 +285,7 @@ def train_loop(
                 batch = data.counts.batch(None if B >= N else idx, genes)
             inp = data.prior_input(idx)
             s_b = data.s[idx]
+            smp = None if data.sample is None else data.sample[idx]
             terms = module.elbo(
                 inp,
                 s_b,
@@ -293,6 +295,7 @@ def train_loop(
                 generator=generator,
                 gene_scale=gene_scale,
                 kl_weight=cfg.kl_weight,
+                sample=smp,
             )
             loss = -terms.elbo / n_entries
             if not torch.isfinite(loss):
@@ -307,6 +310,16 @@ def train_loop(
             module.prior.after_step()
             if module.loadings_mode == "projected":
                 module.floor_loadings()
+                if module.has_gene_offsets:
+                    module.update_gene_offsets(
+                        terms.mu.detach(),
+                        terms.var.detach(),
+                        s_b,
+                        smp,
+                        rho=rho,
+                        scale=N / idx.numel(),
+                        genes=batch.genes,
+                    )
             elif module.loadings_mode == "multiplicative":
                 try:
                     module.multiplicative_update(
@@ -317,6 +330,7 @@ def train_loop(
                         rho=rho,
                         scale=N / idx.numel(),
                         numerator=terms.mm_numerator,
+                        sample=smp,
                     )
                 except FloatingPointError as err:
                     raise TrainingError(

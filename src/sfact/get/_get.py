@@ -77,7 +77,7 @@ def top_genes(
     *,
     key: str = "sfact",
     n_genes: int = 10,
-    by: RankBy = "loading",
+    by: RankBy = "share",
     group: str | None = None,
 ) -> pd.DataFrame:
     """The top genes of each factor, as a long table.
@@ -91,8 +91,9 @@ def top_genes(
     n_genes
         Genes per factor.
     by
-        ``"loading"`` ranks by the loading ``W_dl`` (how much of the factor's expression the gene
-        carries); ``"share"`` by ``W_dl / Σ_l W_dl`` (how specific the gene is to the factor).
+        ``"share"`` (default, as in the gene plots of :mod:`sfact.pl`) ranks by
+        ``W_dl / Σ_l W_dl`` (how specific the gene is to the factor); ``"loading"`` by the loading
+        ``W_dl`` (how much of the factor's expression the gene carries).
     group
         Rank one group's loadings (from :func:`sfact.tl.group_loadings`).
 

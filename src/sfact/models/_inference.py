@@ -149,9 +149,9 @@ def new_sample_marginals(
     labels = adata.obs[setup.sample_key].astype(str).to_numpy()
     prior = model.module.prior
     if not prior.spatial:  # pnmf: the factors of new cells, whatever their sample
-        return count_marginals(model, adata, max_iter=max_iter)
+        return count_marginals(model, adata, max_iter=max_iter, known_samples=False)
     # 1. factors from the counts, loadings fixed (a per-cell prior)
-    mu0, var0 = count_marginals(model, adata, max_iter=max_iter)
+    mu0, var0 = count_marginals(model, adata, max_iter=max_iter, known_samples=False)
     mu0, var0 = torch.as_tensor(mu0), torch.as_tensor(var0).clamp_min(1e-6)
     # 2. smoothed over each new sample's own coordinates by the model's spatial prior
     coords = get_coordinates(adata, setup.spatial_key)
@@ -203,11 +203,14 @@ def new_sample_marginals(
 
 
 def count_marginals(
-    model: SpatialFactorization, adata: AnnData, *, max_iter: int = 300
+    model: SpatialFactorization, adata: AnnData, *, max_iter: int = 300, known_samples: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(mu, var)`` of cells fitted to their counts with the model's loadings fixed.
 
-    A per-cell prior: the ``pnmf`` prior, with the model's options for a ``pnmf`` model.
+    A per-cell prior: the ``pnmf`` prior, with the model's options for a ``pnmf`` model. A model
+    with gene offsets applies its samples' offsets to cells of those samples
+    (``known_samples``); a new sample's cells are fitted without offsets (those of an average
+    sample).
     """
     import torch
 
@@ -222,5 +225,12 @@ def count_marginals(
     module = make_module(per_cell, data.n_vars, "fixed", device=model.device, dtype=setup.dtype)
     with torch.no_grad():
         module.W.copy_(model.module.loadings())
+    offsets = model.gene_offsets_of(adata) if known_samples else None
+    if offsets is not None:
+        g, codes = offsets
+        module.enable_gene_offsets(torch.zeros(g.shape), torch.ones(g.shape[0]))
+        with torch.no_grad():
+            module.gene_offset.copy_(torch.as_tensor(g))
+        data.sample = torch.as_tensor(codes, device=data.s.device)
     mu, var = fit_new_factors(module, data, seed=setup.seed, max_iter=max_iter)
     return _numpy(mu), _numpy(var)

@@ -288,6 +288,10 @@ def _build_module(meta_path: Path, meta: dict[str, Any], setup: ModelSetup):
     try:
         prior = prior_class(setup.prior)(**meta["prior_config"])
         module = FactorModule(prior, setup.n_vars, loadings_mode=setup.loadings_mode)
+        if setup.gene_offsets:  # the buffers' shapes; their values come from model.pt
+            import torch
+
+            module.enable_gene_offsets(torch.zeros(setup.n_sample, setup.n_vars), torch.ones(setup.n_sample))
     except Exception as err:  # the prior's own checks (TypeError for unknown keys, ValueError, ...)
         problem = f"`prior_config` does not describe a {setup.prior!r} prior ({type(err).__name__}: {err})"
     if problem is not None:

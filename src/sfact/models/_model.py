@@ -76,9 +76,17 @@ class SpatialFactorization(TrainingMixin, ResultsMixin):
     sample_key
         Column of ``adata.obs`` with the sample (tissue section) of each cell; defaults to the one
         recorded by :func:`sfact.pp.prepare`, if any. The loadings are shared by all samples and
-        every sample has its own GP over its own coordinates (independent across samples; with
-        ``group_key`` as well, the multi-group kernel within each sample). Each sample needs at
-        least 10 cells; cells of samples the model was not trained on cannot be predicted.
+        every sample has its own GP over its own coordinates (independent or correlated across
+        samples: see ``sample_distance`` of the prior; with ``group_key`` as well, the
+        multi-group kernel within each sample). Each sample needs at least 10 cells; cells of
+        samples the model was not trained on are fitted with :meth:`fit_new_sample`.
+    gene_offsets
+        With several samples: give the rates a per-sample gene offset,
+        ``λ_nd = s_n g_{s(n),d} Σ_l W_dl exp(F_nl)`` (a gene detected more or less efficiently in
+        one section, a batch effect), fitted in closed form with the loadings and shrunk towards 1;
+        ``W`` stays the loadings of an average sample (see "Several samples" in the model docs).
+        ``None`` (default): the package default for several samples; ``True`` needs
+        ``sample_key``.
 
     Attributes
     ----------
@@ -125,6 +133,7 @@ class SpatialFactorization(TrainingMixin, ResultsMixin):
         device: str | None = None,
         random_state: int | np.random.Generator | None = 0,
         sample_key: str | None = None,
+        gene_offsets: bool | None = None,
     ):
         if device is not None:
             check_device(device)
@@ -142,6 +151,7 @@ class SpatialFactorization(TrainingMixin, ResultsMixin):
             prior_kwargs=prior_kwargs,
             random_state=random_state,
             sample_key=sample_key,
+            gene_offsets=gene_offsets,
         )
         self._init(setup, adata, (setup.scaled_coords(adata), setup.kernel_codes(adata)), device)
 

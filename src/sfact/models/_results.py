@@ -387,7 +387,55 @@ class ResultsMixin:
         s = self.setup.size_factors_of(adata, X)
         W = self.get_loadings()
         out = s[:, None] * (np.exp(mu + 0.5 * var) @ W.T)
+        offsets = self.gene_offsets_of(adata)
+        if offsets is not None:
+            out *= offsets[0][offsets[1]]
         return out if checked is None else checked.to_input_order(out)
+
+    def get_gene_offsets(self) -> np.ndarray | None:
+        """The per-sample gene offsets ``g`` (samples x genes, model order), or ``None`` without them.
+
+        With ``gene_offsets`` the rates are ``s_n g_{s(n),d} Σ_l W_dl exp(F_nl)``; every gene's
+        offsets have geometric mean 1 over the samples (weighted by their cells), so
+        :meth:`get_loadings` are those of an average sample.
+
+        Returns
+        -------
+        A float64 array (S, D), rows in ``setup.sample_categories`` order, or ``None``.
+
+        Examples
+        --------
+        >>> g = model.get_gene_offsets()  # doctest: +SKIP
+        """
+        self._require_trained()
+        if not getattr(self.module, "has_gene_offsets", False):
+            return None
+        return self.module.gene_offset.detach().cpu().double().numpy()
+
+    def gene_offsets_of(self, adata: AnnData) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(g, codes)`` for rates of the cells of ``adata``: the offsets and each cell's sample code.
+
+        ``None`` for a model without gene offsets. Cells of a sample the model was not trained on
+        raise (their offsets are unknown: :meth:`fit_new_sample` gives their factors).
+
+        Parameters
+        ----------
+        adata
+            Cells of the model's samples.
+
+        Returns
+        -------
+        ``(g, codes)``: a float64 (S, D) array and an int64 (n,) array, or ``None``.
+
+        Examples
+        --------
+        >>> g, codes = model.gene_offsets_of(adata)  # doctest: +SKIP
+        >>> rates_factor = g[codes]  # (n, D): each cell's own sample's offsets  # doctest: +SKIP
+        """
+        g = self.get_gene_offsets()
+        if g is None:
+            return None
+        return g, self.setup.sample_codes(adata)
 
     def reorder_factors(self, order: np.ndarray) -> None:
         """Permute the factors everywhere in the model (``order[k]`` is the old index of factor k).

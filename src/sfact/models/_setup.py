@@ -41,6 +41,8 @@ _PREPARE_KEY = "sfact_prepare"  # sfact.pp.prepare's record in adata.uns
 #: distance between the kernel coordinates of two samples: with the multi-group kernel's
 #: ν = 1 / (α d² + 1) ≈ 1e-6 (α = 1), cells of different samples are independent a priori
 SAMPLE_DISTANCE = 1000.0
+#: ``gene_offsets=None``: whether models of several samples get per-sample gene offsets
+GENE_OFFSETS_DEFAULT = True
 #: fewest cells a sample needs
 MIN_SAMPLE_CELLS = 10
 
@@ -157,6 +159,9 @@ class ModelSetup:
         Column of ``adata.obs`` with the samples (tissue sections), or ``None``.
     sample_categories
         The samples seen in training, in code order, or ``None``.
+    gene_offsets
+        Whether the rates carry a per-sample gene offset (several samples; see
+        :class:`~sfact.models.SpatialFactorization`).
 
     Examples
     --------
@@ -185,6 +190,7 @@ class ModelSetup:
     dtype: str
     sample_key: str | None = None
     sample_categories: tuple[str, ...] | None = None
+    gene_offsets: bool = False
 
     def __post_init__(self) -> None:
         # tuples for the sequences, so the frozen object is really read-only where it matters
@@ -356,6 +362,7 @@ class ModelSetup:
         prior_kwargs: dict[str, Any] | None,
         random_state: Any,
         sample_key: str | None = None,
+        gene_offsets: bool | None = None,
     ) -> ModelSetup:
         """Validate the training data and the arguments of :class:`~sfact.models.SpatialFactorization`.
 
@@ -367,7 +374,7 @@ class ModelSetup:
         ----------
         adata
             The training cells.
-        prior, n_factors, layer, spatial_key, group_key, size_factors, elbo_mode, loadings_mode, n_samples, prior_kwargs, random_state, sample_key
+        prior, n_factors, layer, spatial_key, group_key, size_factors, elbo_mode, loadings_mode, n_samples, prior_kwargs, random_state, sample_key, gene_offsets
             As for :class:`~sfact.models.SpatialFactorization`.
 
         Returns
@@ -435,6 +442,16 @@ class ModelSetup:
             sample_categories, sample_labels = _samples(adata, sample_key, prior_family(prior))
         if prior_family(prior) != "pnmf":
             _check_locations(coords, spatial_key, prior, sample_key, sample_labels)
+        n_sample = len(sample_categories or [None])
+        if gene_offsets is None:
+            gene_offsets = n_sample > 1 and GENE_OFFSETS_DEFAULT
+        elif not isinstance(gene_offsets, (bool, np.bool_)):
+            raise TypeError(f"`gene_offsets` must be True, False or None, received {gene_offsets!r}.")
+        elif gene_offsets and n_sample < 2:
+            raise ValueError(
+                "`gene_offsets=True` needs several samples: pass `sample_key=` (a column of `adata.obs` "
+                "with at least two samples), or leave `gene_offsets=None`."
+            )
         prepared = prep.get("spatial_key", None) == spatial_key and "factor" in prep
         if prepared and sample_key is not None and prep.get("sample_key") != sample_key:
             prepared = False  # scaled without these samples: scale them here
@@ -492,6 +509,7 @@ class ModelSetup:
             dtype=settings.dtype,
             sample_key=sample_key,
             sample_categories=sample_categories,
+            gene_offsets=bool(gene_offsets),
         )
 
     def prior_config(self) -> Any:

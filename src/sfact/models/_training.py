@@ -163,14 +163,26 @@ class TrainingMixin:
         if not with_inputs:
             return TrainData(counts=counts, s=s)
         coords, groups = self._training_tensors()
-        return TrainData(counts=counts, s=s, X=coords, groups=groups)
+        return TrainData(counts=counts, s=s, X=coords, groups=groups, sample=self._sample_tensor())
+
+    def _sample_tensor(self):
+        """The sample code of every training cell on the device (models with gene offsets), else ``None``."""
+        if not self.setup.gene_offsets:
+            return None
+        import torch
+
+        if self.adata is None:
+            raise RuntimeError("Training a model with gene offsets needs its training data (`adata`).")
+        return torch.as_tensor(self.setup.sample_codes(self.adata), device=self.device)
 
     def _shared_data(self, start: _SharedStart):
         """The training data from a shared start: its counts and size factors, this model's inputs."""
         from .._core.train import TrainData
 
         coords, groups = self._training_tensors()
-        return TrainData(counts=start.counts, s=start.s, X=coords, groups=groups)
+        return TrainData(
+            counts=start.counts, s=start.s, X=coords, groups=groups, sample=self._sample_tensor()
+        )
 
     def _initialize(self, data, init_iter: int) -> None:
         from .._core.factory import make_module, make_prior
@@ -203,6 +215,15 @@ class TrainingMixin:
             sample_of_group=setup.sample_of_group(),
         )
         module = make_module(prior, data.n_vars, setup.loadings_mode, device=self.device, dtype=setup.dtype)
+        if setup.gene_offsets:
+            import torch
+
+            c = data.counts
+            totals = torch.zeros(setup.n_sample, c.n_vars, dtype=c.values.dtype, device=c.values.device)
+            totals.index_put_((data.sample[c.row_of], c.indices), c.values, accumulate=True)
+            module.enable_gene_offsets(
+                totals, torch.bincount(data.sample, minlength=setup.n_sample).to(totals)
+            )
         initialize(module, data, init_iter, self._generator, start=start)
         self.module = module
 
@@ -305,9 +326,7 @@ class TrainingMixin:
         if auto_d:
             best = [np.inf if s is None else float(np.min(s.deviance)) for s in searches]
             j = int(np.argmin(best))
-            if np.isfinite(best[j]) and (
-                not np.isfinite(best[0]) or best[j] < best[0] * (1.0 - TOLERANCE)
-            ):
+            if np.isfinite(best[j]) and (not np.isfinite(best[0]) or best[j] < best[0] * (1.0 - TOLERANCE)):
                 pick = j
             cfg = dataclasses.replace(cfg, sample_distance=distances[pick])
             corr = 0.0 if pick == 0 else SAMPLE_CORRELATIONS[pick - 1]

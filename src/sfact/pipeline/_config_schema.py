@@ -147,8 +147,9 @@ class ModelConfig:
         Number of factors.
     size_factors
         ``"total"``, ``null`` or a column of ``obs``.
-    elbo_mode, loadings_mode, n_samples
-        See :class:`sfact.models.SpatialFactorization`.
+    elbo_mode, loadings_mode, n_samples, gene_offsets
+        See :class:`sfact.models.SpatialFactorization` (``gene_offsets``: per-sample gene
+        offsets with ``dataset.sample_key``; ``null`` is the package default).
     prior_kwargs
         Options of the prior (``num_inducing``, ``lengthscale``, ...). Each key is passed to the
         priors that have that option (it must be an option of at least one prior); a key that
@@ -162,6 +163,7 @@ class ModelConfig:
     elbo_mode: ElboMode = "lower-bound"
     loadings_mode: LoadingsMode = "multiplicative"
     n_samples: int = 4
+    gene_offsets: bool | None = None
     prior_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def prior_kwargs_for(self, prior: str) -> dict[str, Any]:
@@ -183,7 +185,7 @@ class ModelConfig:
         Returns
         -------
         ``prior``, ``n_factors``, ``size_factors``, ``elbo_mode``, ``loadings_mode``,
-        ``n_samples`` and ``prior_kwargs`` (the options of that prior only).
+        ``n_samples``, ``gene_offsets`` and ``prior_kwargs`` (the options of that prior only).
         :meth:`Config.model_kwargs` adds those set by the other sections.
         """
         prior = self.prior if prior is None else prior
@@ -196,6 +198,7 @@ class ModelConfig:
             "elbo_mode": self.elbo_mode,
             "loadings_mode": self.loadings_mode,
             "n_samples": self.n_samples,
+            "gene_offsets": self.gene_offsets,
             "prior_kwargs": self.prior_kwargs_for(prior),
         }
 

@@ -233,12 +233,19 @@ def _morans_i(
 
 
 def poisson_deviance_sparse(
-    Y, factors_expected: np.ndarray, W: np.ndarray, s: np.ndarray, *, batch_size: int = 10000
+    Y,
+    factors_expected: np.ndarray,
+    W: np.ndarray,
+    s: np.ndarray,
+    *,
+    batch_size: int = 10000,
+    offsets: tuple[np.ndarray, np.ndarray] | None = None,
 ):
     """Poisson deviance of counts ``Y`` against rates ``s_n Σ_l W_dl E_nl`` without a dense rate matrix.
 
     ``dev = 2 Σ_nd [y log(y/λ) − (y − λ)]`` = 2 (Σ_nz y log(y/λ) − Σ y + Σ λ), where
-    ``Σ_d λ_nd = s_n Σ_l E_nl Σ_d W_dl`` factorizes.
+    ``Σ_d λ_nd = s_n Σ_l E_nl Σ_d W_dl`` factorizes. ``offsets``: ``(g, codes)``, per-sample
+    gene offsets g (S x D) and every cell's sample code, for rates ``s_n g_{s(n),d} Σ_l W_dl E_nl``.
 
     Returns
     -------
@@ -250,6 +257,9 @@ def poisson_deviance_sparse(
     per_cell = np.zeros(N)
     per_gene = np.zeros(D)
     Wsum = W.sum(0)
+    if offsets is not None:
+        g, codes = np.asarray(offsets[0], dtype=np.float64), np.asarray(offsets[1])
+        gW = g @ W  # (S, L): Σ_d g_sd W_dl
     for start in range(0, N, batch_size):
         stop = min(start + batch_size, N)
         blk = Y[start:stop]
@@ -257,12 +267,21 @@ def poisson_deviance_sparse(
         rows = np.repeat(np.arange(stop - start), np.diff(blk.indptr))
         cols = blk.indices
         y = blk.data.astype(np.float64)
-        lam_nz = np.maximum(np.einsum("nl,nl->n", E[rows], W[cols]), 1e-300)
+        lam_nz = np.einsum("nl,nl->n", E[rows], W[cols])
+        if offsets is not None:
+            c = codes[start:stop]
+            lam_nz = lam_nz * g[c[rows], cols]
+        lam_nz = np.maximum(lam_nz, 1e-300)
         term = y * np.log(y / lam_nz) - y
         per_cell[start:stop] += np.bincount(rows, weights=term, minlength=stop - start)
         per_gene += np.bincount(cols, weights=term, minlength=D)
-        per_cell[start:stop] += E @ Wsum
-        per_gene += W @ E.sum(0)
+        if offsets is None:
+            per_cell[start:stop] += E @ Wsum
+            per_gene += W @ E.sum(0)
+        else:
+            per_cell[start:stop] += np.einsum("nl,nl->n", E, gW[c])
+            for k in np.unique(c):
+                per_gene += g[k] * (W @ E[c == k].sum(0))
     return 2 * per_cell, 2 * per_gene
 
 

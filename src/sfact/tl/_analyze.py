@@ -255,7 +255,9 @@ def compute_analysis(
     s = model.size_factors(adata, Y)
     expected = np.exp(mu + 0.5 * var)
     step("deviance")
-    dev_cell, dev_gene = poisson_deviance_sparse(Y, expected, W, s, batch_size=batch_size)
+    dev_cell, dev_gene = poisson_deviance_sparse(
+        Y, expected, W, s, batch_size=batch_size, offsets=model.gene_offsets_of(adata)
+    )
     step("reconstruction error")
     recon = reconstruction_error(Y, expected, W, s, batch_size=batch_size)
     params = {

@@ -28,6 +28,7 @@ def fit(
     spatial_key: str = "spatial",
     group_key: str | None = None,
     sample_key: str | None = None,
+    gene_offsets: bool | None = None,
     size_factors: str | None = "total",
     key_added: str = "sfact",
     max_iter: int = 1000,
@@ -93,6 +94,9 @@ def fit(
         Column of ``adata.obs`` with the samples (tissue sections): shared loadings, one GP per
         sample (see :class:`~sfact.models.SpatialFactorization`); defaults to the one recorded by
         :func:`sfact.pp.prepare`. Moran's I is then computed within each sample.
+    gene_offsets
+        With several samples: a per-sample gene offset in the rates (on by default; see
+        :class:`~sfact.models.SpatialFactorization`).
     size_factors
         ``None``, ``"total"`` or a column of ``adata.obs``; see
         :class:`~sfact.models.SpatialFactorization`.
@@ -231,6 +235,7 @@ def fit(
         device=device,
         random_state=random_state,
         sample_key=sample_key,
+        gene_offsets=gene_offsets,
     )
     start = logg.info(f"fitting sfact ({prior}, {n_factors} factors)")
     model.train(

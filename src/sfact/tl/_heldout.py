@@ -115,7 +115,9 @@ def heldout_deviance(model: SpatialFactorization, adata_test: AnnData, *, batch_
     mu, var = marginals(model, adata_test, batch_size, checked=True)
     Y = _adata_counts(adata_test, model.setup.layer)
     s = model.size_factors(adata_test, Y)
-    per_cell, _ = poisson_deviance_sparse(Y, np.exp(mu + 0.5 * var), model.get_loadings(), s)
+    per_cell, _ = poisson_deviance_sparse(
+        Y, np.exp(mu + 0.5 * var), model.get_loadings(), s, offsets=model.gene_offsets_of(adata_test)
+    )
     return float(per_cell.sum() / (adata_test.n_obs * adata_test.n_vars))
 
 
@@ -373,7 +375,9 @@ def validation_metrics(
         nn = np.asarray(nn).reshape(test.n_obs, k)
         mu, var = mu_tr[nn].mean(axis=1), var_tr[nn].mean(axis=1)
     s = model.size_factors(test, Yte)
-    per_cell, _ = poisson_deviance_sparse(Yte, np.exp(mu + 0.5 * var), model.get_loadings(), s)
+    per_cell, _ = poisson_deviance_sparse(
+        Yte, np.exp(mu + 0.5 * var), model.get_loadings(), s, offsets=model.gene_offsets_of(test)
+    )
     dev = float(per_cell.sum() / (test.n_obs * test.n_vars))
     base = baseline_deviance(Ytr, Yte)
     knn = knn_deviance(

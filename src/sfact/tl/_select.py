@@ -582,7 +582,9 @@ def _heldout(model: SpatialFactorization, train: AnnData, test: AnnData, spatial
     nn = nn.reshape(test.n_obs, k)
     expected = np.exp(mu[nn].mean(axis=1) + 0.5 * var[nn].mean(axis=1))
     Y = _adata_counts(test, None)
-    per_cell, _ = poisson_deviance_sparse(Y, expected, model.get_loadings(), model.size_factors(test, Y))
+    per_cell, _ = poisson_deviance_sparse(
+        Y, expected, model.get_loadings(), model.size_factors(test, Y), offsets=model.gene_offsets_of(test)
+    )
     return float(per_cell.sum() / (test.n_obs * test.n_vars))
 
 
