@@ -38,13 +38,11 @@ class CountBatch:
         if self.genes is not None:
             return self
         B = self.n_rows
-        counts = torch.bincount(self.rows, minlength=B)
-        crow = torch.zeros(B + 1, dtype=torch.int64, device=self.rows.device)
-        crow[1:] = torch.cumsum(counts, 0)
+        dev = self.rows.device
+        # row pointers by binary search of the sorted rows (bincount would wait for the device)
+        crow = torch.searchsorted(self.rows, torch.arange(B + 1, device=dev))
         t_perm = torch.argsort(self.cols, stable=True)
-        t_counts = torch.bincount(self.cols, minlength=n_vars)
-        t_crow = torch.zeros(n_vars + 1, dtype=torch.int64, device=self.rows.device)
-        t_crow[1:] = torch.cumsum(t_counts, 0)
+        t_crow = torch.searchsorted(self.cols[t_perm], torch.arange(n_vars + 1, device=dev))
         self.crow, self.t_perm, self.t_crow = crow, t_perm, t_crow
         return self
 
@@ -68,8 +66,11 @@ class SparseCounts:
         self.indptr = torch.as_tensor(X.indptr.astype(np.int64), device=self.device)
         self.indices = torch.as_tensor(X.indices.astype(np.int64), device=self.device)
         self.values = torch.as_tensor(X.data, dtype=dtype, device=self.device)
+        self.row_nnz = np.diff(X.indptr).astype(np.int64)  # non-zeros per row, on the host
         self.row_of = torch.repeat_interleave(
-            torch.arange(self.n_obs, device=self.device), self.indptr[1:] - self.indptr[:-1]
+            torch.arange(self.n_obs, device=self.device),
+            self.indptr[1:] - self.indptr[:-1],
+            output_size=int(X.nnz),
         )
         data64 = np.asarray(X.data, dtype=np.float64)
         from scipy.special import gammaln
@@ -87,9 +88,18 @@ class SparseCounts:
         self.nnz = int(X.nnz)
 
     def batch(
-        self, idx: Tensor | None, genes: Tensor | None = None, gene_mask: Tensor | None = None
+        self,
+        idx: Tensor | None,
+        genes: Tensor | None = None,
+        gene_mask: Tensor | None = None,
+        *,
+        n_nonzero: int | None = None,
     ) -> CountBatch:
-        """Non-zeros of rows ``idx`` (all rows when ``None``), restricted to ``genes`` if given."""
+        """Non-zeros of rows ``idx`` (all rows when ``None``), restricted to ``genes`` if given.
+
+        ``n_nonzero``: the number of non-zeros of rows ``idx``, if known on the host (on a GPU,
+        gathering the rows without it waits for the device to count them).
+        """
         if idx is None:
             idx_t = torch.arange(self.n_obs, device=self.device)
             rows, cols, vals = self.row_of, self.indices, self.values
@@ -97,7 +107,9 @@ class SparseCounts:
             idx_t = idx
             starts = self.indptr[idx_t]
             lens = self.indptr[idx_t + 1] - starts
-            rows = torch.repeat_interleave(torch.arange(idx_t.numel(), device=self.device), lens)
+            rows = torch.repeat_interleave(
+                torch.arange(idx_t.numel(), device=self.device), lens, output_size=n_nonzero
+            )
             offsets = torch.cumsum(lens, 0) - lens
             pos = torch.arange(rows.numel(), device=self.device) - offsets[rows] + starts[rows]
             cols, vals = self.indices[pos], self.values[pos]
@@ -127,14 +139,17 @@ class SparseCounts:
         """Split the cells into fixed random blocks of ``batch_size`` with their CSR structures.
 
         Built once per training call, so a step needs no gathering or sorting of non-zeros;
-        an epoch visits the blocks in a new random order.
+        an epoch visits the blocks in a new random order. The permutation is drawn on the host
+        (``generator`` is a CPU generator), which gives every block's size without a sync.
         """
         N = self.n_obs
         if batch_size >= N:
             return [self.full_batch()]
-        perm = torch.randperm(N, generator=generator).to(self.device)
+        perm_host = torch.randperm(N, generator=generator)
+        perm, perm_np = perm_host.to(self.device), perm_host.numpy()
         out = []
         for start in range(0, N, batch_size):
             idx = torch.sort(perm[start : start + batch_size]).values  # CSR order within the block
-            out.append(self.batch(idx).with_csr(self.n_vars))
+            n_nonzero = int(self.row_nnz[perm_np[start : start + batch_size]].sum())
+            out.append(self.batch(idx, n_nonzero=n_nonzero).with_csr(self.n_vars))
         return out

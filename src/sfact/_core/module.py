@@ -12,6 +12,7 @@ costs O(nnz·L + (N+D)·L) and never forms a dense rate matrix.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -223,16 +224,24 @@ class FactorModule(nn.Module):
         rho: float = 1.0,
         scale: float = 1.0,
         genes: Tensor | None = None,
-    ) -> None:
+        check_finite: bool = True,
+        reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
+    ) -> Tensor:
         """Closed-form update of the gene offsets with ``q`` and ``W`` fixed (see :meth:`enable_gene_offsets`).
 
         With a batch (``mu``, ``var``, ``s``, ``sample``) its per-sample statistics first enter
-        the running average (``rho``, ``scale`` as in :meth:`multiplicative_update`); without,
+        the running average (``rho``, ``scale``, ``reduce`` as in :meth:`multiplicative_update`); without,
         the running statistics of the last loadings update are used. ``genes``: update only
         these (gene-subsampled steps).
+
+        Returns whether the new offsets are finite, as a boolean tensor on the device. With
+        ``check_finite`` (default) non-finite offsets raise :class:`FloatingPointError` and
+        nothing is written; without, they are written and the caller checks the flag (the
+        training loop, once per iteration: the check needs the host to wait for the device).
         """
         if mu is not None:
-            self._accumulate_sample_stats(self._sample_stats(mu, var, s, sample) * scale, rho)
+            A = self._sample_stats(mu, var, s, sample) * scale
+            self._accumulate_sample_stats(A if reduce is None else reduce([A])[0], rho)
             self.mm_initialized.fill_(True)
         W = self.loadings()
         rows = slice(None) if genes is None else genes
@@ -240,16 +249,20 @@ class FactorModule(nn.Module):
         lam = (self.mm_den_sample @ W[rows].T).clamp_min(0.0)  # (S, D_b): Σ_{n in s} E[λ_nd] / g_sd
         g = (self.offset_totals[:, rows] + a) / (lam + a)
         c = torch.exp((self.offset_weights[:, None] * torch.log(g)).sum(0))  # geometric mean per gene
-        if not (torch.isfinite(g).all() and torch.isfinite(c).all()):
+        finite = torch.isfinite(g).all() & torch.isfinite(c).all()
+        if check_finite and not bool(finite):
             raise FloatingPointError("non-finite gene offsets")
         self.gene_offset[:, rows] = g / c
         self.set_loadings(W[rows] * c[:, None], rows)
+        return finite
 
     def _accumulate_sample_stats(self, A: Tensor, rho: float) -> None:
-        if rho >= 1.0 or not bool(self.mm_initialized):
+        if rho >= 1.0:
             self.mm_den_sample.copy_(A)
         else:
-            self.mm_den_sample.mul_(1 - rho).add_(rho * A)
+            # the first batch starts the running average: chosen on the device, no sync
+            blend = self.mm_den_sample * (1 - rho) + rho * A
+            self.mm_den_sample.copy_(torch.where(self.mm_initialized, blend, A))
 
     def param_groups(self) -> list[tuple[float, list[nn.Parameter]]]:
         """Trainable parameters by learning-rate multiplier, ascending; module order within a group.
@@ -391,7 +404,9 @@ class FactorModule(nn.Module):
         scale: float = 1.0,
         numerator: Tensor | None = None,
         sample: Tensor | None = None,
-    ) -> None:
+        check_finite: bool = True,
+        reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
+    ) -> Tensor:
         """KL-NMF majorize-minimize step of ``W`` with ``q`` fixed.
 
         ``W_dl <- Σ_n y_nd φ_ndl / Σ_n s_n e^{μ_nl+σ²_nl/2}`` with responsibilities
@@ -402,7 +417,15 @@ class FactorModule(nn.Module):
         if already at hand (:attr:`ElboTerms.mm_numerator`), else computed here. With gene offsets
         (``sample``: the batch's sample codes) the denominator is
         ``Σ_s g_sd Σ_{n in s} s_n e^{μ_nl+σ²_nl/2}`` and the offsets are updated right after
-        (:meth:`update_gene_offsets`).
+        (:meth:`update_gene_offsets`). ``reduce``: sums the scaled statistics over the processes
+        of data-parallel training, whose shares of the batch these cells are
+        (:meth:`sfact._core.distributed.DataParallel.sum_statistics`).
+
+        Returns whether the new loadings (and offsets) are finite, as a boolean tensor on the
+        device. With ``check_finite`` (default) non-finite loadings raise
+        :class:`FloatingPointError` before they are written; without, they are written and the
+        caller checks the flag (the training loop, once per iteration, so that no step waits for
+        the device).
         """
         W = self.loadings()
         r, c, y = batch.rows, batch.cols, batch.values
@@ -417,27 +440,35 @@ class FactorModule(nn.Module):
         else:
             rows = slice(None)
         offsets = self.has_gene_offsets
+        if offsets and sample is None:
+            raise ValueError("A model with gene offsets needs the sample of every cell.")
+        A = self._sample_stats(mu, var, s, sample) * scale if offsets else None
+        if reduce is not None:  # the whole batch's statistics, from every process's share of it
+            num, den, *rest = reduce([num, den, *([A] if offsets else [])])
+            A = rest[0] if offsets else None
         if offsets:
-            if sample is None:
-                raise ValueError("A model with gene offsets needs the sample of every cell.")
-            self._accumulate_sample_stats(self._sample_stats(mu, var, s, sample) * scale, rho)
-        if rho >= 1.0 or not bool(self.mm_initialized):
+            self._accumulate_sample_stats(A, rho)
+        if rho >= 1.0:
             self.mm_num[rows] = num[rows]
             self.mm_den.copy_(den)
-            self.mm_initialized.fill_(True)
         else:
-            self.mm_num[rows] = (1 - rho) * self.mm_num[rows] + rho * num[rows]
-            self.mm_den.mul_(1 - rho).add_(rho * den)
+            # running averages, started by the first batch: chosen on the device, no sync
+            init = self.mm_initialized
+            self.mm_num[rows] = torch.where(init, (1 - rho) * self.mm_num[rows] + rho * num[rows], num[rows])
+            self.mm_den.copy_(torch.where(init, self.mm_den * (1 - rho) + rho * den, den))
+        self.mm_initialized.fill_(True)
         if offsets:
             den_dl = self.gene_offset[:, rows].T @ self.mm_den_sample  # (D_b, L)
             W_new = self.mm_num[rows] / den_dl.clamp_min(1e-30)
         else:
             W_new = self.mm_num[rows] / self.mm_den.clamp_min(1e-30)
-        if not torch.isfinite(W_new).all():
+        finite = torch.isfinite(W_new).all()
+        if check_finite and not bool(finite):
             raise FloatingPointError("non-finite loadings in the multiplicative update")
         self.set_loadings(W_new, rows)
         if offsets:
-            self.update_gene_offsets(genes=batch.genes)
+            finite = finite & self.update_gene_offsets(genes=batch.genes, check_finite=check_finite)
+        return finite
 
     @torch.no_grad()
     def reorder(self, perm: Tensor) -> None:

@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from .._exceptions import TrainingError
 from .data import SparseCounts
 from .module import FactorModule
 from .priors import PriorInput
+
+if TYPE_CHECKING:
+    from .distributed import DataParallel
 
 
 @dataclass
@@ -200,6 +204,93 @@ def _closing(bar, n: int):
         bar.close()
 
 
+def device_generator(generator: torch.Generator, device: torch.device | str) -> torch.Generator:
+    """``generator`` itself when it is on ``device``, else a generator there, seeded from it.
+
+    The step loop draws its random numbers (permutations of cells and genes, samples of ``q``)
+    where the data are, so no step copies them from the host; on the CPU (the data's device and
+    the generator's) nothing changes: the same stream, bit for bit.
+    """
+    device = torch.device(device)
+    if generator.device.type == device.type and (
+        device.type == "cpu" or device.index is None or generator.device.index == device.index
+    ):
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class _LastFinite:
+    """What an iteration changes, copied at its start: restored if the iteration is not finite.
+
+    The trainable parameters, the module's own buffers (loadings, their running statistics, gene
+    offsets) and the optimizer's state. Device-to-device copies, no sync; about 3x the trainable
+    parameters in memory (Adam keeps two moments per parameter).
+    """
+
+    def __init__(self, module: FactorModule, optimizer: torch.optim.Optimizer):
+        tensors = {id(p): p for p in module.parameters() if p.requires_grad}
+        tensors.update({id(b): b for _, b in module.named_buffers(recurse=False)})
+        with torch.no_grad():
+            self.tensors = [(t, t.detach().clone()) for t in tensors.values()]
+            self.optimizer_state = {
+                p: {k: v.clone() if isinstance(v, Tensor) else v for k, v in st.items()}
+                for p, st in optimizer.state.items()
+            }
+
+    @torch.no_grad()
+    def all_finite(self) -> Tensor:
+        """Whether the current values are all finite (a boolean tensor on the device)."""
+        return torch.stack([torch.isfinite(t).all() for t, _ in self.tensors]).all()
+
+    @torch.no_grad()
+    def restore(self, optimizer: torch.optim.Optimizer) -> None:
+        """Put the values copied at the start back, into the same tensors."""
+        for t, saved in self.tensors:
+            t.copy_(saved)
+        for p in list(optimizer.state):
+            if p not in self.optimizer_state:
+                del optimizer.state[p]
+        for p, st in self.optimizer_state.items():
+            optimizer.state[p] = st
+
+
+def _first_bad(first: Tensor, finite: Tensor, step: int) -> Tensor:
+    """The first step (of this iteration) whose ``finite`` flag was false; on the device."""
+    return torch.where(finite, first, first.clamp(max=step))
+
+
+def _finiteness(bad_elbo: Tensor, bad_loadings: Tensor, last_finite: _LastFinite) -> Tensor:
+    """The iteration's flags (float64, on the device): first bad ELBO step, loadings step, parameters."""
+    flags = torch.stack([bad_elbo, bad_loadings, (~last_finite.all_finite()).to(torch.int64)])
+    return flags.to(torch.float64)
+
+
+def _raise_if_not_finite(
+    flags: np.ndarray,
+    n_steps: int,
+    iteration: int,
+    last_finite: _LastFinite,
+    optimizer: torch.optim.Optimizer,
+    cause: BaseException | None = None,
+) -> None:
+    """Undo the iteration and raise :class:`TrainingError` if ``flags`` (:func:`_finiteness`) say so."""
+    bad_elbo, bad_loadings, bad_params = flags
+    if bad_elbo >= n_steps and bad_loadings >= n_steps and bad_params == 0:
+        return
+    last_finite.restore(optimizer)
+    where = f"iteration {iteration}"
+    if bad_elbo < n_steps and bad_elbo <= bad_loadings:
+        what = f"The ELBO became non-finite at {where} (step {int(bad_elbo) + 1} of {n_steps})"
+    elif bad_loadings < n_steps:
+        what = f"The loadings became non-finite at {where} (step {int(bad_loadings) + 1} of {n_steps})"
+    else:
+        what = f"The parameters became non-finite at {where}"
+    raise TrainingError(
+        f"{what}; the model keeps its parameters from before this iteration. Try a smaller `learning_rate`."
+    ) from cause
+
+
 def make_optimizer(module: FactorModule, learning_rate: float) -> torch.optim.Optimizer:
     """Adam over every trainable parameter (the loadings too in ``projected`` mode).
 
@@ -222,8 +313,13 @@ def train_loop(
     generator: torch.Generator,
     progress_bar: bool = True,
     callback: Callable[[int, float], None] | None = None,
+    parallel: DataParallel | None = None,
 ) -> dict:
     """Train ``module`` on ``data`` until convergence or ``cfg.max_iter`` iterations.
+
+    ``parallel``: this process's part in data-parallel training (:mod:`sfact._core.distributed`:
+    every process computes its share of each batch, gradients and loadings statistics are summed);
+    ``None``: one process.
 
     Returns
     -------
@@ -232,7 +328,17 @@ def train_loop(
     Raises
     ------
     TrainingError
-        On a non-finite loss, naming the iteration; parameters are left at their last finite values.
+        On a non-finite ELBO, loadings or parameters, naming the iteration; the model and the
+        optimizer are put back as they were before that iteration (the end of the last finite
+        one).
+
+    Notes
+    -----
+    No step waits for the device: the ELBO terms and the finiteness of the ELBO, the loadings and
+    the parameters are accumulated on the device and fetched once per iteration, after its last
+    step (so a non-finite iteration is detected at its end, and undone). With ``y_batch_size``
+    (genes subsampled per step) the size of each step's batch depends on the data, which costs a
+    sync per step on a GPU.
     """
     if cfg.elbo_mode not in ELBO_MODES:
         raise ValueError(f"`elbo_mode` must be one of {ELBO_MODES}, received {cfg.elbo_mode!r}.")
@@ -240,6 +346,7 @@ def train_loop(
         group["lr"] = cfg.learning_rate * group.get("lr_scale", 1.0)
     N, D = data.n_obs, data.n_vars
     dev = data.counts.device
+    dgen = device_generator(generator, dev)  # the step loop's random numbers, drawn on the device
     B = N if cfg.batch_size is None else min(int(cfg.batch_size), N)
     By = D if cfg.y_batch_size is None else min(int(cfg.y_batch_size), D)
     n_steps = math.ceil(N / B)
@@ -262,6 +369,8 @@ def train_loop(
     bar = make_bar(desc=f"training {module.prior.name}", disable=not progress_bar, total=None, unit="it")
     changes: list[float] = []  # the relative change after each iteration of this call
     it = -1
+    if parallel is not None:  # the same problem and start on every process
+        parallel.start(module, data, cfg, optimizer=optimizer, generator=generator, n_iter=first_iter)
     # fixed random blocks of cells with precomputed CSR structures (all genes per step)
     blocks = data.counts.blocks(B, generator) if By >= D else None
     for it in _closing(bar, cfg.max_iter):
@@ -269,77 +378,92 @@ def train_loop(
             # end of the hyperparameters' learning phase: freeze them, cache what derives from them
             module.prior.freeze_hyperparameters()
         if blocks is not None:
+            # a host-side list (drawn on the host's generator: no device involved)
             block_order = (
                 torch.randperm(len(blocks), generator=generator).tolist() if len(blocks) > 1 else [0]
             )
         else:
-            perm = all_idx if B >= N else torch.randperm(N, generator=generator).to(dev)
+            perm = all_idx if B >= N else torch.randperm(N, generator=dgen, device=dev)
+        last_finite = _LastFinite(module, optimizer)
         acc = torch.zeros(3, dtype=torch.float64, device=dev)
+        # the first step with a non-finite ELBO / loadings (n_steps: none), kept on the device
+        bad_elbo = torch.full((), n_steps, dtype=torch.int64, device=dev)
+        bad_loadings = bad_elbo.clone()
         for step in range(n_steps):
             if blocks is not None:
                 batch = blocks[block_order[step]]
                 idx = batch.idx
             else:
                 idx = perm[step * B : (step + 1) * B]
-                genes = torch.randperm(D, generator=generator)[:By].to(dev)
+                genes = torch.randperm(D, generator=dgen, device=dev)[:By]
                 batch = data.counts.batch(None if B >= N else idx, genes)
+            n_b = idx.numel()  # cells in the batch (in data-parallel training: in all shares)
+            if parallel is not None:
+                batch, idx = parallel.shard(batch, data.counts)
             inp = data.prior_input(idx)
             s_b = data.s[idx]
             smp = None if data.sample is None else data.sample[idx]
-            terms = module.elbo(
-                inp,
-                s_b,
-                batch,
-                mode=cfg.elbo_mode,  # type: ignore[arg-type]
-                n_samples=cfg.n_samples,
-                generator=generator,
-                gene_scale=gene_scale,
-                kl_weight=cfg.kl_weight,
-                sample=smp,
-            )
-            loss = -terms.elbo / n_entries
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"The ELBO became non-finite at iteration {first_iter + it + 1} (step {step + 1} of "
-                    f"{n_steps}); the model keeps its parameters from before this step. Try a smaller "
-                    "`learning_rate`."
+            elbo = module.elbo if parallel is None else parallel.elbo(module, n_b)
+            try:
+                terms = elbo(
+                    inp,
+                    s_b,
+                    batch,
+                    mode=cfg.elbo_mode,  # type: ignore[arg-type]
+                    n_samples=cfg.n_samples,
+                    generator=dgen,
+                    gene_scale=gene_scale,
+                    kl_weight=cfg.kl_weight,
+                    sample=smp,
                 )
+            except FloatingPointError as err:  # e.g. K_zz of non-finite hyperparameters
+                flags = _finiteness(bad_elbo, bad_loadings, last_finite).cpu().numpy()
+                _raise_if_not_finite(flags, n_steps, first_iter + it + 1, last_finite, optimizer, err)
+                raise
+            loss = -terms.elbo / n_entries
+            bad_elbo = _first_bad(bad_elbo, torch.isfinite(loss.detach()), step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if parallel is not None:
+                parallel.sum_gradients(optimizer)
             optimizer.step()
             module.prior.after_step()
             if module.loadings_mode == "projected":
                 module.floor_loadings()
                 if module.has_gene_offsets:
-                    module.update_gene_offsets(
+                    finite = module.update_gene_offsets(
                         terms.mu.detach(),
                         terms.var.detach(),
                         s_b,
                         smp,
                         rho=rho,
-                        scale=N / idx.numel(),
+                        scale=N / n_b,
                         genes=batch.genes,
+                        reduce=None if parallel is None else parallel.sum_statistics,
+                        check_finite=False,
                     )
+                    bad_loadings = _first_bad(bad_loadings, finite, step)
             elif module.loadings_mode == "multiplicative":
-                try:
-                    module.multiplicative_update(
-                        terms.mu.detach(),
-                        terms.var.detach(),
-                        s_b,
-                        batch,
-                        rho=rho,
-                        scale=N / idx.numel(),
-                        numerator=terms.mm_numerator,
-                        sample=smp,
-                    )
-                except FloatingPointError as err:
-                    raise TrainingError(
-                        f"Non-finite loadings at iteration {first_iter + it + 1}; the loadings keep their "
-                        "last finite values."
-                    ) from err
+                finite = module.multiplicative_update(
+                    terms.mu.detach(),
+                    terms.var.detach(),
+                    s_b,
+                    batch,
+                    rho=rho,
+                    scale=N / n_b,
+                    numerator=terms.mm_numerator,
+                    sample=smp,
+                    reduce=None if parallel is None else parallel.sum_statistics,
+                    check_finite=False,
+                )
+                bad_loadings = _first_bad(bad_loadings, finite, step)
             ll, kl = terms.loglik.detach(), terms.kl.detach()
             acc += torch.stack([ll - kl, ll, kl]).to(torch.float64)
-        vals = (acc / n_steps / n_entries).cpu().numpy()
+        # the iteration's one transfer: its ELBO terms, and whether everything stayed finite
+        flags = _finiteness(bad_elbo, bad_loadings, last_finite)
+        fetched = torch.cat([acc / n_steps / n_entries, flags]).cpu().numpy()
+        vals = fetched[:3]
+        _raise_if_not_finite(fetched[3:], n_steps, first_iter + it + 1, last_finite, optimizer)
         history.elbo.append(float(vals[0]))
         history.loglik.append(float(vals[1]))
         history.kl.append(float(vals[2]))
