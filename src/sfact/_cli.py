@@ -73,6 +73,7 @@ examples:
   sfact run train analyze -c svgp.yaml --resume          continue training, then re-analyse
   sfact select -c configs/osmfish/general.yaml           model selection (section `selection`)
   sfact generate -c configs/osmfish/general.yaml         pnmf.yaml, svgp.yaml, ... next to it
+  sfact report -c configs/osmfish/general.yaml           report.html: every prior on one page
   sfact run all -c general.yaml --dry-run                print the plan, run nothing
 
 Exit status: 0 when every job is done or skipped, 1 when a job failed, 2 for usage or
@@ -169,6 +170,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("stages", nargs="+", choices=("all", *STAGES), metavar="STAGE")
     _add_pipeline_options(r, resume=True)
     r.set_defaults(func=_pipeline)
+    rep = sub.add_parser(
+        "report",
+        help="write one self-contained HTML report per data set -> report.html",
+        description="Write <output_dir>/report.html for each data set: the priors side by side "
+        "(deviances, Moran's I, iterations, time, device), the ELBO curves, the factor maps, the top "
+        "genes, the config and the versions; images embedded, nothing fetched. `sfact run all` "
+        "writes it at its end.",
+    )
+    rep.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="config file, or a folder searched for --config-name files (repeatable)",
+    )
+    rep.add_argument(
+        "--config-name",
+        default="general.yaml",
+        metavar="NAME",
+        help="file name (glob pattern allowed) searched for below folders given to -c (default: general.yaml)",
+    )
+    rep.set_defaults(func=_html_report)
     g = sub.add_parser(
         "generate",
         help="write one config per prior next to a general config",
@@ -265,7 +289,37 @@ def _pipeline(args: argparse.Namespace) -> int:
         live=False if args.plain else None,
     )
     summaries = write_summaries(plan, results, command=args.command_line)
-    return _report(results, summaries, time.perf_counter() - t0, ran=bool(plan.jobs))
+    rc = _report(results, summaries, time.perf_counter() - t0, ran=bool(plan.jobs))
+    if "all" in args.stages:
+        _end_of_run_reports(configs)
+    return rc
+
+
+def _end_of_run_reports(configs) -> None:
+    """``report.html`` of every data set with an analysed prior, after ``sfact run all``; a failure only warns."""
+    from .pipeline._html_report import write_reports
+
+    try:
+        paths = write_reports(configs, missing="skip")
+    except Exception as e:  # the run's outputs are written; the report is extra
+        print(f"sfact: warning: the HTML report was not written ({type(e).__name__}: {e}).", file=sys.stderr)
+        return
+    for p in paths:
+        print(f"Report: {p} ({p.stat().st_size / 1e3:.0f} kB)")
+
+
+def _html_report(args: argparse.Namespace) -> int:
+    from .pipeline import ConfigError, collect_configs
+    from .pipeline._html_report import ReportInputError, write_reports
+
+    try:
+        configs = collect_configs(args.config, args.config_name)
+        paths = write_reports(configs)
+    except (ConfigError, ReportInputError) as e:
+        return _error(e)
+    for p in paths:
+        print(f"Report: {p} ({p.stat().st_size / 1e3:.0f} kB)")
+    return 0
 
 
 def _report(results, summaries, elapsed: float, *, ran: bool) -> int:

@@ -6,6 +6,7 @@ from ._diagnostics import elbo, moran
 from ._factors import factors, factors_with_genes, groupwise_factors, scales
 from ._genes import enrichment_by_factor, enrichment_by_group, gene_enrichment, loadings, top_genes
 from ._gp import inducing_points
+from ._report import report
 from ._selection import model_selection
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "loadings",
     "model_selection",
     "moran",
+    "report",
     "scales",
     "top_genes",
 ]
