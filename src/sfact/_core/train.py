@@ -344,6 +344,8 @@ def train_loop(
         raise ValueError(f"`elbo_mode` must be one of {ELBO_MODES}, received {cfg.elbo_mode!r}.")
     for group in optimizer.param_groups:
         group["lr"] = cfg.learning_rate * group.get("lr_scale", 1.0)
+    if parallel is not None:  # the same problem and start (generator included) on every process
+        parallel.start(module, data, cfg, optimizer=optimizer, generator=generator, n_iter=len(history))
     N, D = data.n_obs, data.n_vars
     dev = data.counts.device
     dgen = device_generator(generator, dev)  # the step loop's random numbers, drawn on the device
@@ -369,8 +371,6 @@ def train_loop(
     bar = make_bar(desc=f"training {module.prior.name}", disable=not progress_bar, total=None, unit="it")
     changes: list[float] = []  # the relative change after each iteration of this call
     it = -1
-    if parallel is not None:  # the same problem and start on every process
-        parallel.start(module, data, cfg, optimizer=optimizer, generator=generator, n_iter=first_iter)
     # fixed random blocks of cells with precomputed CSR structures (all genes per step)
     blocks = data.counts.blocks(B, generator) if By >= D else None
     for it in _closing(bar, cfg.max_iter):

@@ -376,6 +376,7 @@ class TrainingMixin:
         device: str | None = None,
         progress_bar: bool | None = None,
         callback: Callable[[int, float], None] | None = None,
+        distributed: bool = False,
     ) -> SpatialFactorization:
         """Train the model; a second call continues where the first stopped (history appended).
 
@@ -410,6 +411,14 @@ class TrainingMixin:
             verbosity 2 or more); defaults to :attr:`sfact.settings.progress_bar`.
         callback
             Called as ``callback(iteration, elbo_per_entry)`` after every iteration.
+        distributed
+            Data-parallel training of this one model by the processes of the initialized
+            :mod:`torch.distributed` default group (started by ``torchrun``, or by
+            :func:`sfact.models.train_distributed`), each on its own device: every process builds
+            the same model on the same data and calls ``train`` with the same options; each step's
+            batch is cut into one share per process, and gradients and loadings statistics are summed,
+            so every process holds the same model, equal to the single-process fit with the same seed
+            up to float rounding. Only process 0 shows progress and the summary.
 
         Returns
         -------
@@ -431,6 +440,8 @@ class TrainingMixin:
         sfact.models.TrainingError
             If the ELBO becomes non-finite; the message names the iteration and the model keeps
             its last finite parameters.
+        RuntimeError
+            With ``distributed=True`` when no :mod:`torch.distributed` group is initialized.
 
         Examples
         --------
@@ -457,6 +468,13 @@ class TrainingMixin:
         min_iter = check_int(min_iter, "min_iter", minimum=0)
         if callback is not None and not callable(callback):
             raise TypeError(f"`callback` must be callable or None, received {type(callback).__name__}.")
+        if not isinstance(distributed, bool):
+            raise TypeError(f"`distributed` must be True or False, received {distributed!r}.")
+        parallel = None
+        if distributed:
+            from .._core.distributed import DataParallel
+
+            parallel = DataParallel()  # raises, naming the fix, without an initialized group
         if learning_rate is None:
             learning_rate = 0.05 if self.prior == "pnmf" else 0.1
         if device is not None:
@@ -505,6 +523,8 @@ class TrainingMixin:
         )
         self.module.train()
         show = settings.progress_bar if progress_bar is None else progress_bar
+        lead = parallel is None or parallel.rank == 0  # the process that reports
+        show = show and lead
         t_before = float(self.history_.time[-1]) if self.history_.time else 0.0
         result = train_loop(
             self.module,
@@ -515,6 +535,7 @@ class TrainingMixin:
             generator=self._generator,
             progress_bar=show,
             callback=callback,
+            parallel=parallel,
         )
         self.module.eval()
         self.is_trained = True
@@ -536,7 +557,8 @@ class TrainingMixin:
         }
         if search is not None:
             self.train_info["lengthscale_search"] = search
-        self._end_of_training(result, cfg, shown=show, seconds=self.train_info["train_time_s"] - t_before)
+        if lead:
+            self._end_of_training(result, cfg, shown=show, seconds=self.train_info["train_time_s"] - t_before)
         logg.info("    finished", time=start)
         return self
 
