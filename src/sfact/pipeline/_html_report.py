@@ -95,7 +95,7 @@ def _elbo_figure(histories: Mapping[str, Sequence[float]]) -> Figure | None:
     ax.set_xlabel("iteration")
     ax.set_ylabel("ELBO")
     finite = np.concatenate([y[np.isfinite(y)] for y in curves.values()])
-    if finite.size and len(finite) > 20:  # the first iterations would flatten the rest
+    if finite.size and max(len(y) for y in curves.values()) > 20:  # the first iterations flatten the rest
         lo, hi = np.percentile(finite, [5, 100])
         pad = 0.05 * (hi - lo) if hi > lo else 1.0
         ax.set_ylim(lo - pad, hi + pad)
@@ -166,7 +166,8 @@ def _row(name: str, metrics: Mapping[str, Any], params: Mapping[str, Any] | None
     row.n_iter = str(metrics.get("n_iter", "–"))
     conv = metrics.get("converged")
     row.converged = "–" if conv is None else ("yes" if conv else "no")
-    row.time = _seconds(metrics.get("train_time_s"))
+    times = [metrics.get(k) for k in ("init_time_s", "train_time_s") if metrics.get(k) is not None]
+    row.time = _seconds(sum(float(t) for t in times)) if times else "–"
     row.device = str(metrics.get("device") or params.get("device") or "–")
     return row
 
