@@ -291,16 +291,19 @@ def _pipeline(args: argparse.Namespace) -> int:
     summaries = write_summaries(plan, results, command=args.command_line)
     rc = _report(results, summaries, time.perf_counter() - t0, ran=bool(plan.jobs))
     if "all" in args.stages:
-        _end_of_run_reports(configs)
+        _end_of_run_reports(configs, keep_existing=not plan.jobs)
     return rc
 
 
-def _end_of_run_reports(configs) -> None:
-    """``report.html`` of every data set with an analysed prior, after ``sfact run all``; a failure only warns."""
+def _end_of_run_reports(configs, *, keep_existing: bool) -> None:
+    """``report.html`` of every data set with an analysed prior, after ``sfact run all``; a failure only warns.
+
+    With ``keep_existing`` (nothing ran), an existing report is left as it is.
+    """
     from .pipeline._html_report import write_reports
 
     try:
-        paths = write_reports(configs, missing="skip")
+        paths = write_reports(configs, missing="skip", keep_existing=keep_existing)
     except Exception as e:  # the run's outputs are written; the report is extra
         print(f"sfact: warning: the HTML report was not written ({type(e).__name__}: {e}).", file=sys.stderr)
         return

@@ -433,7 +433,9 @@ def _by_output(configs: Sequence[Config]) -> dict[Path, list[Config]]:
     return groups
 
 
-def write_reports(configs: Sequence[Config], *, missing: str = "raise") -> list[Path]:
+def write_reports(
+    configs: Sequence[Config], *, missing: str = "raise", keep_existing: bool = False
+) -> list[Path]:
     """Write ``report.html`` for the data set of every config; the paths written.
 
     Parameters
@@ -443,6 +445,8 @@ def write_reports(configs: Sequence[Config], *, missing: str = "raise") -> list[
     missing
         ``"raise"``: raise :class:`ReportInputError` (before writing anything) when a data set
         has no analysed prior; ``"skip"``: leave such data sets out.
+    keep_existing
+        Leave an existing ``report.html`` as it is (its path is still returned).
     """
     groups = _by_output(configs)
     todo = []
@@ -453,4 +457,9 @@ def write_reports(configs: Sequence[Config], *, missing: str = "raise") -> list[
                 raise ReportInputError(_missing_message(layout, cfgs))
             continue
         todo.append((layout, cfgs))
-    return [dataset_report(layout, cfgs) for layout, cfgs in todo]
+    return [
+        report_path(layout)
+        if keep_existing and report_path(layout).is_file()
+        else dataset_report(layout, cfgs)
+        for layout, cfgs in todo
+    ]
