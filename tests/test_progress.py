@@ -359,3 +359,17 @@ def test_import_after_torch_leaves_it_and_says_so_at_debug_level(prepared, scanp
     sfact.settings.verbosity = 4
     SpatialFactorization(prepared.copy(), prior="pnmf", n_factors=2).train(max_iter=1000)
     assert f"threads: {sfact._threads.SETUP}" in scanpy_log.getvalue()
+
+
+def test_warning_text_when_the_change_is_below_tol_but_min_iter_not_reached():
+    """A fit stopped by ``max_iter`` before ``min_iter`` must not claim the change is above ``tol``."""
+    from sfact.models._convergence import not_converged_message
+
+    below = not_converged_message(
+        n_iter=5, n_total=5, max_iter=5, tol=1e-4, change=8.8e-5, left=None, from_fit=False
+    )
+    assert "below `tol=0.0001`" in below and "min_iter" in below and "above" not in below
+    above = not_converged_message(
+        n_iter=5, n_total=5, max_iter=5, tol=1e-4, change=3e-4, left=None, from_fit=False
+    )
+    assert "above `tol=0.0001`" in above

@@ -286,7 +286,9 @@ def test_write_prior_configs(tmp_path):
 #: arguments of SpatialFactorization(...) no config key sets: the data, and the device the runner assigns
 MODEL_EXCLUDED = {"self", "adata", "device"}
 #: arguments of model.train(...) no config key sets: the device (the model's), the stage's display
-TRAIN_EXCLUDED = {"self", "device", "progress_bar", "callback"}
+# `distributed`: one model over several processes is an API feature (sfact.models.train_distributed);
+# the command line spreads jobs over devices instead
+TRAIN_EXCLUDED = {"self", "device", "progress_bar", "callback", "distributed"}
 
 
 def test_model_kwargs_map_every_argument_of_the_model():

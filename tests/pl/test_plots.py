@@ -210,7 +210,8 @@ def test_every_public_plot_is_tested():
         *ALL,
         "inducing_points",
         "model_selection",
-    }  # model_selection: test_selection.py
+        "report",
+    }  # model_selection: test_selection.py; report: tests/pipeline/test_report.py
 
 
 @pytest.fixture(scope="module")

@@ -87,8 +87,14 @@ def not_converged_message(
     from_fit: bool,
 ) -> str:
     """The warning's text, with advice for where the fit was started (``sfact.tl.fit`` or ``model.train``)."""
-    if math.isfinite(change):
+    if math.isfinite(change) and change >= tol:
         why = f"the ELBO still changes by {change:.1e} per iteration (relative), above `tol={tol:g}`"
+    elif math.isfinite(change):
+        why = (
+            f"the ELBO changes by {change:.1e} per iteration (relative), below `tol={tol:g}`, but "
+            "convergence is only declared after `min_iter` iterations (and after a learning phase of "
+            "the hyperparameters)"
+        )
     else:
         why = f"too few iterations to check convergence against `tol={tol:g}`"
     if left is not None and math.isfinite(left):

@@ -173,9 +173,9 @@ def _row(name: str, metrics: Mapping[str, Any], params: Mapping[str, Any] | None
 
 
 def _top_genes_rows(adata: AnnData, *, key: str, n_genes: int = 6) -> list[dict[str, str]]:
-    import sfact
+    from ..get import top_genes
 
-    df = sfact.get.top_genes(adata, key=key, n_genes=n_genes)
+    df = top_genes(adata, key=key, n_genes=n_genes)
     moran = adata.uns[key].get("moranI")
     rows = []
     for factor, sub in df.groupby("factor", sort=False):
@@ -233,17 +233,18 @@ def _mark_best(rows: list[_Prior]) -> str:
 
 
 def _enrichment_figure(adata: AnnData, key: str) -> Figure | None:
-    import sfact
+    # the plot's own module, not sfact.pl: sfact.pl.report imports this module
+    from ..pl._genes import enrichment_by_group
 
     if "enrichment" not in adata.uns[key]:
         return None
-    return sfact.pl.enrichment_by_group(adata, key=key, return_fig=True)
+    return enrichment_by_group(adata, key=key, return_fig=True)
 
 
 # -- one fit -----------------------------------------------------------------------------------
 def fit_report(adata: AnnData, path: str | Path, *, key: str = "sfact", title: str | None = None) -> Path:
     """Write the report of the fit under ``key`` in ``adata`` to ``path``; see :func:`sfact.pl.report`."""
-    import sfact
+    from ..pl._factors import factors
 
     if key not in adata.uns or "metrics" not in adata.uns[key] or f"X_{key}" not in adata.obsm:
         raise KeyError(
@@ -258,9 +259,7 @@ def fit_report(adata: AnnData, path: str | Path, *, key: str = "sfact", title: s
         metrics["moranI"] = {str(k): float(v) for k, v in moran["I"].items()}
     prior = str(params.get("prior", key))
     row = _row(prior, metrics, params)
-    row.figures.append(
-        {"title": "Factors", "img": _png_uri(sfact.pl.factors(adata, key=key, return_fig=True))}
-    )
+    row.figures.append({"title": "Factors", "img": _png_uri(factors(adata, key=key, return_fig=True))})
     enr = _enrichment_figure(adata, key)
     if enr is not None:
         row.figures.append({"title": "Gene enrichment by group", "img": _png_uri(enr)})
@@ -318,9 +317,9 @@ def _dataset_prior(layout: Layout, prior: str, summary: Mapping[str, Any]) -> tu
     if (figs / "factors.png").is_file():
         row.figures.append({"title": "Factors", "img": _png_uri(figs / "factors.png")})
     elif adata is not None:
-        import sfact
+        from ..pl._factors import factors
 
-        row.figures.append({"title": "Factors", "img": _png_uri(sfact.pl.factors(adata, return_fig=True))})
+        row.figures.append({"title": "Factors", "img": _png_uri(factors(adata, return_fig=True))})
     if (figs / "groupwise_factors.png").is_file():
         row.figures.append({"title": "Factors per group", "img": _png_uri(figs / "groupwise_factors.png")})
     if (figs / "enrichment_by_group.png").is_file():

@@ -330,6 +330,8 @@ def local_entry(job_bytes: bytes, name: str, log_path: str, device: str, events,
         return
     try:
         events.put({"kind": "outcome", "job": name, "outcome": outcome})
+    except (BrokenPipeError, EOFError, ConnectionError):  # the runner died meanwhile: nobody to tell
+        return
     except Exception as exc:  # e.g. an output that cannot be pickled
         traceback.print_exc()
         failed = {

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ._docs import doc_params
+
 if TYPE_CHECKING:
     import os
     from pathlib import Path
@@ -11,6 +13,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 
+@doc_params
 def report(
     adata: AnnData,
     path: str | os.PathLike,
@@ -35,8 +38,7 @@ def report(
         Annotated data with a fit (:func:`sfact.tl.fit`).
     path
         The HTML file to write (its folder is created); an existing file is replaced.
-    key
-        The ``key_added`` of the fit.
+    {key}
     title
         Title of the page; the prior and key by default.
 
