@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .._spatialdata import resolve_table
 from ..get._view import FitView
 from ._docs import doc_params
 from ._utils import (
@@ -215,6 +216,7 @@ def factors(
     key: str = "sfact",
     factors: Sequence[int | str] | None = None,
     spatial_key: str = "spatial",
+    table_key: str | None = None,
     library_id: str | Sequence[str] | None = None,
     ncols: int = 5,
     cmap: str = "viridis",
@@ -245,6 +247,9 @@ def factors(
     factors
         Factor names or indices to draw; all when ``None``.
     {spatial_key}
+    table_key
+        With a ``spatialdata.SpatialData`` as ``adata``: the key of its table (``None`` for its
+        only table), fitted with :func:`sfact.tl.fit`.
     {library_id}
     {ncols}
     {cmap}
@@ -275,6 +280,7 @@ def factors(
     >>> fig = sfact.pl.factors(adata, return_fig=True)  # doctest: +SKIP
     >>> axs = sfact.pl.factors(adata, factors=[0, 1], vmax="p99", show=False)  # doctest: +SKIP
     """
+    adata = resolve_table(adata, table_key, spatial_key=spatial_key)  # a SpatialData's table
     return _spatial_maps(
         adata, False, "", name="factors", key=key, factors=factors, spatial_key=spatial_key,
         ncols=ncols, cmap=cmap, shared_scale=shared_scale, size=size, vmin=vmin, vmax=vmax,
@@ -290,6 +296,7 @@ def scales(
     key: str = "sfact",
     factors: Sequence[int | str] | None = None,
     spatial_key: str = "spatial",
+    table_key: str | None = None,
     library_id: str | Sequence[str] | None = None,
     ncols: int = 5,
     cmap: str = "magma",
@@ -315,6 +322,9 @@ def scales(
     factors
         Factor names or indices to draw; all when ``None``.
     {spatial_key}
+    table_key
+        With a ``spatialdata.SpatialData`` as ``adata``: the key of its table (``None`` for its
+        only table), fitted with :func:`sfact.tl.fit`.
     {library_id}
     {ncols}
     {cmap}
@@ -340,6 +350,7 @@ def scales(
     --------
     >>> fig = sfact.pl.scales(adata, return_fig=True)  # doctest: +SKIP
     """
+    adata = resolve_table(adata, table_key, spatial_key=spatial_key)  # a SpatialData's table
     return _spatial_maps(
         adata, True, "σ ", name="scales", key=key, factors=factors, spatial_key=spatial_key,
         ncols=ncols, cmap=cmap, shared_scale=shared_scale, size=size, vmin=vmin, vmax=vmax,

@@ -13,6 +13,7 @@ from sfact._scaling import ScaleMethod
 from sfact._scaling import apply_scaling as _apply_scaling
 from sfact._scaling import fit_scaling as _fit_scaling
 from sfact._scaling import sample_extents as _sample_extents
+from sfact._spatialdata import resolve_table
 from sfact._utils import (
     MISSING_LABELS,
     check_counts,
@@ -52,6 +53,7 @@ def prepare(
     min_cells: int | None = None,
     mito_prefix: str | None = None,
     max_mito_fraction: float | None = None,
+    table_key: str | None = None,
     copy: bool = False,
 ) -> AnnData | None:
     """Prepare spatial counts for :func:`sfact.tl.fit`.
@@ -127,6 +129,11 @@ def prepare(
     max_mito_fraction
         Drop cells whose fraction of counts in mitochondrial genes is above this; needs
         ``mito_prefix``.
+    table_key
+        With a ``spatialdata.SpatialData`` as ``adata``: the key of its table to use
+        (``None`` for its only table); the results are written into that table, so
+        ``sdata.write()`` keeps them. Without ``obsm[spatial_key]`` in the table, the centroids
+        of the shapes or labels it annotates are written there first (as squidpy finds them).
     copy
         Return a prepared copy instead of modifying ``adata`` in place.
 
@@ -183,6 +190,7 @@ def prepare(
         )
 
     # --- inputs ----------------------------------------------------------------------------
+    adata = resolve_table(adata, table_key, spatial_key=spatial_key)  # a SpatialData's table
     check_in_memory(adata)
     coords = get_coordinates(adata, spatial_key)
     if group_key is not None and group_key not in adata.obs.columns:

@@ -9,6 +9,7 @@ import numpy as np
 
 from .. import _logging as logg
 from .._keys import Keys, check_key_added
+from .._spatialdata import resolve_table
 from .._transaction import fit_transaction
 from .._utils import view_to_actual
 
@@ -420,6 +421,7 @@ def analyze(
     n_neighs: int = 6,
     n_top: int = 10,
     progress_bar: bool | None = None,
+    table_key: str | None = None,
     copy: bool = False,
 ) -> AnnData | None:
     """(Re)compute every analysis of a fitted model and write it to ``adata``.
@@ -460,6 +462,12 @@ def analyze(
         Top enriched genes kept per factor and group.
     progress_bar
         Show the analysis steps' progress; defaults to :attr:`sfact.settings.progress_bar`.
+    table_key
+        With a ``spatialdata.SpatialData`` as ``adata``: the key of its table to use
+        (``None`` for its only table); the results are written into that table, so
+        ``sdata.write()`` keeps them. Without ``obsm[spatial_key]`` (the model's ``spatial_key``)
+        in the table, the centroids of the shapes or labels it annotates are written there first
+        (as squidpy finds them).
     copy
         Return a modified copy instead of writing to ``adata``.
 
@@ -488,6 +496,7 @@ def analyze(
     >>> sfact.tl.analyze(adata, model)  # the model's group_key: enrichment too  # doctest: +SKIP
     """
     check_key_added(key_added)
+    adata = resolve_table(adata, table_key, spatial_key=model.setup.spatial_key)  # SpatialData
     from ..models._newcells import check_new_cells
 
     check_new_cells(model, adata, purpose="analyze", reorder=False)  # genes, counts, coordinates, ...

@@ -9,6 +9,7 @@ import numpy as np
 
 from .. import _logging as logg
 from .._keys import Keys, check_key_added
+from .._spatialdata import resolve_table
 from .._transaction import fit_transaction, transaction
 from .._utils import view_to_actual
 
@@ -47,6 +48,7 @@ def fit(
     random_state: int | np.random.Generator | None = 0,
     progress_bar: bool | None = None,
     return_model: bool = False,
+    table_key: str | None = None,
     copy: bool = False,
 ) -> AnnData | SpatialFactorization | tuple[AnnData, SpatialFactorization] | None:
     """Fit a spatial factorization and write factors, loadings and diagnostics to ``adata``.
@@ -144,6 +146,11 @@ def fit(
         or pass it to :func:`sfact.tl.groupwise_factors`. Without it the model is not kept
         (everything :mod:`sfact.pl` and :mod:`sfact.get` need is in ``adata``, the inducing points
         included).
+    table_key
+        With a ``spatialdata.SpatialData`` as ``adata``: the key of its table to use
+        (``None`` for its only table); the results are written into that table, so
+        ``sdata.write()`` keeps them. Without ``obsm[spatial_key]`` in the table, the centroids
+        of the shapes or labels it annotates are written there first (as squidpy finds them).
     copy
         Return a modified copy instead of writing to ``adata``.
 
@@ -206,6 +213,7 @@ def fit(
 
     # every check of the arguments before anything is copied, split or trained
     check_key_added(key_added)
+    adata = resolve_table(adata, table_key, spatial_key=spatial_key)  # a SpatialData's table
     fraction = resolve_validation_fraction(validation_fraction, adata.n_obs)
     _check_batch_size(analyze_batch_size)
     check_int(n_neighs, "n_neighs", minimum=1)  # Moran's I runs after training: check it before
