@@ -168,3 +168,24 @@ def test_several_samples_get_offsets_by_default():
     adata, _ = _thinned_sections()
     assert SpatialFactorization(adata, prior="pnmf", n_factors=2).setup.gene_offsets
     assert not SpatialFactorization(adata, prior="pnmf", n_factors=2, gene_offsets=False).setup.gene_offsets
+
+
+def test_reconstruction_error_and_deviance_with_offsets_match_dense():
+    from sfact.tl._analysis import poisson_deviance_sparse, reconstruction_error
+
+    rng = np.random.default_rng(3)
+    N, D, L, S = 50, 9, 3, 2
+    Y = rng.poisson(1.5, (N, D)).astype(float)
+    E = rng.gamma(2.0, 0.5, (N, L))
+    W = rng.gamma(2.0, 0.5, (D, L))
+    s = rng.uniform(0.5, 1.5, N)
+    g = rng.uniform(0.5, 2.0, (S, D))
+    codes = rng.integers(0, S, N)
+    Yhat = s[:, None] * g[codes] * (E @ W.T)
+    ref = np.linalg.norm(Y - Yhat) / np.linalg.norm(Y)
+    got = reconstruction_error(sp.csr_matrix(Y), E, W, s, batch_size=7, offsets=(g, codes))
+    assert got == pytest.approx(ref, rel=1e-10)
+    term = np.where(Y > 0, Y * np.log(np.where(Y > 0, Y, 1.0) / Yhat), 0.0) - Y + Yhat
+    cell, gene = poisson_deviance_sparse(sp.csr_matrix(Y), E, W, s, batch_size=7, offsets=(g, codes))
+    np.testing.assert_allclose(cell, 2 * term.sum(1), rtol=1e-10)
+    np.testing.assert_allclose(gene, 2 * term.sum(0), rtol=1e-10)

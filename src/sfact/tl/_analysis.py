@@ -286,29 +286,46 @@ def poisson_deviance_sparse(
 
 
 def reconstruction_error(
-    Y, factors_expected: np.ndarray, W: np.ndarray, s: np.ndarray, *, batch_size: int = 10000
+    Y,
+    factors_expected: np.ndarray,
+    W: np.ndarray,
+    s: np.ndarray,
+    *,
+    batch_size: int = 10000,
+    offsets: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> float:
     """Relative Frobenius error ``‖Y − Ŷ‖_F / ‖Y‖_F`` with ``Ŷ = diag(s) E Wᵀ``, never forming ``Ŷ``.
 
     ``‖Y − Ŷ‖² = ‖Y‖² − 2⟨Y, Ŷ⟩ + ‖Ŷ‖²``: the inner product touches only the non-zeros of ``Y``
     and ``‖Ŷ‖² = Σ_n s_n² e_nᵀ (WᵀW) e_n``, so the cost is O(nnz·L + N·L²) in cell batches.
+    ``offsets``: ``(g, codes)`` as for :func:`poisson_deviance_sparse`, for
+    ``Ŷ_nd = s_n g_{s(n),d} (E Wᵀ)_nd``; the Gram matrix is then per sample, ``Wᵀ diag(g_s²) W``.
     """
     Y = sp.csr_matrix(Y)
     N = Y.shape[0]
     W = np.asarray(W, dtype=np.float64)
-    gram = W.T @ W
+    if offsets is None:
+        grams = (W.T @ W)[None]
+        codes = np.zeros(N, dtype=np.int64)
+        g = None
+    else:
+        g, codes = np.asarray(offsets[0], dtype=np.float64), np.asarray(offsets[1])
+        grams = np.einsum("dl,sd,dk->slk", W, g**2, W)
     cross = 0.0
     yhat_sq = 0.0
     lengths = np.diff(Y.indptr)
     for start in range(0, N, batch_size):
         stop = min(start + batch_size, N)
         E = np.asarray(factors_expected[start:stop], dtype=np.float64) * np.asarray(s[start:stop])[:, None]
-        yhat_sq += float(np.einsum("nl,lk,nk->", E, gram, E))
+        c = codes[start:stop]
+        yhat_sq += float(np.einsum("nl,nlk,nk->", E, grams[c], E))
         lo, hi = Y.indptr[start], Y.indptr[stop]
         if hi > lo:
             cols = Y.indices[lo:hi]
-            En = np.repeat(E, lengths[start:stop], axis=0)
-            yhat_nz = np.einsum("kl,kl->k", En, W[cols])
+            rows = np.repeat(np.arange(stop - start), lengths[start:stop])
+            yhat_nz = np.einsum("kl,kl->k", E[rows], W[cols])
+            if g is not None:
+                yhat_nz = yhat_nz * g[c[rows], cols]
             cross += float(np.dot(Y.data[lo:hi].astype(np.float64), yhat_nz))
     den = float(Y.multiply(Y).sum())
     num = max(den - 2 * cross + yhat_sq, 0.0)

@@ -256,11 +256,10 @@ def compute_analysis(
     s = model.size_factors(adata, Y)
     expected = np.exp(mu + 0.5 * var)
     step("deviance")
-    dev_cell, dev_gene = poisson_deviance_sparse(
-        Y, expected, W, s, batch_size=batch_size, offsets=model.gene_offsets_of(adata)
-    )
+    offsets = model.gene_offsets_of(adata)  # per-sample gene offsets, or None
+    dev_cell, dev_gene = poisson_deviance_sparse(Y, expected, W, s, batch_size=batch_size, offsets=offsets)
     step("reconstruction error")
-    recon = reconstruction_error(Y, expected, W, s, batch_size=batch_size)
+    recon = reconstruction_error(Y, expected, W, s, batch_size=batch_size, offsets=offsets)
     params = {
         "prior": setup.prior,
         "n_factors": setup.n_factors,
