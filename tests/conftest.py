@@ -22,6 +22,17 @@ def _one_torch_thread():
     torch.set_num_threads(old)
 
 
+@pytest.fixture(scope="module")
+def no_progress_bar():
+    """``sfact.settings.progress_bar`` off for a module (``pytestmark = pytest.mark.usefixtures(...)``)."""
+    import sfact
+
+    old = sfact.settings.progress_bar
+    sfact.settings.progress_bar = False
+    yield
+    sfact.settings.progress_bar = old
+
+
 @pytest.fixture(scope="session")
 def osmfish_pnmf_fit(tmp_path_factory):
     """osmFISH (cell types as groups) fitted once with pnmf, 4 factors, 30 iterations: (adata, model dir).

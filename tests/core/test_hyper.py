@@ -31,14 +31,6 @@ KERNEL_KW = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _X(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0, 10, (n, 2))
 

@@ -51,14 +51,8 @@ N_FACTORS = 3
 NUM_INDUCING = 50
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old_threads, old_bar = torch.get_num_threads(), sfact.settings.progress_bar
-    torch.set_num_threads(1)
-    sfact.settings.progress_bar = False
-    yield
-    torch.set_num_threads(old_threads)
-    sfact.settings.progress_bar = old_bar
+# one torch thread: the session fixture in conftest.py
+pytestmark = pytest.mark.usefixtures("no_progress_bar")
 
 
 # ====================================================================== helpers

@@ -15,15 +15,8 @@ from sfact._core.lengthscale import _select, lengthscale_ladder
 from sfact.models import SpatialFactorization
 from sfact.models._training import share_training_start
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old_threads, old_bar = torch.get_num_threads(), sfact.settings.progress_bar
-    torch.set_num_threads(1)
-    sfact.settings.progress_bar = False
-    yield
-    torch.set_num_threads(old_threads)
-    sfact.settings.progress_bar = old_bar
+# one torch thread: the session fixture in conftest.py
+pytestmark = pytest.mark.usefixtures("no_progress_bar")
 
 
 def _sim(lengthscale: float, n_obs: int = 600, n_vars: int = 60, n_groups: int = 1):

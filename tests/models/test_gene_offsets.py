@@ -19,15 +19,8 @@ from sfact._core.module import FactorModule
 from sfact.models import SpatialFactorization
 from sfact.models._config import PNMFConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old_threads, old_bar = torch.get_num_threads(), sfact.settings.progress_bar
-    torch.set_num_threads(1)
-    sfact.settings.progress_bar = False
-    yield
-    torch.set_num_threads(old_threads)
-    sfact.settings.progress_bar = old_bar
+# one torch thread: the session fixture in conftest.py
+pytestmark = pytest.mark.usefixtures("no_progress_bar")
 
 
 def _module(N=40, D=12, L=3, S=3, seed=0, pseudocount=10.0):

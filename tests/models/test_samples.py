@@ -12,15 +12,8 @@ import torch
 import sfact
 from sfact.models import SpatialFactorization
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old_threads, old_bar = torch.get_num_threads(), sfact.settings.progress_bar
-    torch.set_num_threads(1)
-    sfact.settings.progress_bar = False
-    yield
-    torch.set_num_threads(old_threads)
-    sfact.settings.progress_bar = old_bar
+# one torch thread: the session fixture in conftest.py
+pytestmark = pytest.mark.usefixtures("no_progress_bar")
 
 
 def _sections(n_obs: int = 600, n_samples: int = 3, n_groups: int = 1, shift: float = 0.0):

@@ -213,16 +213,8 @@ class SVGPConfig(GPConfig):
         Optional (G, G) distances between groups, embedded by classical MDS; all pairs of
         different groups are at distance 1 when ``None``.
     sample_distance
-        With several samples (``sample_key``): their distance in the multi-group kernel, in the
-        units of ``group_distances``. ``"auto"`` (default): chosen from the data before training,
-        with the lengthscale: independent samples, or the same place in two samples correlated by
-        0.5, 0.9 or 0.99, whichever the cross-validated deviance of the search prefers
-        (independence unless a correlation is better by more than the search's tolerance; see
-        "Several samples" in the model docs). ``None``: independent GPs, one per sample (the
-        distance is 1000, so the kernel between samples vanishes). A number d correlates the same
-        place in two samples by ν^((3+p)/2) (Matérn-3/2) with ν = 1/(α d² + 1), for serial
-        sections whose coordinates line up; with ``group_diff_param=None`` α, hence the
-        correlation, is learned.
+        Distance between samples in the kernel (``sample_key``; ``"auto"`` by default: chosen from
+        the data), as for :class:`GPConfig`.
     allocation
         How inducing points are split over groups: ``"proportional"``, ``"equal"``, ``"derived"``.
     per_factor_kernel
