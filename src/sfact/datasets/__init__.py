@@ -1,4 +1,4 @@
-"""Data sets: small real data bundled with sfact, public data sets, loaders by name, and simulated data."""
+"""Data sets: small real data bundled with sfact, public data sets, vendor output folders, loaders by name, and simulated data."""
 
 from __future__ import annotations
 
@@ -12,18 +12,23 @@ from ._public import (
     slideseqv2,
     visium_hne,
 )
+from ._read import READERS, ReaderInfo, detect_technology, read
 from ._registry import LOADERS, LoaderInfo, load, loaders
 from ._simulate import simulate
 
 __all__ = [
     "LOADERS",
+    "READERS",
     "LoaderInfo",
+    "ReaderInfo",
     "colon_merfish",
+    "detect_technology",
     "liver_merfish",
     "load",
     "loaders",
     "merfish",
     "osmfish",
+    "read",
     "sdmbench_dlpfc",
     "sdmbench_osmfish",
     "simulate",
