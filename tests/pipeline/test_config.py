@@ -95,6 +95,17 @@ def test_defaults_group_key_from_loader_and_paths(tmp_path):
     assert none.group_key is None
     assert none.priors() == ["pnmf", "svgp", "lcgp"]
 
+    folder = load_config(
+        write(
+            tmp_path / "d.yaml",
+            "dataset: {reader: xenium, path: run/outs, loader_kwargs: {transcripts: true}}\n",
+        )
+    )
+    assert folder.dataset.path == str(tmp_path / "run" / "outs")
+    assert folder.dataset.reader == "xenium" and folder.dataset.loader is None
+    assert folder.dataset.loader_kwargs == {"transcripts": True}  # passed on to spatialdata-io's reader
+    assert folder.name == "outs" and folder.group_key is None
+
     h5 = load_config(write(tmp_path / "c.yaml", "dataset: {path: data/x.h5ad}\noutput_dir: /abs/out\n"))
     assert h5.dataset.path == str(tmp_path / "data" / "x.h5ad")
     assert h5.group_key is None and h5.name == "x"
@@ -222,6 +233,9 @@ def test_unknown_key_names_key_file_and_suggestion(tmp_path):
         ("dataset: {loader: osmfish, loader_kwargs: {foo: 1}}", "dataset.loader_kwargs.foo", "no argument"),
         ("dataset: {loader: sdmbench_osmfish}", "dataset.path", "reads a local file"),
         ("dataset: {loader: osmfish, path: x.h5ad}", "dataset.path", "takes no path"),
+        ("dataset: {reader: xenum, path: outs}", "dataset.reader", "did you mean 'xenium'"),
+        ("dataset: {reader: xenium, loader: osmfish, path: outs}", "dataset.reader", "not both"),
+        ("dataset: {reader: auto}", "dataset.path", "output folder"),
         ("name: 'a b'", "name", "letters"),
     ],
 )

@@ -90,6 +90,11 @@ class DatasetConfig:
     ----------
     loader
         A registered loader (:func:`sfact.datasets.loaders`), e.g. ``"osmfish"``.
+    reader
+        Instead of ``loader``: a technology of :data:`sfact.datasets.READERS` (``xenium``,
+        ``visium``, ``visium_hd``, ``merscope``, ``cosmx``, ``stereoseq``) or ``auto``; ``path``
+        is then the instrument's output folder, read by :func:`sfact.datasets.read`
+        (spatialdata-io), and ``loader_kwargs`` go to that reader.
     path
         An ``.h5ad`` file (without ``loader``), or the file/folder a path-reading loader needs;
         relative to the config file's folder.
@@ -109,6 +114,7 @@ class DatasetConfig:
     """
 
     loader: str | None = None
+    reader: str | None = None
     path: str | None = None
     group_key: str | None = None
     sample_key: str | None = None

@@ -109,9 +109,28 @@ def _check_dataset(
     """Loader or path; the loader's default group key and checked ``loader_kwargs``; paths resolved."""
     from sfact.datasets._registry import LOADERS
 
-    if ds.loader is None and ds.path is None:
-        raise err("give a `loader` (a registered data set) or a `path` (an .h5ad file).", "dataset")
-    if ds.loader is not None:
+    if ds.loader is None and ds.path is None and ds.reader is None:
+        raise err(
+            "give a `loader` (a registered data set), a `path` (an .h5ad file) or a `reader` and the "
+            "`path` of an instrument's output folder.",
+            "dataset",
+        )
+    if ds.reader is not None:
+        from sfact.datasets._read import READERS
+
+        if ds.loader is not None:
+            raise err(
+                "give `reader` (an output folder's technology) or `loader`, not both.", "dataset.reader"
+            )
+        if ds.reader != "auto" and ds.reader not in READERS:
+            raise err(
+                f"unknown reader {ds.reader!r}{_suggest(str(ds.reader), sorted(READERS))} "
+                f"(technologies: auto, {', '.join(READERS)})",
+                "dataset.reader",
+            )
+        if ds.path is None:
+            raise err("a `reader` reads an output folder: set `dataset.path` to it.", "dataset.path")
+    elif ds.loader is not None:
         if ds.loader not in LOADERS:
             raise err(
                 f"unknown loader {ds.loader!r}{_suggest(ds.loader, sorted(LOADERS))} "
@@ -129,8 +148,8 @@ def _check_dataset(
         if "group_key" not in raw:
             ds.group_key = info.group_key
         ds.loader_kwargs = _check_loader_kwargs(info, ds.loader_kwargs, err, base_dirs)
-    elif ds.loader_kwargs:
-        raise err("only for a `loader`, not for an .h5ad `path`.", "dataset.loader_kwargs")
+    elif ds.loader_kwargs and ds.reader is None:
+        raise err("only for a `loader` or a `reader`, not for an .h5ad `path`.", "dataset.loader_kwargs")
     ds.path = _resolve_path(ds.path, "dataset.path", base_dirs)
     if ds.subsample is not None:
         s = ds.subsample

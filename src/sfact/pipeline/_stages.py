@@ -78,7 +78,12 @@ def preprocess(
 
         ds = cfg.dataset
         report(message="loading data")
-        if ds.loader is not None:
+        if ds.reader is not None:
+            _say(f"reading {ds.path} ({ds.reader})")
+            adata = _subsample(
+                sfact.datasets.read(ds.path, ds.reader, **ds.loader_kwargs), ds.subsample, ds.random_state
+            )
+        elif ds.loader is not None:
             _say(f"loading {ds.loader!r}" + (f" from {ds.path}" if ds.path else ""))
             adata = sfact.datasets.load(
                 ds.loader,
