@@ -1,6 +1,6 @@
 """Sphinx extension: the command-line and config reference, generated from the code.
 
-At ``builder-inited`` it writes two MyST markdown files that ``cli.md`` includes:
+At ``builder-inited`` it writes the MyST markdown files that ``cli.md`` and ``own_data.md`` include:
 
 * ``generated/includes/cli_commands.md``: every ``sfact`` command with its usage and a table
   of its arguments and options, read from the argparse parser (:func:`sfact._cli.build_parser`);
@@ -8,7 +8,9 @@ At ``builder-inited`` it writes two MyST markdown files that ``cli.md`` includes
   its type, default and meaning, read from the dataclasses of :mod:`sfact.pipeline` (types and
   defaults) and their docstrings, falling back to the docstrings of the functions the section
   is passed to (:func:`sfact.pp.prepare`, :class:`sfact.models.SpatialFactorization`, its
-  ``train`` method).
+  ``train`` method);
+* ``generated/includes/readers.md``: the technologies :func:`sfact.datasets.read` knows
+  (:data:`sfact.datasets.READERS`).
 
 A key without any description is a build warning (so ``-W`` fails): the reference cannot
 silently fall out of step with the code. Files are rewritten only when their text changes, so
@@ -358,6 +360,23 @@ def config_markdown() -> str:
     return "\n".join(out)
 
 
+# -------------------------------------------------------------------------------------- readers
+def readers_markdown() -> str:
+    """The table of :data:`sfact.datasets.READERS`: technology, spatialdata-io reader, files, defaults."""
+    from sfact.datasets import READERS
+
+    out = [
+        "| technology | what is read | recognized by | spatialdata-io reader and sfact's defaults |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, info in READERS.items():
+        markers = ", ".join(f"`{m}`" for m in info.markers)
+        defaults = ", ".join(f"`{k}={v!r}`" for k, v in info.defaults.items())
+        call = f"`spatialdata_io.{info.function}`" + (f" with {defaults}" if defaults else "")
+        out.append(f"| `{name}` | {info.description} | {markers} | {call} |")
+    return "\n".join(out)
+
+
 # --------------------------------------------------------------------------------------- sphinx
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -369,6 +388,7 @@ def _generate(app) -> None:
     root = Path(app.srcdir) / INCLUDES
     _write(root / "cli_commands.md", cli_markdown() + "\n")
     _write(root / "config_reference.md", config_markdown() + "\n")
+    _write(root / "readers.md", readers_markdown() + "\n")
 
 
 def setup(app):
