@@ -39,7 +39,7 @@ def resolve_table(
     obj: Any,
     table_key: str | None = None,
     *,
-    spatial_key: str = "spatial",
+    spatial_key: str | None = "spatial",
     coordinate_system: str | None = None,
 ) -> AnnData:
     """The AnnData table sfact works on: ``obj`` itself, or a table of a SpatialData.
@@ -60,7 +60,8 @@ def resolve_table(
     table_key
         Key of ``obj.tables``; ``None`` for the only table. Only for a SpatialData.
     spatial_key
-        Key of the table's ``obsm`` with the coordinates, read or written.
+        Key of the table's ``obsm`` with the coordinates, read or written; ``None`` for the table
+        alone (for what needs no coordinates, or only reads them: nothing is written).
     coordinate_system
         Coordinate system of the centroids; ``None`` for the element's only one, else
         ``"global"``.
@@ -77,6 +78,65 @@ def resolve_table(
                 f"{type(obj).__name__}: drop `table_key=`."
             )
         return obj
+    table_key, table = _select_table(obj, table_key)
+    if spatial_key is None or spatial_key in table.obsm:
+        return table
+    coords = _centroids(obj, table, table_key, spatial_key, coordinate_system)
+    table.obsm[spatial_key] = coords
+    return table
+
+
+def resolve_table_copy(
+    obj: Any,
+    table_key: str | None = None,
+    *,
+    copy: bool,
+    spatial_key: str | None = "spatial",
+    coordinate_system: str | None = None,
+) -> tuple[AnnData, Any]:
+    """The table a function with ``copy=`` writes to, and the SpatialData it returns, if any.
+
+    ``copy=True`` on a SpatialData returns a modified copy of the *SpatialData*, as ``copy=True``
+    on an AnnData returns a modified AnnData: the SpatialData is deep-copied
+    (``spatialdata.deepcopy``, which loads its elements into memory) after ``table_key`` is
+    checked, so a bad key copies nothing, and the table of the copy is resolved (its centroids
+    written into the copy's table): the original, its table included, is never modified. The
+    caller writes into that table in place and returns the copy.
+
+    Parameters
+    ----------
+    obj
+        An AnnData or a :class:`spatialdata.SpatialData`.
+    table_key
+        Key of ``obj.tables``; ``None`` for the only table. Only for a SpatialData.
+    copy
+        The caller's ``copy``.
+    spatial_key
+        As for :func:`resolve_table`.
+    coordinate_system
+        As for :func:`resolve_table`.
+
+    Returns
+    -------
+    ``(table, sdata_copy)``: for an AnnData ``(obj, None)`` (the caller copies it itself, after
+    its checks); for a SpatialData with ``copy=False`` ``(its table, None)``; with ``copy=True``
+    ``(the copy's table, the copy)``. Callers write ``copy = copy and sdata_copy is None`` and
+    end with ``return table if copy else sdata_copy``.
+    """
+    if not (copy and is_spatialdata(obj)):
+        return resolve_table(
+            obj, table_key, spatial_key=spatial_key, coordinate_system=coordinate_system
+        ), None
+    table_key, _ = _select_table(obj, table_key)  # a bad key raises before anything is copied
+    import spatialdata  # only here: a SpatialData was passed, so it is installed
+
+    sdata_copy = spatialdata.deepcopy(obj)
+    table = resolve_table(sdata_copy, table_key, spatial_key=spatial_key, coordinate_system=coordinate_system)
+    return table, sdata_copy
+
+
+def _select_table(obj: Any, table_key: str | None) -> tuple[str, AnnData]:
+    """``(key, table)`` of the SpatialData ``obj``: ``tables[table_key]``, or its only table; never writes."""
     tables = dict(obj.tables)
     if not tables:
         raise ValueError(
@@ -95,12 +155,7 @@ def resolve_table(
             f"`table_key={table_key!r}` not found in the SpatialData's tables "
             f"({', '.join(map(repr, tables))}): pass one of them as `table_key=`."
         )
-    table = tables[table_key]
-    if spatial_key in table.obsm:
-        return table
-    coords = _centroids(obj, table, table_key, spatial_key, coordinate_system)
-    table.obsm[spatial_key] = coords
-    return table
+    return table_key, tables[table_key]
 
 
 def _centroids(

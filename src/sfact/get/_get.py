@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 
+from .._spatialdata import resolve_table
 from ._view import FitView
 
 if TYPE_CHECKING:
@@ -15,7 +16,9 @@ if TYPE_CHECKING:
 RankBy = Literal["loading", "share"]
 
 
-def factors_df(adata: AnnData, *, key: str = "sfact", scales: bool = False) -> pd.DataFrame:
+def factors_df(
+    adata: AnnData, *, key: str = "sfact", table_key: str | None = None, scales: bool = False
+) -> pd.DataFrame:
     """Factors (or their posterior scales) as a cells x factors DataFrame.
 
     Parameters
@@ -24,6 +27,10 @@ def factors_df(adata: AnnData, *, key: str = "sfact", scales: bool = False) -> p
         AnnData after :func:`sfact.tl.fit`.
     key
         The fit's ``key_added``.
+    table_key
+        With a ``spatialdata.SpatialData`` as ``adata``: the key of its table holding the results
+        (``None`` for its only table; a key it does not hold raises a :class:`KeyError` naming its
+        tables).
     scales
         Return the posterior standard deviations ``σ`` of the log-factors instead.
 
@@ -37,6 +44,7 @@ def factors_df(adata: AnnData, *, key: str = "sfact", scales: bool = False) -> p
     >>> df = sfact.get.factors_df(adata)  # doctest: +SKIP
     >>> df.idxmax(axis=1).value_counts()  # doctest: +SKIP
     """
+    adata = resolve_table(adata, table_key, spatial_key=None)  # a SpatialData's table; never writes
     fit = FitView.from_adata(adata, key, what="`sfact.get.factors_df`")
     values = fit.scales if scales else fit.factors
     df = pd.DataFrame(np.array(values, copy=True), index=adata.obs_names.copy(), columns=fit.factor_names)
@@ -47,7 +55,9 @@ def factors_df(adata: AnnData, *, key: str = "sfact", scales: bool = False) -> p
     return df
 
 
-def loadings_df(adata: AnnData, *, key: str = "sfact", group: str | None = None) -> pd.DataFrame:
+def loadings_df(
+    adata: AnnData, *, key: str = "sfact", table_key: str | None = None, group: str | None = None
+) -> pd.DataFrame:
     """Loadings as a genes x factors DataFrame (global, or one group's).
 
     Parameters
@@ -56,6 +66,10 @@ def loadings_df(adata: AnnData, *, key: str = "sfact", group: str | None = None)
         AnnData after :func:`sfact.tl.fit`.
     key
         The fit's ``key_added``.
+    table_key
+        With a ``spatialdata.SpatialData`` as ``adata``: the key of its table holding the results
+        (``None`` for its only table; a key it does not hold raises a :class:`KeyError` naming its
+        tables).
     group
         A group's loadings (from :func:`sfact.tl.group_loadings`) instead of the global ones.
 
@@ -67,6 +81,7 @@ def loadings_df(adata: AnnData, *, key: str = "sfact", group: str | None = None)
     --------
     >>> sfact.get.loadings_df(adata)["factor_0"].nlargest(5)  # doctest: +SKIP
     """
+    adata = resolve_table(adata, table_key, spatial_key=None)  # a SpatialData's table; never writes
     fit = FitView.from_adata(adata, key, what="`sfact.get.loadings_df`")
     values = fit.loadings if group is None else fit.group_loadings(group)
     return pd.DataFrame(np.array(values, copy=True), index=adata.var_names.copy(), columns=fit.factor_names)
@@ -76,6 +91,7 @@ def top_genes(
     adata: AnnData,
     *,
     key: str = "sfact",
+    table_key: str | None = None,
     n_genes: int = 10,
     by: RankBy = "share",
     group: str | None = None,
@@ -88,6 +104,10 @@ def top_genes(
         AnnData after :func:`sfact.tl.fit`.
     key
         The fit's ``key_added``.
+    table_key
+        With a ``spatialdata.SpatialData`` as ``adata``: the key of its table holding the results
+        (``None`` for its only table; a key it does not hold raises a :class:`KeyError` naming its
+        tables).
     n_genes
         Genes per factor.
     by
@@ -106,6 +126,7 @@ def top_genes(
     --------
     >>> sfact.get.top_genes(adata, n_genes=5).pivot(index="rank", columns="factor", values="gene")  # doctest: +SKIP
     """
+    adata = resolve_table(adata, table_key, spatial_key=None)  # a SpatialData's table; never writes
     if by not in ("loading", "share"):
         raise ValueError(f"`by` must be 'loading' or 'share', received {by!r}.")
     if n_genes < 1:
@@ -123,7 +144,7 @@ def top_genes(
     return df
 
 
-def factors_adata(adata: AnnData, *, key: str = "sfact") -> AnnData:
+def factors_adata(adata: AnnData, *, key: str = "sfact", table_key: str | None = None) -> AnnData:
     """A new AnnData whose variables are the factors, for scanpy's and squidpy's plots.
 
     ``X`` holds the factors (cells x factors) with the factor names as ``var_names``, so
@@ -137,6 +158,10 @@ def factors_adata(adata: AnnData, *, key: str = "sfact") -> AnnData:
         AnnData after :func:`sfact.tl.fit`.
     key
         The fit's ``key_added``.
+    table_key
+        With a ``spatialdata.SpatialData`` as ``adata``: the key of its table holding the results
+        (``None`` for its only table; a key it does not hold raises a :class:`KeyError` naming its
+        tables).
 
     Returns
     -------
@@ -151,6 +176,8 @@ def factors_adata(adata: AnnData, *, key: str = "sfact") -> AnnData:
     >>> sc.pl.embedding(fa, basis="spatial", color=["factor_0", "factor_1"])  # doctest: +SKIP
     """
     import anndata as ad
+
+    adata = resolve_table(adata, table_key, spatial_key=None)  # a SpatialData's table; never writes
 
     fit = FitView.from_adata(adata, key, what="`sfact.get.factors_adata`")
     keys = fit.keys
@@ -179,7 +206,7 @@ def _deep_copy(obj):
     return copy.deepcopy(obj)
 
 
-def history(adata: AnnData, *, key: str = "sfact") -> pd.DataFrame:
+def history(adata: AnnData, *, key: str = "sfact", table_key: str | None = None) -> pd.DataFrame:
     """Training history: ELBO per matrix entry, expected log-likelihood, KL and elapsed seconds.
 
     Parameters
@@ -188,6 +215,10 @@ def history(adata: AnnData, *, key: str = "sfact") -> pd.DataFrame:
         AnnData after :func:`sfact.tl.fit`.
     key
         The fit's ``key_added``.
+    table_key
+        With a ``spatialdata.SpatialData`` as ``adata``: the key of its table holding the results
+        (``None`` for its only table; a key it does not hold raises a :class:`KeyError` naming its
+        tables).
 
     Returns
     -------
@@ -197,6 +228,7 @@ def history(adata: AnnData, *, key: str = "sfact") -> pd.DataFrame:
     --------
     >>> sfact.get.history(adata)["elbo"].plot()  # doctest: +SKIP
     """
+    adata = resolve_table(adata, table_key, spatial_key=None)  # a SpatialData's table; never writes
     fit = FitView.from_adata(adata, key, what="`sfact.get.history`")
     hist = fit.history
     if hist is None or len(hist) == 0:

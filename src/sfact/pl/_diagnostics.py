@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .._spatialdata import resolve_table
 from ..get._get import history
 from ..get._view import FitView
 from ._docs import doc_params
@@ -24,6 +25,7 @@ def elbo(
     adata: AnnData,
     *,
     key: str = "sfact",
+    table_key: str | None = None,
     skip: int | None = None,
     color: str = "C0",
     title: str | None = None,
@@ -42,6 +44,7 @@ def elbo(
     ----------
     {adata}
     {key}
+    {table_key}
     skip
         Iterations left out of the y range; 5% of them (at least 1 when there are more than
         10) when ``None``, ``0`` for the full range.
@@ -67,6 +70,7 @@ def elbo(
     --------
     >>> fig = sfact.pl.elbo(adata, return_fig=True)  # doctest: +SKIP
     """
+    adata = resolve_table(adata, table_key, spatial_key=None)  # a SpatialData's table
     fit = FitView.from_adata(adata, key, what="plotting the ELBO")
     hist = history(adata, key=key)
     if len(hist) == 0:
@@ -112,6 +116,7 @@ def moran(
     adata: AnnData,
     *,
     key: str = "sfact",
+    table_key: str | None = None,
     alpha: float = 0.05,
     color: str = "C0",
     title: str | None = None,
@@ -127,6 +132,7 @@ def moran(
     ----------
     {adata}
     {key}
+    {table_key}
     alpha
         Bars of factors whose FDR-adjusted p-value is at least ``alpha`` are drawn pale.
     {color}
@@ -146,6 +152,8 @@ def moran(
     >>> fig = sfact.pl.moran(adata, return_fig=True)  # doctest: +SKIP
     """
     from matplotlib.colors import to_rgba
+
+    adata = resolve_table(adata, table_key, spatial_key=None)  # a SpatialData's table
 
     fit = FitView.from_adata(adata, key, what="plotting Moran's I")
     table = fit.moran

@@ -37,6 +37,12 @@ spatial_key = """\
 spatial_key
     Key of the coordinates in ``adata.obsm``."""
 
+table_key = """\
+table_key
+    With a ``spatialdata.SpatialData`` as ``adata``: the key of its table holding the results
+    (``None`` for its only table; a key it does not hold raises a :class:`KeyError` naming its
+    tables)."""
+
 ncols = """\
 ncols
     Panels per row."""
@@ -143,6 +149,7 @@ FRAGMENTS: dict[str, str] = {
     "adata_selection": adata_selection,
     "key_selection": key_selection,
     "spatial_key": spatial_key,
+    "table_key": table_key,
     "ncols": ncols,
     "cmap": cmap,
     "color": color,

@@ -247,9 +247,7 @@ def factors(
     factors
         Factor names or indices to draw; all when ``None``.
     {spatial_key}
-    table_key
-        With a ``spatialdata.SpatialData`` as ``adata``: the key of its table (``None`` for its
-        only table), fitted with :func:`sfact.tl.fit`.
+    {table_key}
     {library_id}
     {ncols}
     {cmap}
@@ -322,9 +320,7 @@ def scales(
     factors
         Factor names or indices to draw; all when ``None``.
     {spatial_key}
-    table_key
-        With a ``spatialdata.SpatialData`` as ``adata``: the key of its table (``None`` for its
-        only table), fitted with :func:`sfact.tl.fit`.
+    {table_key}
     {library_id}
     {ncols}
     {cmap}
@@ -367,6 +363,7 @@ def groupwise_factors(
     groups: Sequence[str] | None = None,
     factors: Sequence[int | str] | None = None,
     spatial_key: str = "spatial",
+    table_key: str | None = None,
     library_id: str | Sequence[str] | None = None,
     cmap: str = "viridis",
     shared_scale: bool = True,
@@ -398,6 +395,7 @@ def groupwise_factors(
     factors
         Factor names or indices (columns) to draw; all when ``None``.
     {spatial_key}
+    {table_key}
     library_id
         Draw only the cells of these samples (values of the fit's ``sample_key`` column), for a
         fit with several samples; all cells when ``None``.
@@ -430,6 +428,8 @@ def groupwise_factors(
     import matplotlib.pyplot as plt
 
     from ._utils import check_figsize
+
+    adata = resolve_table(adata, table_key, spatial_key=spatial_key)  # a SpatialData's table
 
     fit = FitView.from_adata(adata, key, what="plotting group-wise factors")
     gw, all_groups = fit.groupwise  # (N, G, L)
@@ -506,6 +506,7 @@ def factors_with_genes(
     n_genes: int = 3,
     by: str = RANK_BY,
     spatial_key: str = "spatial",
+    table_key: str | None = None,
     library_id: str | Sequence[str] | None = None,
     cmap: str = "viridis",
     gene_cmap: str = "magma",
@@ -537,6 +538,7 @@ def factors_with_genes(
         Top genes per factor (see :func:`sfact.get.top_genes`).
     {by}
     {spatial_key}
+    {table_key}
     library_id
         Draw only the cells of these samples (values of the fit's ``sample_key`` column), for a
         fit with several samples; all cells when ``None``.
@@ -569,6 +571,8 @@ def factors_with_genes(
 
     from ..get._get import top_genes
     from ._utils import check_figsize
+
+    adata = resolve_table(adata, table_key, spatial_key=spatial_key)  # a SpatialData's table
 
     fit = FitView.from_adata(adata, key, what="plotting factors with genes")
     coords = _coords(adata, spatial_key, "`sfact.pl.factors_with_genes`")

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from .._spatialdata import resolve_table
 from ..get._get import loadings_df
 from ..get._get import top_genes as _top_genes
 from ..get._view import FitView
@@ -66,6 +67,7 @@ def top_genes(
     adata: AnnData,
     *,
     key: str = "sfact",
+    table_key: str | None = None,
     factors: Sequence[int | str] | None = None,
     n_genes: int = 10,
     by: str = RANK_BY,
@@ -86,6 +88,7 @@ def top_genes(
     ----------
     {adata}
     {key}
+    {table_key}
     factors
         Factor names or indices; all when ``None``.
     n_genes
@@ -111,6 +114,7 @@ def top_genes(
     --------
     >>> fig = sfact.pl.top_genes(adata, n_genes=8, by="loading", return_fig=True)  # doctest: +SKIP
     """
+    adata = resolve_table(adata, table_key, spatial_key=None)  # a SpatialData's table
     names = FitView.from_adata(adata, key, what="plotting top genes").factor_names
     sel = select_factors(names, factors)
     table = _top_genes(adata, key=key, n_genes=n_genes, by=by, group=group)  # type: ignore[arg-type]
@@ -138,6 +142,7 @@ def loadings(
     adata: AnnData,
     *,
     key: str = "sfact",
+    table_key: str | None = None,
     factors: Sequence[int | str] | None = None,
     n_genes: int = 5,
     by: str = RANK_BY,
@@ -163,6 +168,7 @@ def loadings(
     ----------
     {adata}
     {key}
+    {table_key}
     factors
         Factor names or indices (columns); all when ``None``.
     n_genes
@@ -192,6 +198,7 @@ def loadings(
     --------
     >>> fig = sfact.pl.loadings(adata, n_genes=4, return_fig=True)  # doctest: +SKIP
     """
+    adata = resolve_table(adata, table_key, spatial_key=None)  # a SpatialData's table
     names = FitView.from_adata(adata, key, what="plotting loadings").factor_names
     sel = select_factors(names, factors)
     W = loadings_df(adata, key=key, group=group)
@@ -282,6 +289,7 @@ def gene_enrichment(
     adata: AnnData,
     *,
     key: str = "sfact",
+    table_key: str | None = None,
     factors: Sequence[int | str] | None = None,
     groups: Sequence[str] | None = None,
     n_genes: int = 10,
@@ -309,6 +317,7 @@ def gene_enrichment(
     ----------
     {adata_enrichment}
     {key}
+    {table_key}
     factors
         Factor names or indices (panels); all when ``None``.
     groups
@@ -345,6 +354,8 @@ def gene_enrichment(
     >>> fig = sfact.pl.gene_enrichment(adata, factors=[0, 1], return_fig=True)  # doctest: +SKIP
     """
     import matplotlib.pyplot as plt
+
+    adata = resolve_table(adata, table_key, spatial_key=None)  # a SpatialData's table
 
     names, sel, all_groups, gsel, genes_all, lfc = _enrichment(adata, key, factors, groups)
     titles, suptitle = panel_titles(title, [names[i] for i in sel])
@@ -459,6 +470,7 @@ def enrichment_by_group(
     adata: AnnData,
     *,
     key: str = "sfact",
+    table_key: str | None = None,
     groups: Sequence[str] | None = None,
     factors: Sequence[int | str] | None = None,
     n_genes: int = 8,
@@ -481,6 +493,7 @@ def enrichment_by_group(
     ----------
     {adata_enrichment}
     {key}
+    {table_key}
     groups
         Groups (panels); all when ``None``.
     factors
@@ -507,6 +520,8 @@ def enrichment_by_group(
     >>> fig = sfact.pl.enrichment_by_group(adata, groups=["Microglia"], return_fig=True)  # doctest: +SKIP
     """
     from matplotlib.patches import Patch
+
+    adata = resolve_table(adata, table_key, spatial_key=None)  # a SpatialData's table
 
     names, sel, all_groups, gsel, genes, lfc = _enrichment(adata, key, factors, groups)
     fcolors = {names[i]: f"C{k % 10}" for k, i in enumerate(sel)}
@@ -552,6 +567,7 @@ def enrichment_by_factor(
     adata: AnnData,
     *,
     key: str = "sfact",
+    table_key: str | None = None,
     factors: Sequence[int | str] | None = None,
     groups: Sequence[str] | None = None,
     n_genes: int = 10,
@@ -574,6 +590,7 @@ def enrichment_by_factor(
     ----------
     {adata_enrichment}
     {key}
+    {table_key}
     factors
         Factor names or indices (panels); all when ``None``.
     groups
@@ -600,6 +617,7 @@ def enrichment_by_factor(
     --------
     >>> fig = sfact.pl.enrichment_by_factor(adata, factors=[0, 1], return_fig=True)  # doctest: +SKIP
     """
+    adata = resolve_table(adata, table_key, spatial_key=None)  # a SpatialData's table
     names, sel, all_groups, gsel, genes, lfc = _enrichment(adata, key, factors, groups)
     lfc = lfc[gsel]  # (G, D, L)
     items = []

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .._spatialdata import resolve_table
 from ._docs import doc_params
 from ._utils import (
     finish,
@@ -112,6 +113,7 @@ def inducing_points(
     key: str = "sfact",
     group_key: str | None = None,
     spatial_key: str | None = None,
+    table_key: str | None = None,
     library_id: str | Sequence[str] | None = None,
     split_groups: bool = False,
     groups: Sequence[str] | None = None,
@@ -152,6 +154,7 @@ def inducing_points(
         (cells are grey when there is none).
     spatial_key
         Key of the coordinates in ``adata.obsm``; the fit's when ``None``.
+    {table_key}
     library_id
         Draw only these samples' cells and inducing points (values of the fit's ``sample_key``
         column; squidpy's name for them), for a fit with several samples; all when ``None``.
@@ -192,6 +195,8 @@ def inducing_points(
     >>> sfact.pl.inducing_points(adata, model)  # doctest: +SKIP
     """
     from matplotlib.lines import Line2D
+
+    adata = resolve_table(adata, table_key, spatial_key=spatial_key)  # a SpatialData's table
 
     src = _Inducing.from_adata(adata, key) if model is None else _Inducing.from_model(model)
     spatial_key = src.spatial_key if spatial_key is None else spatial_key

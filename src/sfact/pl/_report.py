@@ -19,6 +19,7 @@ def report(
     path: str | os.PathLike,
     *,
     key: str = "sfact",
+    table_key: str | None = None,
     title: str | None = None,
 ) -> Path:
     """Write a self-contained HTML report of the fit under ``key``.
@@ -39,6 +40,7 @@ def report(
     path
         The HTML file to write (its folder is created); an existing file is replaced.
     {key}
+    {table_key}
     title
         Title of the page; the prior and key by default.
 
@@ -55,6 +57,9 @@ def report(
     >>> sfact.pl.report(adata, "osmfish_report.html")  # doctest: +SKIP
     PosixPath('osmfish_report.html')
     """
+    from .._spatialdata import resolve_table
     from ..pipeline._html_report import fit_report
+
+    adata = resolve_table(adata, table_key, spatial_key=None)  # a SpatialData's table
 
     return fit_report(adata, path, key=key, title=title)

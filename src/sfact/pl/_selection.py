@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .._spatialdata import resolve_table
 from ._docs import doc_params
 from ._utils import finish, single_axes, single_title
 
@@ -22,6 +23,7 @@ def model_selection(
     adata: AnnData,
     *,
     key: str = "sfact_selection",
+    table_key: str | None = None,
     title: str | None = None,
     figsize: tuple[float, float] | None = None,
     ax: Axes | None = None,
@@ -40,6 +42,7 @@ def model_selection(
     ----------
     {adata_selection}
     {key_selection}
+    {table_key}
     {title_single}
     {figsize}
     {ax}
@@ -57,6 +60,8 @@ def model_selection(
     >>> fig = sfact.pl.model_selection(adata, return_fig=True)  # doctest: +SKIP
     """
     from ..tl._select import _setting_means
+
+    adata = resolve_table(adata, table_key, spatial_key=None)  # a SpatialData's table
 
     res = adata.uns.get(key)
     if not isinstance(res, dict) or "results" not in res:

@@ -13,7 +13,7 @@ from sfact._scaling import ScaleMethod
 from sfact._scaling import apply_scaling as _apply_scaling
 from sfact._scaling import fit_scaling as _fit_scaling
 from sfact._scaling import sample_extents as _sample_extents
-from sfact._spatialdata import resolve_table
+from sfact._spatialdata import resolve_table_copy
 from sfact._utils import (
     MISSING_LABELS,
     check_counts,
@@ -135,7 +135,9 @@ def prepare(
         ``sdata.write()`` keeps them. Without ``obsm[spatial_key]`` in the table, the centroids
         of the shapes or labels it annotates are written there first (as squidpy finds them).
     copy
-        Return a prepared copy instead of modifying ``adata`` in place.
+        Return a prepared copy instead of modifying ``adata`` in place; for a SpatialData, a deep
+        copy of all of it (``spatialdata.deepcopy``, which loads its elements into memory)
+        with its table prepared, the original left as it was.
 
     Returns
     -------
@@ -190,7 +192,9 @@ def prepare(
         )
 
     # --- inputs ----------------------------------------------------------------------------
-    adata = resolve_table(adata, table_key, spatial_key=spatial_key)  # a SpatialData's table
+    # a SpatialData's table (with copy=True: of a deep copy of it, prepared in place and returned)
+    adata, sdata_copy = resolve_table_copy(adata, table_key, copy=copy, spatial_key=spatial_key)
+    copy = copy and sdata_copy is None
     check_in_memory(adata)
     coords = get_coordinates(adata, spatial_key)
     if group_key is not None and group_key not in adata.obs.columns:
@@ -436,7 +440,7 @@ def prepare(
             + f"    {UNS_KEY!r}, how the data were prepared (adata.uns)"
         ),
     )
-    return out if copy else None
+    return out if copy else sdata_copy
 
 
 def _group_codes(col: pd.Series) -> tuple[pd.Index, np.ndarray, bool]:

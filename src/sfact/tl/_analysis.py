@@ -23,6 +23,7 @@ def morans_i(
     connectivity_key: str | None = None,
     names: list[str] | None = None,
     n_neighs: int = 6,
+    table_key: str | None = None,
 ) -> pd.DataFrame:
     """Moran's I of each factor (or column) on a spatial neighbour graph; reads, never writes.
 
@@ -65,6 +66,11 @@ def morans_i(
         when ``None``.
     n_neighs
         Neighbours per cell in the spatial graph.
+    table_key
+        With a ``spatialdata.SpatialData`` as ``data``: the key of its table holding the
+        factors (``None`` for its only table; a key it does not hold raises a :class:`KeyError`
+        naming its tables). Its coordinates are read from ``obsm`` (as :func:`sfact.tl.fit`
+        left them); nothing is written.
 
     Returns
     -------
@@ -85,9 +91,12 @@ def morans_i(
     """
     from anndata import AnnData
 
+    from .._spatialdata import is_spatialdata, resolve_table
     from .._utils import check_int
 
     check_int(n_neighs, "n_neighs", minimum=1)
+    if is_spatialdata(data) or table_key is not None:
+        data = resolve_table(data, table_key, spatial_key=None)  # a SpatialData's table; never writes
     if not isinstance(data, AnnData):
         if coords is None:
             raise TypeError(

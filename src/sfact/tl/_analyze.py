@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import _logging as logg
 from .._keys import Keys, check_key_added
-from .._spatialdata import resolve_table
+from .._spatialdata import resolve_table_copy
 from .._transaction import fit_transaction
 from .._utils import view_to_actual
 
@@ -468,11 +468,14 @@ def analyze(
         in the table, the centroids of the shapes or labels it annotates are written there first
         (as squidpy finds them).
     copy
-        Return a modified copy instead of writing to ``adata``.
+        Return a modified copy instead of writing to ``adata``; for a SpatialData, a deep copy of
+        all of it (``spatialdata.deepcopy``, which loads its elements into memory) with the
+        results in its table, the original left as it was.
 
     Returns
     -------
-    ``None``, or a copy when ``copy=True``. Sets (with ``key = key_added``):
+    ``None``, or a copy when ``copy=True`` (for a SpatialData, the SpatialData copy). Sets (with
+    ``key = key_added``):
 
     ``adata.obsm['X_{key}']``, ``adata.obsm['X_{key}_scales']``
         Factors ``exp(μ)`` and posterior standard deviations ``σ`` (n_obs, n_factors).
@@ -495,7 +498,10 @@ def analyze(
     >>> sfact.tl.analyze(adata, model)  # the model's group_key: enrichment too  # doctest: +SKIP
     """
     check_key_added(key_added)
-    adata = resolve_table(adata, table_key, spatial_key=model.setup.spatial_key)  # SpatialData
+    adata, sdata_copy = resolve_table_copy(
+        adata, table_key, copy=copy, spatial_key=model.setup.spatial_key
+    )  # a SpatialData's table (with copy=True: of a deep copy of it, written in place and returned)
+    copy = copy and sdata_copy is None
     from ..models._newcells import check_new_cells
 
     check_new_cells(model, adata, purpose="analyze", reorder=False)  # genes, counts, coordinates, ...
@@ -525,7 +531,7 @@ def analyze(
         n_top=n_top,
         progress_bar=progress_bar,
     )
-    return adata if copy else None
+    return adata if copy else sdata_copy
 
 
 def _check_batch_size(analyze_batch_size: int) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import _logging as logg
 from .._keys import Keys, check_key_added
-from .._spatialdata import resolve_table
+from .._spatialdata import resolve_table_copy
 from .._transaction import fit_transaction, transaction
 from .._utils import view_to_actual
 
@@ -152,12 +152,14 @@ def fit(
         ``sdata.write()`` keeps them. Without ``obsm[spatial_key]`` in the table, the centroids
         of the shapes or labels it annotates are written there first (as squidpy finds them).
     copy
-        Return a modified copy instead of writing to ``adata``.
+        Return a modified copy instead of writing to ``adata``; for a SpatialData, a deep copy of
+        all of it (``spatialdata.deepcopy``, which loads its elements into memory) with the
+        results in its table, the original left as it was.
 
     Returns
     -------
-    ``None``; the copy with ``copy=True``; the model with ``return_model=True``; the tuple
-    ``(copy, model)`` with both (the model's training data is then the copy, or its training
+    ``None``; the copy with ``copy=True`` (for a SpatialData, the SpatialData copy); the model with
+    ``return_model=True``; the tuple ``(copy, model)`` with both (the model's training data is then the copy, or its training
     cells when validation cells were held out). Sets (with ``key = key_added``):
 
     ``adata.obsm['X_{key}']``
@@ -213,7 +215,9 @@ def fit(
 
     # every check of the arguments before anything is copied, split or trained
     check_key_added(key_added)
-    adata = resolve_table(adata, table_key, spatial_key=spatial_key)  # a SpatialData's table
+    # a SpatialData's table (with copy=True: of a deep copy of it, written in place and returned)
+    adata, sdata_copy = resolve_table_copy(adata, table_key, copy=copy, spatial_key=spatial_key)
+    copy = copy and sdata_copy is None
     fraction = resolve_validation_fraction(validation_fraction, adata.n_obs)
     _check_batch_size(analyze_batch_size)
     check_int(n_neighs, "n_neighs", minimum=1)  # Moran's I runs after training: check it before
@@ -297,9 +301,10 @@ def fit(
             + ("" if mask is None else f"\n    '{keys.obs_validation()}' (adata.obs)")
         ),
     )
+    out = adata if copy else sdata_copy  # None, the AnnData copy or the SpatialData copy
     if return_model:
-        return (adata, model) if copy else model
-    return adata if copy else None
+        return model if out is None else (out, model)
+    return out
 
 
 def write_validation(
@@ -339,6 +344,7 @@ def groupwise_factors(
     groups: list[str] | None = None,
     key_added: str = "sfact",
     batch_size: int = 10000,
+    table_key: str | None = None,
     copy: bool = False,
 ) -> AnnData | None:
     """Each cell's factors as if it belonged to each group (multi-group priors).
@@ -359,12 +365,18 @@ def groupwise_factors(
         Base key of the slots written.
     batch_size
         Cells per batch of the GP predictive.
+    table_key
+        With a ``spatialdata.SpatialData`` as ``adata``: the key of its table to use
+        (``None`` for its only table; a key it does not hold raises a :class:`KeyError` naming its
+        tables); the results are written into it.
     copy
-        Return a modified copy instead of writing to ``adata``.
+        Return a modified copy instead of writing to ``adata``; for a SpatialData, a deep copy of
+        all of it (``spatialdata.deepcopy``, which loads its elements into memory) with the
+        results in its table, the original left as it was.
 
     Returns
     -------
-    ``None``, or a copy when ``copy=True``. Sets
+    ``None``, or a copy when ``copy=True`` (for a SpatialData, the SpatialData copy). Sets
 
     ``adata.obsm['X_{key}_groupwise']``
         (n_obs, n_groups, n_factors) factors ``exp(μ)`` with every cell assigned to each group.
@@ -379,6 +391,10 @@ def groupwise_factors(
     >>> sfact.tl.groupwise_factors(adata, model)  # doctest: +SKIP
     """
     check_key_added(key_added)
+    adata, sdata_copy = resolve_table_copy(
+        adata, table_key, copy=copy, spatial_key=model.setup.spatial_key
+    )  # a SpatialData's table (with copy=True: of a deep copy of it, written in place and returned)
+    copy = copy and sdata_copy is None
     if copy:
         adata = adata.copy()
     else:
@@ -389,4 +405,4 @@ def groupwise_factors(
     with transaction(adata, uns_keys=[keys.uns]):
         adata.obsm[keys.groupwise] = F
         adata.uns.setdefault(keys.uns, {})["groupwise_groups"] = np.asarray(names)
-    return adata if copy else None
+    return adata if copy else sdata_copy

@@ -10,6 +10,7 @@ import scipy.sparse as sp
 
 from .. import _logging as logg
 from .._keys import Keys
+from .._spatialdata import resolve_table_copy
 from .._utils import group_codes, view_to_actual
 from ..get._view import FitView
 from ._compat import KEY_ADDED_WHY, renamed_kwarg
@@ -199,6 +200,7 @@ def group_loadings(
     prior_strength: float = 1.0,
     batch_size: int = 10000,
     progress_bar: bool | None = None,
+    table_key: str | None = None,
     copy: bool = False,
 ) -> AnnData | None:
     """Loadings of each group's cells with the factors fixed (how each cell type uses the factors).
@@ -237,12 +239,19 @@ def group_loadings(
         Cells per batch.
     progress_bar
         Show progress over the groups; defaults to :attr:`sfact.settings.progress_bar`.
+    table_key
+        With a ``spatialdata.SpatialData`` as ``adata``: the key of its table holding the results
+        (``None`` for its only table; a key it does not hold raises a :class:`KeyError` naming its
+        tables); they are written into that table.
     copy
-        Return a modified copy instead of writing to ``adata``.
+        Return a modified copy instead of writing to ``adata``; for a SpatialData, a deep copy of
+        all of it (``spatialdata.deepcopy``, which loads its elements into memory) with the
+        results in its table, the original left as it was.
 
     Returns
     -------
-    ``None``, or a copy when ``copy=True``. Sets (``key = key_added``; per-group slots written
+    ``None``, or a copy when ``copy=True`` (for a SpatialData, the SpatialData copy). Sets
+    (``key = key_added``; per-group slots written
     earlier under the key are replaced):
 
     ``adata.varm['{key}_loadings_{group}']``
@@ -261,6 +270,9 @@ def group_loadings(
     """
     from ._analysis import _adata_counts
 
+    # a SpatialData's table (with copy=True: of a deep copy of it, written in place and returned)
+    adata, sdata_copy = resolve_table_copy(adata, table_key, copy=copy, spatial_key=None)
+    copy = copy and sdata_copy is None
     fit = FitView.from_adata(adata, key_added, what="`sfact.tl.group_loadings`")
     W = np.asarray(fit.loadings, dtype=np.float64)  # the global loadings (raises when missing)
     if group_key is None:
@@ -334,7 +346,7 @@ def group_loadings(
         time=start,
         deep=f"added {len(varm_keys)} '{keys.group_loadings_prefix}*' (adata.varm)",
     )
-    return adata if copy else None
+    return adata if copy else sdata_copy
 
 
 @renamed_kwarg("key", "key_added", why=KEY_ADDED_WHY)
@@ -346,6 +358,7 @@ def gene_enrichment(
     n_top: int = 10,
     pseudocount: float = 0.05,
     min_counts: int = 10,
+    table_key: str | None = None,
     copy: bool = False,
 ) -> AnnData | None:
     """Gene enrichment per factor and group: log2 fold change of group against global loadings.
@@ -374,12 +387,19 @@ def gene_enrichment(
         0.05 a gene must move a visible part of its expression to reach ``|log2fc| > 1``.
     min_counts
         Genes with fewer total counts in a group get ``NaN`` (no evidence either way).
+    table_key
+        With a ``spatialdata.SpatialData`` as ``adata``: the key of its table holding the results
+        (``None`` for its only table; a key it does not hold raises a :class:`KeyError` naming its
+        tables); they are written into that table.
     copy
-        Return a modified copy instead of writing to ``adata``.
+        Return a modified copy instead of writing to ``adata``; for a SpatialData, a deep copy of
+        all of it (``spatialdata.deepcopy``, which loads its elements into memory) with the
+        results in its table, the original left as it was.
 
     Returns
     -------
-    ``None``, or a copy when ``copy=True``. Sets (``key = key_added``)
+    ``None``, or a copy when ``copy=True`` (for a SpatialData, the SpatialData copy). Sets
+    (``key = key_added``)
     ``adata.uns['{key}']['enrichment']`` with
 
     ``log2fc``
@@ -407,6 +427,9 @@ def gene_enrichment(
     """
     from ._analysis import _adata_counts
 
+    # a SpatialData's table (with copy=True: of a deep copy of it, written in place and returned)
+    adata, sdata_copy = resolve_table_copy(adata, table_key, copy=copy, spatial_key=None)
+    copy = copy and sdata_copy is None
     fit = FitView.from_adata(adata, key_added, what="`sfact.tl.gene_enrichment`")
     W = np.asarray(fit.loadings, dtype=np.float64)  # the global loadings (raises when missing)
     info = fit.group_loadings_info
@@ -446,4 +469,4 @@ def gene_enrichment(
         "pseudocount": float(pseudocount),
         "min_counts": int(min_counts),
     }
-    return adata if copy else None
+    return adata if copy else sdata_copy

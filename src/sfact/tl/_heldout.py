@@ -15,7 +15,11 @@ if TYPE_CHECKING:
 
 
 def heldout_split(
-    adata: AnnData, *, fraction: float = 0.05, random_state: int | np.random.Generator | None = 0
+    adata: AnnData,
+    *,
+    fraction: float = 0.05,
+    random_state: int | np.random.Generator | None = 0,
+    table_key: str | None = None,
 ) -> tuple[AnnData, AnnData]:
     """Split cells at random into a training and a held-out set.
 
@@ -31,10 +35,15 @@ def heldout_split(
         Fraction of cells held out (0 < fraction < 1).
     random_state
         Seed or :class:`numpy.random.Generator`.
+    table_key
+        With a ``spatialdata.SpatialData`` as ``adata``: the key of its table to split (``None``
+        for its only table; a key it does not hold raises a :class:`KeyError` naming its
+        tables). Without ``obsm['spatial']`` in the table, the centroids of the shapes or labels
+        it annotates are written there first, so both parts have coordinates.
 
     Returns
     -------
-    ``(train, test)`` copies, each in the original cell order.
+    ``(train, test)`` copies (AnnData), each in the original cell order.
 
     Examples
     --------
@@ -44,6 +53,9 @@ def heldout_split(
     >>> test.n_obs
     242
     """
+    from .._spatialdata import resolve_table
+
+    adata = resolve_table(adata, table_key)  # a SpatialData's table
     test = heldout_mask(adata.n_obs, fraction=fraction, random_state=random_state)
     return adata[~test].copy(), adata[test].copy()
 
@@ -63,7 +75,9 @@ def heldout_mask(
     return test
 
 
-def heldout_deviance(model: SpatialFactorization, adata_test: AnnData, *, batch_size: int = 10000) -> float:
+def heldout_deviance(
+    model: SpatialFactorization, adata_test: AnnData, *, batch_size: int = 10000, table_key: str | None = None
+) -> float:
     """Mean Poisson deviance per matrix entry of held-out cells predicted by ``model``.
 
     The rates are ``E[λ_nd] = s_n Σ_l W_dl E[e^{F_nl}]`` with the factors predicted from the
@@ -87,6 +101,11 @@ def heldout_deviance(model: SpatialFactorization, adata_test: AnnData, *, batch_
         samples seen in training, at least one cell.
     batch_size
         Cells per batch of the GP predictive.
+    table_key
+        With a ``spatialdata.SpatialData`` as ``adata_test``: the key of its table of held-out
+        cells (``None`` for its only table; a key it does not hold raises a :class:`KeyError`
+        naming its tables). Without ``obsm`` coordinates (the model's ``spatial_key``) in the
+        table, the centroids of the shapes or labels it annotates are written there first.
 
     Returns
     -------
@@ -98,10 +117,12 @@ def heldout_deviance(model: SpatialFactorization, adata_test: AnnData, *, batch_
     >>> model = sfact.models.SpatialFactorization(train, prior="svgp").train()  # doctest: +SKIP
     >>> sfact.tl.heldout_deviance(model, test)  # doctest: +SKIP
     """
+    from .._spatialdata import resolve_table
     from ..models._inference import marginals
     from ..models._newcells import check_new_cells
     from ._analysis import _adata_counts, poisson_deviance_sparse
 
+    adata_test = resolve_table(adata_test, table_key, spatial_key=model.setup.spatial_key)  # SpatialData
     # before anything is computed: the model's genes (aligned to its order), finite non-negative
     # counts, coordinates, groups and samples
     adata_test = check_new_cells(model, adata_test, purpose="score", what="adata_test").adata
@@ -129,6 +150,7 @@ def knn_deviance(
     shrink: float = 0.01,
     layer: str | None = None,
     spatial_key: str = "spatial",
+    table_key: str | None = None,
 ) -> float:
     """Mean Poisson deviance per entry of a kNN composition smoother on held-out cells.
 
@@ -157,6 +179,11 @@ def knn_deviance(
         Layer with the counts; ``X`` when ``None``.
     spatial_key
         Key of the coordinates in ``obsm``.
+    table_key
+        With a ``spatialdata.SpatialData`` as ``train`` or ``test`` (or both): the key of its
+        table (``None`` for its only one; a key it does not hold raises a :class:`KeyError`
+        naming its tables). Without ``obsm[spatial_key]`` in a table, the centroids of the
+        shapes or labels it annotates are written there first.
 
     Returns
     -------
@@ -173,9 +200,16 @@ def knn_deviance(
     import scipy.sparse as sp
     from scipy.spatial import cKDTree
 
+    from .._spatialdata import is_spatialdata, resolve_table
     from .._utils import get_coordinates
     from ._analysis import _adata_counts
 
+    if table_key is not None and not (is_spatialdata(train) or is_spatialdata(test)):
+        resolve_table(train, table_key)  # raises: `table_key` is only for a SpatialData
+    train, test = (  # a SpatialData's table
+        resolve_table(x, table_key if is_spatialdata(x) else None, spatial_key=spatial_key)
+        for x in (train, test)
+    )
     if not isinstance(n_neighbors, int | np.integer) or n_neighbors < 1:
         raise ValueError(f"`n_neighbors` must be a positive integer, received {n_neighbors!r}.")
     if not 0 <= shrink <= 1:

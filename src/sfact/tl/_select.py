@@ -24,6 +24,7 @@ import pandas as pd
 from .. import _logging as logg
 from .._constants import PRIOR_NAMES
 from .._keys import check_key_added
+from .._spatialdata import resolve_table
 from .._utils import check_random_state, seed_of
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ def select_model(
     device: str | None = None,
     random_state: int | np.random.Generator | None = 0,
     key_added: str = "sfact_selection",
+    table_key: str | None = None,
 ) -> pd.DataFrame:
     """Rank priors, numbers of factors and prior options by held-out deviance.
 
@@ -153,6 +155,11 @@ def select_model(
     key_added
         Key in ``adata.uns`` of the results (one an ``.h5ad`` file can store: not empty or
         ``'.'``, without ``'/'`` or NUL).
+    table_key
+        With a ``spatialdata.SpatialData`` as ``adata``: the key of its table to use (``None``
+        for its only table; a key it does not hold raises a :class:`KeyError` naming its
+        tables); the results are written into that table. Without ``obsm[spatial_key]`` in the
+        table, the centroids of the shapes or labels it annotates are written there first.
 
     Returns
     -------
@@ -181,6 +188,7 @@ def select_model(
     from .._utils import resolve_device
 
     t0 = time.perf_counter()
+    adata = resolve_table(adata, table_key, spatial_key=spatial_key)  # a SpatialData's table
     priors_, ns = _check_grid_axes(adata, priors, n_factors)
     grid = _check_grid(prior_kwargs_grid, "prior_kwargs_grid")
     if prior_kwargs is not None and not isinstance(prior_kwargs, Mapping):
