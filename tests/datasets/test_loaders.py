@@ -397,6 +397,35 @@ def test_colon_merfish_labels_by_position(tmp_path):
         sfact.datasets.colon_merfish(h5, labels=csv, label_key="celltype")
 
 
+def test_colon_merfish_reads_the_vendor_merscope_folder(tmp_path):
+    pytest.importorskip("spatialdata_io")
+    from .vendor_layouts_fish import write_merscope
+
+    rng = np.random.default_rng(10)
+    counts = _counts(rng)
+    genes = [f"GENE{i}" for i in range(counts.shape[1])]
+    written = write_merscope(tmp_path / "region_0", counts, genes, _coords(rng) * 10)
+    ids = np.asarray(written["cell_ids"]).astype(str)
+    labels = _labels(rng)
+    order = np.argsort(ids)[::-1]  # the labels file in another order than the cells
+    table = pd.DataFrame({"cl46v1SubShort_ds": labels[order]}, index=ids[order]).drop(index=ids[0])
+    csv = tmp_path / "labels.csv"
+    table.to_csv(csv)
+
+    out = sfact.datasets.colon_merfish(tmp_path / "region_0", labels=csv)
+    assert list(out.obs_names) == list(ids)
+    assert list(out.var_names) == genes  # the blank barcodes are not genes
+    np.testing.assert_array_equal(out.X.toarray(), counts)
+    np.testing.assert_allclose(out.obsm["spatial"], written["centres"])
+    got = out.obs["cl46v1SubShort_ds"]
+    assert pd.isna(got.iloc[0])  # the cell without a label
+    assert list(got.iloc[1:].astype(str)) == list(labels[1:])
+    sub = load(
+        "colon_merfish", path=str(tmp_path / "region_0"), labels=str(csv), subsample=12, random_state=3
+    )
+    assert list(sub.obs_names) == list(_subsample(out, 12, 3).obs_names)
+
+
 # --- registry and shared behaviour ------------------------------------------------------------------
 
 

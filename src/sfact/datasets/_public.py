@@ -848,7 +848,10 @@ def colon_merfish(
     Parameters
     ----------
     path
-        The h5ad file with the counts.
+        The h5ad file with the counts, or the release's MERSCOPE region folder itself
+        (``cell_by_gene.csv``, ``cell_metadata.csv``, ``images/``), read by spatialdata-io
+        through :func:`sfact.datasets.read` (the ``spatialdata`` extra); the cells are then named
+        by their ``EntityID``.
     labels
         The CSV file with the cell types.
     label_key
@@ -886,6 +889,17 @@ def colon_merfish(
     if not labels_path.is_file():
         raise FileNotFoundError(f"No such labels file: {str(labels_path)!r}.")
     table = pd.read_csv(labels_path, index_col=0)
+    if Path(path).expanduser().is_dir():  # the vendor's folder: spatialdata-io's MERSCOPE reader
+        from ._read import read
+
+        out = read(path, "merscope")
+        idx = _subsample_indices(out.n_obs, subsample, random_state)
+        if idx is not None:
+            out = out[idx].copy()
+        out.obs[label_key] = _align_labels(out.obs_names, table, label_key).to_numpy()
+        _set_groups(out, label_key, label_key, ())
+        _log_missing(out, label_key, "colon_merfish")
+        return out
     backed = _read_h5ad(path, backed="r")
     try:
         names = backed.obs_names.copy()
@@ -939,7 +953,7 @@ register(
         colon_merfish,
         "cl46v1SubShort_ds",
         True,
-        "Vizgen MERFISH colon cancer (h5ad + labels CSV)",
+        "Vizgen MERFISH colon cancer (h5ad or MERSCOPE folder + labels CSV)",
         subsamples=True,
     )
 )
