@@ -399,7 +399,15 @@ def test_colon_merfish_labels_by_position(tmp_path):
 
 def test_colon_merfish_reads_the_vendor_merscope_folder(tmp_path):
     pytest.importorskip("spatialdata_io")
-    from .vendor_layouts_fish import write_merscope
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "vendor_layouts_fish", Path(__file__).with_name("vendor_layouts_fish.py")
+    )
+    layouts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layouts)
+    write_merscope = layouts.write_merscope
 
     rng = np.random.default_rng(10)
     counts = _counts(rng)

@@ -263,15 +263,28 @@ def test_prepare_takes_the_read_tables(visium, visium_hd):
         assert adata.n_obs == n and "spatial_sfact" in adata.obsm
 
 
-def test_command_line_preprocess_reads_a_xenium_folder(xenium, tmp_path, capsys):
+@pytest.mark.parametrize("source", ["loader: xenium", "reader: auto", "reader: xenium"])
+def test_command_line_preprocess_reads_a_xenium_folder(xenium, tmp_path, capsys, source):
     import anndata as ad
 
     folder, truth = xenium
     (tmp_path / "c.yaml").write_text(
-        f"name: tiny_xenium\ndataset: {{loader: xenium, path: '{folder}'}}\noutput_dir: out\n"
+        f"name: tiny_xenium\ndataset: {{{source}, path: '{folder}'}}\noutput_dir: out\n"
     )
     assert main(["preprocess", "-c", str(tmp_path / "c.yaml"), "--executor", "serial"]) == 0
     prepared = ad.read_h5ad(tmp_path / "out" / "prepared.h5ad")
     np.testing.assert_array_equal(prepared.X.toarray(), truth["counts"])
     np.testing.assert_array_equal(prepared.obsm["spatial"], truth["centroids"])
     assert prepared.uns["sfact_read"]["technology"] == "xenium"
+
+
+def test_command_line_reader_of_another_technology_fails_and_writes_nothing(visium, tmp_path, capsys):
+    folder, _ = visium
+    (tmp_path / "c.yaml").write_text(
+        f"name: v\ndataset: {{reader: xenium, path: '{folder}'}}\noutput_dir: out\n"
+    )
+    assert main(["preprocess", "-c", str(tmp_path / "c.yaml"), "--executor", "serial"]) == 1
+    assert "technology='visium'" in capsys.readouterr().out + "".join(
+        p.read_text() for p in (tmp_path / "out" / "logs").glob("*.log")
+    )
+    assert not (tmp_path / "out" / "prepared.h5ad").exists()
