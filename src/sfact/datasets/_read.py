@@ -40,7 +40,7 @@ class ReaderInfo:
     technology: str
     """The name passed as ``technology=``, e.g. ``"xenium"``."""
     function: str
-    """The reader's name in :mod:`spatialdata_io`."""
+    """The reader's name in ``spatialdata_io``."""
     markers: tuple[str, ...]
     """Glob patterns (relative to the folder, searched up to two levels deep): a folder holding a
     match of any of them was written by this technology."""
@@ -553,11 +553,11 @@ def read(
         Coordinate system of centroids taken from shapes or labels; ``None`` for the element's
         only one, else ``"global"``.
     return_spatialdata
-        Return the whole :class:`spatialdata.SpatialData` (its table with ``obsm['spatial']`` set),
+        Return the whole ``spatialdata.SpatialData`` (its table with ``obsm['spatial']`` set),
         to fit with ``table_key=`` and write the results back with ``sdata.write()``.
     **reader_kwargs
         Passed to the spatialdata-io reader, overriding sfact's defaults
-        (:attr:`ReaderInfo.defaults`), e.g. ``transcripts=True`` or, for Visium HD,
+        (:attr:`~sfact.datasets.ReaderInfo.defaults`), e.g. ``transcripts=True`` or, for Visium HD,
         ``bin_size=8``.
 
     Returns
