@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from .._constants import (
     is_gpu,
 )
 from .._utils import check_float, check_int
+
+if TYPE_CHECKING:
+    from .._core.memory import DeviceDefaults
 
 NeighborMethod = Literal["auto", "exact", "pynndescent"]
 NeighborSelection = Literal["auto", "spatial", "correlation"]
@@ -44,7 +47,7 @@ class PNMFConfig:
     def __post_init__(self) -> None:
         check_float(self.init_scale, "init_scale", positive=True)
 
-    def _for_device(self, device: str) -> PNMFConfig:
+    def _for_device(self, device: str, defaults: DeviceDefaults | None = None) -> PNMFConfig:
         """The config with every device-dependent default filled in (nothing to fill for ``pnmf``)."""
         return self
 
@@ -100,7 +103,9 @@ class GPConfig:
     hyper_lr_scale
         Learning rate of the (log-scale) hyperparameters relative to ``learning_rate``.
     diagonal_only
-        Diagonal variational covariance; ``None`` (default) uses it on the CPU only.
+        Diagonal variational covariance; ``None`` (default) uses it on the CPU only (and on a
+        GPU whose memory does not hold a full one, see "Defaults from the device's memory" in the
+        performance docs).
     """
 
     kernel: KernelName = "matern32"
@@ -180,10 +185,15 @@ class GPConfig:
         flag = getattr(self, f"train_{name}")
         return getattr(self, name) is None if flag is None else bool(flag)
 
-    def _for_device(self, device: str) -> GPConfig:
-        """The config with every device-dependent default (``None``) filled in for ``device``."""
+    def _for_device(self, device: str, defaults: DeviceDefaults | None = None) -> GPConfig:
+        """The config with every device-dependent default (``None``) filled in for ``device``.
+
+        ``defaults``: the choice of :func:`sfact._core.memory.device_defaults` for the problem
+        (:func:`memory_defaults`); ``None``: the plain defaults of the device.
+        """
         if self.diagonal_only is None:
-            return dataclasses.replace(self, diagonal_only=not is_gpu(device))
+            diag = not is_gpu(device) if defaults is None else defaults.diagonal_only
+            return dataclasses.replace(self, diagonal_only=diag)
         return self
 
 
@@ -195,7 +205,8 @@ class SVGPConfig(GPConfig):
     ----------
     num_inducing
         Number of inducing points M; ``None`` picks what the device affords (1000 on CPU,
-        3000 on GPU), capped by the number of cells.
+        3000 on GPU; fewer only when the device's memory does not hold them), capped by the number
+        of cells.
     kernel
         ``"matern32"`` or ``"rbf"``.
     lengthscale
@@ -229,10 +240,13 @@ class SVGPConfig(GPConfig):
         Learning rate of the (log-scale) hyperparameters relative to ``learning_rate``.
     diagonal_only
         Diagonal (whitened) variational covariance ``S``: O(B·M·L) per step instead of
-        O(B·M²·L). ``None`` (default) uses it on the CPU and a full ``S`` on a GPU.
+        O(B·M²·L). ``None`` (default) uses it on the CPU and a full ``S`` on a GPU (a diagonal
+        one on a GPU whose memory does not hold a full one).
     cache_budget
         Cache ``L_zz⁻¹K_zx`` of all training cells when M·N is at most this many numbers;
-        ``None``: 5·10⁷ on the CPU (200 MB), 5·10⁸ on a GPU (2 GB in float32).
+        ``None``: 5·10⁷ on the CPU (200 MB), 5·10⁸ on a GPU (2 GB in float32); when the plain
+        defaults do not fit the device's memory, half of the memory budget instead (see
+        "Defaults from the device's memory" in the performance docs).
 
     Examples
     --------
@@ -257,16 +271,23 @@ class SVGPConfig(GPConfig):
                 f"`allocation` must be 'proportional', 'equal' or 'derived', received {self.allocation!r}."
             )
 
-    def _for_device(self, device: str) -> SVGPConfig:
-        """The config with ``diagonal_only``, ``num_inducing`` and ``cache_budget`` filled in for ``device``."""
-        gpu = is_gpu(device)
+    def _for_device(self, device: str, defaults: DeviceDefaults | None = None) -> SVGPConfig:
+        """The config with ``diagonal_only``, ``num_inducing`` and ``cache_budget`` filled in for ``device``.
+
+        ``defaults``: the choice of :func:`sfact._core.memory.device_defaults` for the problem
+        (:func:`memory_defaults`); ``None``: the plain defaults of the device
+        (:data:`sfact._core.memory.PLAIN_CPU`, :data:`~sfact._core.memory.PLAIN_GPU`).
+        """
+        from .._core.memory import PLAIN_CPU, PLAIN_GPU
+
+        fill = PLAIN_GPU if is_gpu(device) else PLAIN_CPU
+        if defaults is not None:
+            fill = {k: getattr(defaults, k) for k in ("diagonal_only", "num_inducing", "cache_budget")}
         return dataclasses.replace(
             self,
-            diagonal_only=(not gpu) if self.diagonal_only is None else bool(self.diagonal_only),
-            num_inducing=(3000 if gpu else 1000) if self.num_inducing is None else int(self.num_inducing),
-            cache_budget=(500_000_000 if gpu else 50_000_000)
-            if self.cache_budget is None
-            else int(self.cache_budget),
+            diagonal_only=fill["diagonal_only"] if self.diagonal_only is None else bool(self.diagonal_only),
+            num_inducing=fill["num_inducing"] if self.num_inducing is None else int(self.num_inducing),
+            cache_budget=fill["cache_budget"] if self.cache_budget is None else int(self.cache_budget),
         )
 
 
@@ -396,6 +417,63 @@ def make_config(prior: str, kwargs: dict[str, Any] | None) -> Any:
             f"Unknown option(s) {unknown} for the {prior!r} prior; valid options: {sorted(names)}."
         )
     return cls(**kwargs)
+
+
+def memory_defaults(
+    cfg: Any,
+    prior: str,
+    device: str,
+    *,
+    n_obs: int,
+    n_vars: int,
+    n_factors: int,
+    nnz: int,
+    n_dims: int = 2,
+    itemsize: int = 4,
+    batch_size: int | None = None,
+    sampled: int = 0,
+    memory_bytes: int | None = None,
+) -> DeviceDefaults:
+    """The defaults of ``prior`` (config ``cfg``) for this problem on ``device``, from its free memory.
+
+    Reads what the user fixed from ``cfg`` (``num_inducing``, ``diagonal_only``, ``cache_budget``,
+    ``per_factor_kernel``, ``n_neighbors``, learned hyperparameters) and calls
+    :func:`sfact._core.memory.device_defaults` with the free memory of ``device``
+    (:func:`sfact._core.memory.available_memory`, or ``memory_bytes``). Pass the result to the
+    config's ``_for_device`` and take its ``batch_size`` when the user gave none.
+    """
+    from .._constants import prior_family
+    from .._core import memory
+
+    family = prior_family(prior)
+    kw: dict[str, Any] = {}
+    if isinstance(cfg, GPConfig):
+        learned = any(cfg._trained(n) for n in ("lengthscale", "sigma", "group_diff_param"))
+        kw.update(
+            diagonal_only=cfg.diagonal_only,
+            n_sets=int(n_factors) if cfg.per_factor_kernel else 1,
+            learned_hyper=learned,
+        )
+    if isinstance(cfg, SVGPConfig):
+        kw.update(num_inducing=cfg.num_inducing, cache_budget=cfg.cache_budget)
+    if isinstance(cfg, LCGPConfig):
+        kw.update(n_neighbors=cfg.n_neighbors)
+    if memory_bytes is None:
+        memory_bytes = memory.available_memory(device)
+    return memory.device_defaults(
+        int(memory_bytes),
+        is_gpu=is_gpu(device),
+        n_obs=n_obs,
+        n_vars=n_vars,
+        n_factors=n_factors,
+        nnz=nnz,
+        prior=family,  # type: ignore[arg-type]
+        n_dims=n_dims,
+        itemsize=itemsize,
+        batch_size=batch_size,
+        sampled=sampled,
+        **kw,
+    )
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -199,7 +199,8 @@ class TrainingMixin:
                 )
             self._generator.set_state(shared.generator_state)  # as if this model had drawn the NMF start
             start = (shared.H, shared.W)
-        cfg = self._resolve_lengthscale(setup.prior_config()._for_device(self.device), data, start)
+        defaults = getattr(self, "_device_defaults", None)  # chosen from the memory by train()
+        cfg = self._resolve_lengthscale(setup.prior_config()._for_device(self.device, defaults), data, start)
         prior = make_prior(
             setup.prior,
             setup.n_factors,
@@ -501,6 +502,8 @@ class TrainingMixin:
         start = logg.info(
             f"training {self.prior} with {self.n_factors} factors on {N} cells x {D} genes ({self.device})"
         )
+        if self.module is None or batch_size is None:  # defaults that fit the device's memory
+            batch_size = self._memory_defaults(batch_size, parallel)
         if self.module is None:
             t_init = time.perf_counter()
             self._initialize(self._data, init_iter)
@@ -557,10 +560,72 @@ class TrainingMixin:
         }
         if search is not None:
             self.train_info["lengthscale_search"] = search
+        memory = previous.get("memory_defaults")
+        chosen = getattr(self, "_device_defaults", None)
+        if chosen is not None and chosen.reduced:
+            memory = chosen.to_dict()
+        if memory is not None:
+            self.train_info["memory_defaults"] = memory
         if lead:
             self._end_of_training(result, cfg, shown=show, seconds=self.train_info["train_time_s"] - t_before)
         logg.info("    finished", time=start)
         return self
+
+    def _memory_defaults(self, batch_size: int | None, parallel) -> int | None:
+        """The batch size to train with; before the first training, also the prior's memory defaults.
+
+        Options left ``None`` are chosen from the device's free memory
+        (:func:`sfact.models._config.memory_defaults`; the same for every process of data-parallel
+        training, from the smallest free memory): exactly the plain defaults when they fit. A
+        continued fit keeps a batch size chosen by an earlier call. Logs the choice when it differs
+        from the plain defaults, and keeps it in :attr:`_device_defaults` (for ``train_info``).
+        """
+        from ._config import memory_defaults
+
+        self._device_defaults = None
+        previous = (getattr(self, "train_info", None) or {}).get("memory_defaults")
+        if self.module is not None and previous is not None and batch_size is None:
+            return previous["batch_size"] or None
+        setup, data = self.setup, self._data
+        cfg = setup.prior_config()
+        if self.module is not None:  # the prior's options are those it was built with
+            import dataclasses
+
+            prior, fixed = self.module.prior, {}
+            if hasattr(cfg, "diagonal_only"):
+                fixed["diagonal_only"] = bool(prior.diagonal_only)
+            if hasattr(cfg, "num_inducing"):
+                fixed.update(num_inducing=int(prior.n_inducing), cache_budget=int(prior.cache_budget))
+            cfg = dataclasses.replace(cfg, **fixed)
+        memory_bytes = None
+        if parallel is not None:
+            import torch
+
+            from .._core.memory import available_memory
+
+            t = torch.tensor(
+                [float(available_memory(self.device))], dtype=torch.float64, device=data.counts.device
+            )
+            parallel._dist.all_reduce(t, op=parallel._dist.ReduceOp.MIN, group=parallel.group)
+            memory_bytes = int(t.item())
+        chosen = memory_defaults(
+            cfg,
+            setup.prior,
+            self.device,
+            n_obs=data.n_obs,
+            n_vars=data.n_vars,
+            n_factors=setup.n_factors,
+            nnz=data.counts.nnz,
+            n_dims=1 if data.X is None else int(data.X.shape[1]),
+            itemsize=data.counts.values.element_size(),
+            batch_size=batch_size,
+            sampled=0 if setup.elbo_mode == "lower-bound" else int(setup.n_samples),
+            memory_bytes=memory_bytes,
+        )
+        if chosen.reduced:
+            logg.info(f"    defaults from the memory of {self.device}: {chosen.summary()}")
+            self._device_defaults = chosen
+        return batch_size if batch_size is not None else chosen.batch_size
 
     def _end_of_training(self, result: dict, cfg, *, shown: bool, seconds: float) -> None:
         """The summary line of every fit, and a warning with advice when it stopped unconverged."""
