@@ -11,7 +11,7 @@ import scipy.sparse as sp
 import sfact
 from sfact._utils import SfactWarning
 from sfact.datasets import LOADERS, load
-from sfact.datasets._public import _recover_counts
+from sfact.datasets._counts import _recover_counts
 from sfact.datasets._registry import _subsample
 
 N_CELLS = 45

@@ -688,7 +688,7 @@ def _as_table(table: AnnData, record: dict[str, Any]) -> AnnData:
     """A plain AnnData of the table: raw counts (CSR float32), obs, var, 2D ``obsm['spatial']``."""
     from anndata import AnnData
 
-    from ._public import _as_counts, _coordinates
+    from ._counts import _as_counts, _coordinates
 
     where = f"the {record['technology']} table {record['table_key']!r}"
     X = _as_counts(table.X, f"{where}'s X", recover=True, sparse=True)
