@@ -6,12 +6,17 @@ caps inside it), so one failing or slow section never loses the others. Sections
 
 ``tests``     ``pytest -m gpu -q`` on the test files that carry the ``gpu`` marker.
 ``slideseq``  Slide-seq-sized ``mggp_svgp`` (N=42,000 x D=17,000, ~2% non-zero, 14 groups, M=3000,
-              L=10, batches of 7,000 cells, the device defaults: full S on a GPU), then the same
-              with ``torch.backends.cuda.matmul.allow_tf32 = True``.
+              L=10, batches of 7,000 cells, the device defaults: full S on a GPU) in FP32
+              (``prior_kwargs["matmul_precision"] = "highest"``), then with the defaults (``"auto"``:
+              TF32 for the SVGP products on CUDA; the kernel and solves stay FP32).
 ``million``   ``svgp`` on 10^6 simulated cells x 500 genes (~10 M non-zeros) until convergence or a cap.
 ``lcgp``      ``lcgp`` with K=50 neighbours on 3*10^5 simulated cells.
 ``real``      osmFISH and Visium prostate, the four spatial priors, on the GPU and on the CPU, with the
               held-out protocol of ``bench_spatial.py``.
+``tf32``      CUDA only: held-out deviance of osmFISH ``svgp`` (GPU defaults, same seed and iteration
+              cap) with ``matmul_precision`` "highest" (FP32) and "high" (real TF32 for the SVGP
+              products), relative to FP32 (``--tf32-modes`` adds "tf32-emulated", TF32 emulated
+              in FP32, to check the emulation of ``benchmarks/bench_precision.py`` against hardware).
 
 Run from the repository root::
 
@@ -43,12 +48,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SECTIONS = ("tests", "slideseq", "million", "lcgp", "real")
+SECTIONS = ("tests", "slideseq", "million", "lcgp", "real", "tf32")
 LABELS = {name: f"{i + 1} {name}" for i, name in enumerate(SECTIONS)}
-# hard wall-clock caps (s) per section, child start-up included; the sum stays under 7 minutes
-BUDGETS = {"tests": 35.0, "slideseq": 65.0, "million": 70.0, "lcgp": 85.0, "real": 145.0}
-SMALL_BUDGETS = {"tests": 40.0, "slideseq": 30.0, "million": 30.0, "lcgp": 30.0, "real": 75.0}
-TOTAL_BUDGET = 400.0
+# hard wall-clock caps (s) per section, child start-up included; the sum stays under 8 minutes
+BUDGETS = {"tests": 35.0, "slideseq": 65.0, "million": 70.0, "lcgp": 85.0, "real": 145.0, "tf32": 75.0}
+SMALL_BUDGETS = {"tests": 40.0, "slideseq": 30.0, "million": 30.0, "lcgp": 30.0, "real": 75.0, "tf32": 20.0}
+TOTAL_BUDGET = 475.0
 SOFT = 0.85  # a section plans its work to end by this fraction of its hard cap
 N_FACTORS = 10
 SEED = 0
@@ -115,6 +120,13 @@ SIZES = {
         },
     ),
     "real": ({"max_iter": 1000}, {"max_iter": 15}),
+    # the same iteration cap for every precision, so that the deviances compare
+    "tf32": ({"max_iter": 400}, {"max_iter": 15}),
+}
+TF32_LABELS = {
+    "highest": "FP32",
+    "high": "TF32 at the SVGP products",
+    "tf32-emulated": "TF32 emulated in FP32",
 }
 REAL_DATASETS = {
     "osmfish": {"label": "osmFISH", "group_key": "ClusterName", "file": "osmfish_codeluppi2018.h5ad"},
@@ -381,8 +393,11 @@ def section_slideseq(ch: Child) -> None:
     print(f"slideseq: simulated {_case_text(adata)} in {sim_s:.1f} s", flush=True)
     steps = math.ceil(adata.n_obs / cfg["batch_size"])
     torch = ch.torch
-    for tf32 in (False, True):
-        label = "TF32 on" if tf32 else "defaults (TF32 off)"
+    runs = (
+        ("highest", "FP32 (matmul_precision='highest')"),
+        ("auto", "defaults (matmul_precision='auto': TF32 for the SVGP products)"),
+    )
+    for prec, label in runs:
         row = ch.add(
             {
                 "section": "2 slideseq",
@@ -392,7 +407,6 @@ def section_slideseq(ch: Child) -> None:
             }
         )
         try:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
             if ch.hard_left() < 10:
                 raise TimeoutError(f"skipped: {ch.hard_left():.0f} s left before the section's hard cap")
             row["result"] = f"set-up running (data simulated in {sim_s:.1f} s)"
@@ -403,7 +417,11 @@ def section_slideseq(ch: Child) -> None:
                 adata,
                 "mggp_svgp",
                 group_key="group",
-                prior_kwargs={"num_inducing": cfg["num_inducing"], "diagonal_only": None},
+                prior_kwargs={
+                    "num_inducing": cfg["num_inducing"],
+                    "diagonal_only": None,
+                    "matmul_precision": prec,
+                },
                 batch_size=cfg["batch_size"],
             )
             row["setup_s"] = _fmt(setup_s)
@@ -419,15 +437,14 @@ def section_slideseq(ch: Child) -> None:
                 result=f"{'diagonal' if diag else 'full' if diag is not None else '?'} S; warm-up iter "
                 f"{res['warmup_s']:.3g} s; ELBO {model.history['elbo'].iloc[-1]:.5g}"
                 + (f"; {res['note']}" if "note" in res else "")
-                + (f"; data simulated in {sim_s:.1f} s" if not tf32 else "")
-                + ("; TF32 has no effect on a CPU" if tf32 and not ch.cuda else ""),
+                + (f"; data simulated in {sim_s:.1f} s" if prec == "highest" else "")
+                + ("; TF32 has no effect on a CPU" if prec != "highest" and not ch.cuda else ""),
             )
             del model
         except Exception as err:
             row["result"] = f"FAILED: {one_line(err)}"
             traceback.print_exc()
         finally:
-            torch.backends.cuda.matmul.allow_tf32 = False
             if ch.cuda:
                 torch.cuda.empty_cache()
             ch.flush()
@@ -569,10 +586,19 @@ def load_real(name: str, data_dir: str | None):
 
 
 def _fit_real(
-    ch: Child, train, test, prior: str, group_key: str, device: str, max_iter: int, cap: float
+    ch: Child,
+    train,
+    test,
+    prior: str,
+    group_key: str,
+    device: str,
+    max_iter: int,
+    cap: float,
+    extra_kwargs: dict | None = None,
 ) -> dict:
     """Fit with the library defaults (``tol=1e-4``, ``min_iter=20``) in chunks, until converged,
-    ``max_iter`` iterations or ``cap`` seconds; held-out deviance with ``sfact.tl.heldout_deviance``."""
+    ``max_iter`` iterations or ``cap`` seconds; held-out deviance with ``sfact.tl.heldout_deviance``.
+    ``extra_kwargs``: more ``prior_kwargs``."""
     import sfact
 
     torch = ch.torch
@@ -588,6 +614,8 @@ def _fit_real(
             if prior.endswith("lcgp")
             else {"num_inducing": 1000, "diagonal_only": True}
         )
+    if extra_kwargs:
+        pkw = {**(pkw or {}), **extra_kwargs}
     model = sfact.models.SpatialFactorization(
         train,
         prior=prior,
@@ -711,6 +739,61 @@ def _real_row(row: dict, fits: list[dict], max_iter: int) -> None:
     )
 
 
+def section_tf32(ch: Child) -> None:
+    """osmFISH ``svgp`` at each ``matmul_precision`` on the GPU: held-out deviance relative to FP32."""
+    max_iter = SIZES["tf32"][1 if ch.args.small else 0]["max_iter"]
+    case = f"osmFISH svgp held-out deviance, TF32 vs FP32 (same seed, cap {max_iter} iters)"
+    if not ch.cuda:
+        ch.add(
+            {
+                "section": "6 tf32",
+                "case": case,
+                "device": ch.device,
+                "result": "skipped: needs CUDA (real TF32); see benchmarks/bench_precision.py for the CPU emulation",
+            }
+        )
+        return
+    train, test, source = load_real("osmfish", ch.args.data)
+    modes = [m for m in ch.args.tf32_modes.split(",") if m]
+    base = None
+    for i, prec in enumerate(modes):
+        label = TF32_LABELS[prec]
+        row = ch.add(
+            {
+                "section": "6 tf32",
+                "case": f"osmFISH svgp ({train.n_obs}+{test.n_obs} cells, {source}), matmul_precision="
+                f"{prec!r}: {label}",
+                "device": ch.device,
+            }
+        )
+        try:
+            if ch.hard_left() < 8:
+                raise TimeoutError(f"skipped: {ch.hard_left():.0f} s left before the section's hard cap")
+            cap = max(1.0, ch.left() / (len(modes) - i))
+            f = _fit_real(
+                ch, train, test, "svgp", "ClusterName", ch.device, max_iter, cap, {"matmul_precision": prec}
+            )
+        except Exception as err:
+            row["result"] = f"FAILED: {one_line(err)}"
+            traceback.print_exc()
+            ch.flush()
+            continue
+        if prec == "highest":
+            base = f["heldout"]
+        rel = f"{100 * (f['heldout'] - base) / base:+.3f}%" if base else "n/a (no FP32 fit)"
+        conv = "conv" if f["converged"] else f"not conv ({f['iters']} iters)"
+        row.update(
+            setup_s=_fmt(f["setup_s"]),
+            s_iter=_fmt(f["s_iter"]),
+            iters=str(f["iters"]),
+            peak=f["peak"] or "",
+            time_s=_fmt(f["fit_s"]),
+            result=f"held-out dev {f['heldout']:.4f} (rel. diff vs FP32 {rel}); M={f['M']}, "
+            f"{'diagonal' if f['diag'] else 'full'} S, {conv}",
+        )
+        ch.flush()
+
+
 def warm_up(ch: Child) -> None:
     """Pay the one-time costs (imports, CUDA context and kernels, cuBLAS/cuSOLVER handles) on a tiny
     model, so the first measured set-up does not include them."""
@@ -744,6 +827,7 @@ def child_main(args) -> int:
         "million": section_million,
         "lcgp": section_lcgp,
         "real": section_real,
+        "tf32": section_tf32,
     }
     try:
         fn[args.child](ch)
@@ -794,7 +878,7 @@ def run_tests(timeout: float, log, device: str) -> dict:
     packages the GPU machine lacks, e.g. squidpy)."""
     files = sorted(
         str(p.relative_to(ROOT))
-        for p in (ROOT / "tests").glob("test_*.py")
+        for p in (ROOT / "tests").rglob("test_*.py")
         if re.search(r"pytest\.mark\.gpu\b", p.read_text(errors="replace"))
     )
     cmd = [
@@ -858,6 +942,7 @@ def run_child(section: str, args, timeout: float, log) -> list[dict]:
             ("--real-max-iter", args.real_max_iter),
             ("--million-kwargs", args.million_kwargs),
             ("--real-settings", args.real_settings),
+            ("--tf32-modes", args.tf32_modes),
         ):
             if val:
                 cmd += [flag, str(val)]
@@ -978,6 +1063,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="section 3 prior_kwargs as JSON, e.g. '{\"diagonal_only\": true}'",
     )
+    p.add_argument(
+        "--tf32-modes",
+        default="highest,high",
+        help="section 6: matmul_precision values, FP32 ('highest') first; add 'tf32-emulated' to "
+        "compare the CPU emulation with the hardware",
+    )
     p.add_argument("--child", choices=SECTIONS[1:], help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     p.add_argument("--child-budget", type=float, default=60.0, help=argparse.SUPPRESS)
@@ -1006,6 +1097,9 @@ def main(argv: list[str] | None = None) -> int:
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     if args.million_kwargs:
         json.loads(args.million_kwargs)  # fail early on bad JSON
+    bad_modes = [m for m in args.tf32_modes.split(",") if m and m not in TF32_LABELS]
+    if bad_modes:
+        p.error(f"--tf32-modes: unknown {bad_modes}; choose from {list(TF32_LABELS)}")
     bad = [s for s in sections if s not in SECTIONS]
     if bad:
         p.error(f"unknown section(s) {bad}; sections: {list(SECTIONS)}")

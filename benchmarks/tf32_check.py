@@ -2,8 +2,10 @@
 
 The held-out protocol of ``bench_spatial.py`` (5% of cells held out with ``default_rng(0)``,
 L = 10, default settings of the device) on osmFISH and the Visium prostate pair; each fit twice
-on the same device, with ``torch.backends.cuda.matmul.allow_tf32`` off and on. Prints one
-markdown table. On a CPU TF32 does nothing (the two columns must then agree exactly).
+on the same device, with ``torch.backends.cuda.matmul.allow_tf32`` off and on (and, for the SVGP
+priors, ``matmul_precision="highest"`` and ``"high"``: the SVGP kernel and solves stay FP32 in both
+since that option exists, see "Reduced precision" in the performance docs). Prints one markdown
+table. On a CPU TF32 does nothing (the two columns must then agree exactly).
 
     python benchmarks/tf32_check.py --device cuda
 """
@@ -26,6 +28,8 @@ def _fit(train, test, prior, group_key, device, tf32, max_iter):
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     kw = {"group_key": group_key} if prior.startswith("mggp") else {}
+    if "svgp" in prior:
+        kw["prior_kwargs"] = {"matmul_precision": "high" if tf32 else "highest"}
     t0 = time.perf_counter()
     model = sfact.models.SpatialFactorization(
         train, prior=prior, n_factors=10, device=device, random_state=0, **kw

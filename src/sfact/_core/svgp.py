@@ -10,10 +10,17 @@ For each factor l, ``F_l(x) = β_l + f_l(x)`` with ``f_l ~ GP(0, k)``, inducing 
 
 With fixed hyperparameters ``L_zz`` is computed once, and ``A`` — shared by every factor when
 they share the kernel — is cached for the training cells when it fits the memory budget.
+
+``matmul_precision`` sets the precision of the products with ``A`` (the mean, the explained
+variance and their gradients; see :mod:`sfact._core.precision`): ``"auto"`` (default) and
+``"high"`` run them on TF32 tensor cores on CUDA. ``K_zx``, ``L_zz``, the triangular solve for ``A``, ``Σ_M A²`` and the KL
+stay in FP32 (float64 for the cached ``L_zz``) in every mode, with TF32 switched off for the
+forward computations on CUDA even when the user switched it on globally.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -21,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .gp import JITTER, GPPrior, cholesky_jitter
+from .precision import MatmulPrecision, check_matmul_precision, cuda_tf32, matmul
 from .priors import MIN_VAR, PriorInput
 
 __all__ = ["JITTER", "SVGPPrior", "cholesky_jitter"]
@@ -41,6 +49,12 @@ class SVGPPrior(GPPrior):
         (M,) group codes of the inducing points (multi-group kernel), or ``None``.
     cache_budget
         Cache ``A`` for the training cells when M·N is at most this many numbers.
+    matmul_precision
+        Precision of the products with ``A`` (forward and backward): ``"auto"`` (TF32 on CUDA,
+        FP32 elsewhere), ``"highest"`` (FP32), ``"high"`` (TF32 on CUDA) or ``"tf32-emulated"``
+        (testing: TF32 rounding emulated in FP32 on any device); see
+        :mod:`sfact._core.precision`. The default (the config's) also serves models saved before
+        this option existed.
     **gp_options
         The kernel options and ``diagonal_only`` of :class:`~sfact._core.gp.GPPrior`, all
         required (``hyper_iter``, ``hyper_lr_scale``, ``lengthscale_bounds``: the learning
@@ -57,6 +71,7 @@ class SVGPPrior(GPPrior):
         Z_groups: np.ndarray | None = None,
         *,
         cache_budget: int,
+        matmul_precision: MatmulPrecision = "auto",
         **gp_options: Any,
     ):
         Z = np.asarray(Z, dtype=np.float64)
@@ -72,12 +87,14 @@ class SVGPPrior(GPPrior):
         M = Z.shape[0]
         self.n_inducing = M
         self.cache_budget = int(cache_budget)
+        self.matmul_precision = check_matmul_precision(matmul_precision)
         self._budget_noted = False  # the "over cache_budget" note is logged once per model
         self._init_variational(M, M)
         self._config.update(
             Z=Z.tolist(),
             Z_groups=None if Z_groups is None else np.asarray(Z_groups).astype(int).tolist(),
             cache_budget=int(cache_budget),
+            matmul_precision=self.matmul_precision,
         )
         self._Lzz: Tensor | None = None
         self._Lzz_key: tuple | None = None
@@ -96,21 +113,28 @@ class SVGPPrior(GPPrior):
     def Lzz(self) -> Tensor:
         """Cholesky factor of ``K_zz`` (n_sets, M, M); computed once when hyperparameters are fixed."""
         if self.hyper_trainable:
-            return cholesky_jitter(
-                self.kernel(self.Z, self.Z, self._groups(self.Z_groups), self._groups(self.Z_groups))
-            )
+            with self._fp32():
+                return cholesky_jitter(
+                    self.kernel(self.Z, self.Z, self._groups(self.Z_groups), self._groups(self.Z_groups))
+                )
         key = (self.hyper_version, self.Z.device, self.Z.dtype)
         if self._Lzz is None or self._Lzz_key != key:
-            with torch.no_grad():
+            with torch.no_grad(), self._fp32():
                 K = self.kernel(self.Z, self.Z, self._groups(self.Z_groups), self._groups(self.Z_groups))
                 self._Lzz = cholesky_jitter(K.double()).to(self.Z.dtype)
                 self._Lzz_key = key
         return self._Lzz
 
     def _A(self, X: Tensor, g: Tensor | None) -> Tensor:
-        """``A = L_zz⁻¹ K_zx`` (n_sets, M, B)."""
-        Kzx = self.kernel(self.Z, X, self._groups(self.Z_groups), self._groups(g))
-        return torch.linalg.solve_triangular(self.Lzz(), Kzx, upper=False)
+        """``A = L_zz⁻¹ K_zx`` (n_sets, M, B), in FP32 on CUDA whatever torch's global TF32 flag."""
+        Lzz = self.Lzz()
+        with self._fp32():
+            Kzx = self.kernel(self.Z, X, self._groups(self.Z_groups), self._groups(g))
+            return torch.linalg.solve_triangular(Lzz, Kzx, upper=False)
+
+    def _fp32(self):
+        """Context of the kernel and the solves: TF32 off for CUDA matmuls (nothing to do on a CPU)."""
+        return cuda_tf32(False) if self.Z.is_cuda else contextlib.nullcontext()
 
     def _A_train(self, inp: PriorInput) -> Tensor:
         """``A`` for training cells, from the cache when it is valid and fits the budget."""
@@ -158,27 +182,27 @@ class SVGPPrior(GPPrior):
 
     # ------------------------------------------------------------------ prior interface
     def _marginals_from_A(self, A: Tensor, X: Tensor, g: Tensor | None) -> tuple[Tensor, Tensor]:
-        # A: (n_sets, M, B), n_sets in {1, L}
-        mean = (
-            torch.einsum("smb,lm->lb", A, self.m)
-            if A.shape[0] == 1
-            else torch.einsum("lmb,lm->lb", A, self.m)
-        )
+        # A: (n_sets, M, B), n_sets in {1, L}; the products with A run at `matmul_precision`
+        prec = self.matmul_precision
+        A2 = A.pow(2)
         kxx = self.kernel.diag(X, g)  # (n_sets, B)
-        resid = (kxx - A.pow(2).sum(1)).clamp_min(0.0)  # (n_sets, B)
+        resid = (kxx - A2.sum(1)).clamp_min(0.0)  # (n_sets, B), FP32 in every mode
+        mean = self._rows_times(self.m, A, prec)  # (L, B)
         if self.diagonal_only:
-            d2 = torch.exp(2 * self.raw_Lu_diag)  # (L, M)
-            explained = (
-                torch.einsum("smb,lm->lb", A.pow(2), d2)
-                if A.shape[0] == 1
-                else torch.einsum("lmb,lm->lb", A.pow(2), d2)
-            )
+            explained = self._rows_times(torch.exp(2 * self.raw_Lu_diag), A2, prec)  # (L, B)
         else:
-            AtLu = torch.matmul(A.transpose(-1, -2), self.Lu())  # (L, B, M)
+            AtLu = matmul(A.transpose(-1, -2), self.Lu(), prec)  # (L, B, M)
             explained = AtLu.pow(2).sum(-1)
         var = (resid + explained).clamp_min(MIN_VAR)
         mu = mean + self.beta_rows(g)
         return mu.T, var.T
+
+    @staticmethod
+    def _rows_times(w: Tensor, A: Tensor, precision: str) -> Tensor:
+        """``Σ_m w[l, m] A[s, m, b]`` (L, B) for ``A`` (n_sets, M, B), ``s = 0`` or ``s = l``."""
+        if A.shape[0] == 1:
+            return matmul(w, A[0], precision)  # one (L, M) x (M, B) product
+        return matmul(w[:, None, :], A, precision)[:, 0]  # L products (1, M) x (M, B)
 
     def marginals(self, inp: PriorInput) -> tuple[Tensor, Tensor]:
         """Mean and variance of ``q(F)`` at the batch's cells, each (B, L)."""
