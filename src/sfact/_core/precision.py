@@ -27,9 +27,9 @@ deviance of ``svgp`` and ``mggp_svgp`` on osmFISH and Visium prostate (diagonal 
 moves by at most a few thousandths of a percent, with rounding to nearest and with truncation
 alike, and training takes the same number of iterations (``benchmarks/bench_precision.py``; table
 in "Reduced precision" of the performance docs). TF32 in *every* float32 matmul
-(``allow_tf32 = True``) costs these priors 0.7-2% instead, on the H200 as in the emulation, all of
-it from the matrix product inside ``torch.cdist`` that the kernel's distances go through, which the
-priors therefore compute with TF32 off.
+(``allow_tf32 = True``) costs these priors 0.5-1.1% in the emulation and 1.2-2.2% on an H200,
+all of it (in the emulation) from the matrix product inside ``torch.cdist`` that the kernel's
+distances go through, which the priors therefore compute with TF32 off.
 
 Only float32 products are affected; float64 ones are exact in every mode. TF32 is switched on and
 off by :func:`cuda_tf32` around exactly these products (forward and backward, the backward through
