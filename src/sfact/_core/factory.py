@@ -157,7 +157,14 @@ def make_prior(
         logg.info(f"    `num_inducing={M}` is more than the {n_obs} cells; using {n_obs}.")
         M = n_obs
     Z, Zg = inducing_points(Xn, M, groups=g, n_groups=n_groups, allocation=cfg.allocation, random_state=seed)
-    prior = cls(n_factors, Z, Zg, cache_budget=int(cfg.cache_budget), **kernel_kw)
+    prior = cls(
+        n_factors,
+        Z,
+        Zg,
+        cache_budget=int(cfg.cache_budget),
+        matmul_precision=cfg.matmul_precision,
+        **kernel_kw,
+    )
     prior.name = name
     return prior
 

@@ -247,6 +247,13 @@ class SVGPConfig(GPConfig):
         ``None``: 5·10⁷ on the CPU (200 MB), 5·10⁸ on a GPU (2 GB in float32); when the plain
         defaults do not fit the device's memory, half of the memory budget instead (see
         "Defaults from the device's memory" in the performance docs).
+    matmul_precision
+        Precision of the large products of each step (``L_zz⁻¹K_zx`` with the variational mean
+        and covariance, and their gradients): ``"auto"`` (default) TF32 tensor cores on CUDA for
+        these products only (the kernel, the solves and the KL stay FP32) and FP32 elsewhere;
+        ``"high"`` the same; ``"highest"`` plain FP32 everywhere; ``"tf32-emulated"`` for
+        testing: TF32's rounding emulated in FP32 on any device (slower). See "Reduced
+        precision" in the performance docs for the accuracy check.
 
     Examples
     --------
@@ -261,10 +268,16 @@ class SVGPConfig(GPConfig):
     num_inducing: int | None = None
     allocation: Allocation = "proportional"
     cache_budget: int | None = None
+    matmul_precision: Literal["auto", "highest", "high", "tf32-emulated"] = "auto"
 
     def __post_init__(self) -> None:
         check_int(self.num_inducing, "num_inducing", minimum=1, none_ok=True)
         check_int(self.cache_budget, "cache_budget", minimum=0, none_ok=True)
+        if self.matmul_precision not in ("auto", "highest", "high", "tf32-emulated"):
+            raise ValueError(
+                "`matmul_precision` must be 'auto' (TF32 on CUDA, FP32 elsewhere), 'highest' (FP32), "
+                f"'high' (TF32 on CUDA) or 'tf32-emulated' (testing), received {self.matmul_precision!r}."
+            )
         super().__post_init__()
         if self.allocation not in ALLOCATIONS:
             raise ValueError(
