@@ -557,7 +557,7 @@ def read(
         to fit with ``table_key=`` and write the results back with ``sdata.write()``.
     **reader_kwargs
         Passed to the spatialdata-io reader, overriding sfact's defaults
-        (:attr:`~sfact.datasets.ReaderInfo.defaults`), e.g. ``transcripts=True`` or, for Visium HD,
+        (``ReaderInfo.defaults``), e.g. ``transcripts=True`` or, for Visium HD,
         ``bin_size=8``.
 
     Returns
