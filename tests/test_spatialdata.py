@@ -144,3 +144,18 @@ def test_unknown_coordinate_system_raises():
     sdata = _sdata(_adata())
     with pytest.raises(ValueError, match=r"coordinate_system='aligned'.*\['global'\]"):
         resolve_table(sdata, coordinate_system="aligned")
+
+
+def test_prepare_takes_centroids_in_the_chosen_coordinate_system():
+    from spatialdata.transformations import Identity, Scale, set_transformation
+
+    adata = _adata()
+    sdata = _sdata(adata)
+    set_transformation(
+        sdata["cells"], {"global": Identity(), "microns": Scale([0.5, 0.5], axes=("x", "y"))}, set_all=True
+    )
+    with pytest.raises(ValueError, match=r"coordinate_system='aligned'.*\['global', 'microns'\]"):
+        sfact.pp.prepare(sdata, coordinate_system="aligned")
+    assert "spatial" not in sdata.tables["table"].obsm  # nothing written
+    sfact.pp.prepare(sdata, coordinate_system="microns", min_group_size=None)
+    np.testing.assert_allclose(sdata.tables["table"].obsm["spatial"], adata.obsm["spatial"] * 0.5)

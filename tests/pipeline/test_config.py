@@ -136,8 +136,9 @@ def test_round_trip_through_a_dict(tmp_path):
 def test_preprocessing_section_matches_prepare():
     """The typed section must keep up with sfact.pp.prepare (names and defaults)."""
     sig = inspect.signature(sfact.pp.prepare).parameters
-    # table_key: which table of a SpatialData (an API input; the command line loads AnnData)
-    api_only = ("adata", "group_key", "sample_key", "copy", "table_key")
+    # table_key, coordinate_system: which table of a SpatialData and where its centroids are (API
+    # inputs; the command line loads AnnData)
+    api_only = ("adata", "group_key", "sample_key", "copy", "table_key", "coordinate_system")
     expected = {n: p.default for n, p in sig.items() if n not in api_only}
     fields = PreprocessingConfig()
     assert {k: getattr(fields, k) for k in expected} == expected

@@ -54,6 +54,7 @@ def prepare(
     mito_prefix: str | None = None,
     max_mito_fraction: float | None = None,
     table_key: str | None = None,
+    coordinate_system: str | None = None,
     copy: bool = False,
 ) -> AnnData | None:
     """Prepare spatial counts for :func:`sfact.tl.fit`.
@@ -134,6 +135,10 @@ def prepare(
         (``None`` for its only table); the results are written into that table, so
         ``sdata.write()`` keeps them. Without ``obsm[spatial_key]`` in the table, the centroids
         of the shapes or labels it annotates are written there first (as squidpy finds them).
+    coordinate_system
+        With a SpatialData whose table has no ``obsm[spatial_key]``: the coordinate system of
+        those centroids (e.g. ``"global"``, or a microscope's ``"aligned"``); ``None`` for the
+        element's only one, else ``"global"``. An unknown name raises before anything is written.
     copy
         Return a prepared copy instead of modifying ``adata`` in place; for a SpatialData, a deep
         copy of all of it (``spatialdata.deepcopy``, which loads its elements into memory)
@@ -193,7 +198,9 @@ def prepare(
 
     # --- inputs ----------------------------------------------------------------------------
     # a SpatialData's table (with copy=True: of a deep copy of it, prepared in place and returned)
-    adata, sdata_copy = resolve_table_copy(adata, table_key, copy=copy, spatial_key=spatial_key)
+    adata, sdata_copy = resolve_table_copy(
+        adata, table_key, copy=copy, spatial_key=spatial_key, coordinate_system=coordinate_system
+    )
     copy = copy and sdata_copy is None
     check_in_memory(adata)
     coords = get_coordinates(adata, spatial_key)
