@@ -106,6 +106,12 @@ class DataParallel:
         self._dist.all_reduce(t, op=self._dist.ReduceOp.SUM, group=self.group)
         return t
 
+    def min_over_processes(self, value: float, device: torch.device | str) -> float:
+        """The smallest of every process's ``value`` (e.g. free memory, so all choose alike)."""
+        t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+        self._dist.all_reduce(t, op=self._dist.ReduceOp.MIN, group=self.group)
+        return float(t.item())
+
     def sum_statistics(self, tensors: list[Tensor]) -> list[Tensor]:
         """The sums over the processes of ``tensors`` (one collective per dtype), same shapes."""
         out: list[Tensor | None] = [None] * len(tensors)

@@ -374,7 +374,7 @@ READERS: dict[str, ReaderInfo] = {
             "visium",
             ("spatial/tissue_positions.csv", "spatial/tissue_positions_list.csv"),
             "10x Genomics Visium Space Ranger output folder (spots and their counts)",
-            excludes=("binned_outputs", "**/square_*um", "feature_slice.h5", "*_feature_slice.h5"),
+            excludes=("binned_outputs", "square_*um", "feature_slice.h5", "*_feature_slice.h5"),
             prepare=_visium_folder,
             quiet=(r"Converting `region_key: .*` to categorical dtype",),
         ),
@@ -467,13 +467,7 @@ def detect_technology(path: str | Path) -> str:
     'xenium'
     """
     path = _folder(path)
-    found = _found(path)
-    if not found:
-        raise ValueError(
-            f"{str(path)!r} holds none of the files sfact recognizes ({_expected()}): pass the "
-            "instrument's output folder, or `technology=` to read it anyway."
-        )
-    return next(iter(found))
+    return _first_found(path, _found(path))
 
 
 def _found(path: Path) -> dict[str, str]:
@@ -484,6 +478,16 @@ def _found(path: Path) -> dict[str, str]:
         if hit is not None and not (info.excludes and _matches(path, info.excludes)):
             found[name] = hit
     return found
+
+
+def _first_found(path: Path, found: dict[str, str]) -> str:
+    """The technology of ``path`` among those :func:`_found` there; an error naming what is expected if none."""
+    if not found:
+        raise ValueError(
+            f"{str(path)!r} holds none of the files sfact recognizes ({_expected()}): pass the "
+            "instrument's output folder, or `technology=` to read it anyway."
+        )
+    return next(iter(found))
 
 
 def _expected() -> str:
@@ -607,12 +611,7 @@ def read(
     folder = _folder(path)
     found = _found(folder)
     if technology == "auto":
-        if not found:
-            raise ValueError(
-                f"{str(folder)!r} holds none of the files sfact recognizes ({_expected()}): pass the "
-                "instrument's output folder, or `technology=` to read it anyway."
-            )
-        technology = next(iter(found))
+        technology = _first_found(folder, found)
         logg.info(f"    read: {str(folder)!r} is {technology} output (found {found[technology]})")
     elif technology not in found and found:
         other = next(iter(found))

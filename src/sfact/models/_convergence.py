@@ -101,15 +101,13 @@ def not_converged_message(
         why += f"; about {math.ceil(left)} more iterations are estimated"
     head = f"Training stopped at `max_iter={max_iter}` before converging: {why}."
     if from_fit:
-        fit = sys.modules.get("sfact.tl._fit")
-        can_return = fit is not None and "return_model" in inspect.signature(fit.fit).parameters
-        advice = f" Fit again with a larger `max_iter`, e.g. `sfact.tl.fit(..., max_iter={_suggest_max_iter(n_total, max_iter, left)})`"
-        if can_return:
-            advice += (
-                ", or keep the model to train on from here: `model = sfact.tl.fit(..., return_model=True)`, "
-                "then `model.train(max_iter=...)` and `sfact.tl.analyze(adata, model)`"
-            )
-        return head + advice + "."
+        return (
+            head
+            + " Fit again with a larger `max_iter`, e.g. "
+            + f"`sfact.tl.fit(..., max_iter={_suggest_max_iter(n_total, max_iter, left)})`, or keep the "
+            + "model to train on from here: `model = sfact.tl.fit(..., return_model=True)`, then "
+            + "`model.train(max_iter=...)` and `sfact.tl.analyze(adata, model)`."
+        )
     more = _suggest_max_iter(0, max_iter, left)
     return (
         head + f" Continue from here with `model.train(max_iter={more})` (the history goes on), or train "

@@ -599,15 +599,9 @@ class TrainingMixin:
             cfg = dataclasses.replace(cfg, **fixed)
         memory_bytes = None
         if parallel is not None:
-            import torch
-
             from .._core.memory import available_memory
 
-            t = torch.tensor(
-                [float(available_memory(self.device))], dtype=torch.float64, device=data.counts.device
-            )
-            parallel._dist.all_reduce(t, op=parallel._dist.ReduceOp.MIN, group=parallel.group)
-            memory_bytes = int(t.item())
+            memory_bytes = int(parallel.min_over_processes(available_memory(self.device), data.counts.device))
         chosen = memory_defaults(
             cfg,
             setup.prior,
