@@ -23,12 +23,6 @@ from matplotlib.colors import TwoSlopeNorm
 import sfact
 
 
-@pytest.fixture(autouse=True)
-def _close_figures():
-    yield
-    plt.close("all")
-
-
 @pytest.fixture(scope="module")
 def small():
     """200 simulated cells, pnmf with 3 factors; the cell at the top-left corner has an extreme factor_0."""

@@ -15,12 +15,6 @@ import sfact
 N_FACTORS = 4
 
 
-@pytest.fixture(autouse=True)
-def _close_figures():
-    yield
-    plt.close("all")
-
-
 @pytest.fixture(scope="module")
 def fitted():
     """osmFISH fitted once with pnmf; its cell types give group loadings and enrichment."""

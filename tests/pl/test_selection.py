@@ -12,12 +12,6 @@ import pytest
 import sfact
 
 
-@pytest.fixture(autouse=True)
-def _close_figures():
-    yield
-    plt.close("all")
-
-
 @pytest.fixture(scope="module")
 def selected():
     adata = sfact.datasets.simulate(n_obs=200, n_vars=20, random_state=0)

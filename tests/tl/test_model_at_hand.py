@@ -5,7 +5,6 @@ taking the group key from the model, ``key_added`` for writers, and ``tl.morans_
 from __future__ import annotations
 
 import anndata as ad
-import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
@@ -14,12 +13,6 @@ from sfact.models import SpatialFactorization
 
 N_INDUCING = 30
 MGGP = {"prior": "mggp_svgp", "n_factors": 3, "max_iter": 5, "prior_kwargs": {"num_inducing": N_INDUCING}}
-
-
-@pytest.fixture(autouse=True)
-def _close_figures():
-    yield
-    plt.close("all")
 
 
 def _prepared(**kwargs) -> ad.AnnData:
