@@ -6,6 +6,8 @@ loadings up to the order of float summation.
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 
@@ -87,6 +89,7 @@ def _mismatch_worker(rank: int, path: str, out: str) -> None:
 
     sfact.settings.progress_bar = False
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
+    model = None
     try:
         ad = sfact.datasets.simulate(n_obs=60, n_vars=10, n_factors=2, random_state=0)
         sfact.pp.prepare(ad)
@@ -97,6 +100,8 @@ def _mismatch_worker(rank: int, path: str, out: str) -> None:
             with open(f"{out}_{rank}", "w") as f:
                 f.write(str(err))
     finally:
+        del model
+        gc.collect()  # free the error's reference cycles (holding the gloo group) while Python is alive
         dist.destroy_process_group()
 
 

@@ -598,7 +598,10 @@ class TrainingMixin:
                 fixed.update(num_inducing=int(prior.n_inducing), cache_budget=int(prior.cache_budget))
             cfg = dataclasses.replace(cfg, **fixed)
         memory_bytes = None
-        if parallel is not None:
+        open_choice = batch_size is None or any(
+            getattr(cfg, name, False) is None for name in ("diagonal_only", "num_inducing", "cache_budget")
+        )
+        if parallel is not None and open_choice:  # every process must choose alike
             from .._core.memory import available_memory
 
             memory_bytes = int(parallel.min_over_processes(available_memory(self.device), data.counts.device))
